@@ -1,0 +1,3 @@
+from nswatch.cli import main
+
+raise SystemExit(main())
