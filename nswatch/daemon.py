@@ -1,0 +1,456 @@
+"""The daemon: wires sources (namespace directories, netlink) to the model and sinks.
+
+One event-loop thread owns the model, every netlink socket and all timers.
+Other threads (HTTP, watchdog) only read a copy of the model taken under the
+lock, or enqueue work through :meth:`Daemon.wake`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import heapq
+import os
+import queue
+import selectors
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from nswatch.model import (
+    Change,
+    Dump,
+    Event,
+    Link,
+    Model,
+    NamespaceGone,
+    NamespaceSeen,
+    RouteDel,
+    RouteNew,
+)
+from nswatch.netlink import Session, ipv4_routes_stale, make_socket
+from nswatch.netns import NameFilter, NetnsEnterer, scan
+from nswatch.observer import BaseObserver, Observer
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """What the daemon needs to know; built from the config file and flags."""
+
+    netns_dirs: tuple[str, ...] = ("/run/netns",)
+    include: str | None = None
+    exclude: str | None = None
+    host_label: str = "host"
+    netlink_rcvbuf: int = 4 * 1024 * 1024
+    reconcile_interval: float = 300.0
+    rescan_interval: float = 30.0
+
+
+class DirWatch(Protocol):
+    """A source of "something changed in the namespace directories" (see dirwatch)."""
+
+    def start(self) -> None: ...
+    def refresh(self) -> None: ...
+    def stop(self) -> None: ...
+
+
+# Retries for a namespace file that exists but is not mounted yet: `ip netns
+# add` creates the file and bind-mounts the namespace onto it a moment later,
+# and the mount raises no inotify event.
+PENDING_RETRY = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+TICK = 0.5
+
+
+class Daemon:
+    """Keeps :attr:`model` equal to the kernel's state of every watched namespace."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        observers: Sequence[Observer] = (),
+        enterer: NetnsEnterer | None = None,
+        dirwatch_factory: Callable[[Iterable[str], Callable[[str | None], None]], DirWatch]
+        | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.observers: list[Observer] = list(observers) or [BaseObserver()]
+        self.clock = clock
+        self.wall_clock = wall_clock
+        self.model = Model()
+        self.lock = threading.Lock()
+        self.enterer = enterer or NetnsEnterer()
+        self._own_enterer = enterer is None
+        self._filter = NameFilter(settings.include, settings.exclude)
+        self._dirwatch_factory = dirwatch_factory
+        self._dirwatch: DirWatch | None = None
+        self.sessions: dict[int, Session] = {}
+        self.paths: dict[int, str] = {}
+        self._asked: set[tuple[int, int]] = set()
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._timers: list[tuple[float, int, str]] = []
+        self._timer_seq = 0
+        self._rescan_wanted = True
+        self._pending_try = 0
+        self._reconcile: deque[int] = deque()
+        self._reconciling: int | None = None
+        self._stop = threading.Event()
+        self.stopped = threading.Event()
+        self.ready = threading.Event()
+        self._scanned_once = False
+        self.last_tick = clock()
+        self.loop_thread: threading.Thread | None = None
+
+    # -- thread-safe entry points --
+
+    def wake(self, fn: Callable[[], None] | None = None) -> None:
+        """Run ``fn`` on the event loop (or just wake it). Safe from any thread."""
+        if fn is not None:
+            self._inbox.put(fn)
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._wake_w, b"\0")
+
+    def notify_dir(self, path: str | None) -> None:
+        """A namespace directory changed (called from watchdog's thread)."""
+        self.wake(self._want_rescan)
+
+    def request_stop(self) -> None:
+        """Ask the loop to stop; safe from signal handlers and other threads."""
+        self._stop.set()
+        self.wake()
+
+    def view(self) -> Model:
+        """A consistent copy of the model, for readers on other threads."""
+        with self.lock:
+            return self.model.copy()
+
+    # -- lifecycle --
+
+    def start(self) -> threading.Thread:
+        """Run the loop on a new thread and return it."""
+        t = threading.Thread(target=self.run, name="nswatch-loop", daemon=True)
+        self.loop_thread = t
+        t.start()
+        return t
+
+    def run(self) -> None:
+        """The event loop; returns after :meth:`request_stop`."""
+        try:
+            if self._dirwatch_factory is not None:
+                self._dirwatch = self._dirwatch_factory(self.settings.netns_dirs, self.notify_dir)
+                self._dirwatch.start()
+            self._schedule(self.settings.rescan_interval, "rescan")
+            if self.settings.reconcile_interval > 0:
+                self._schedule(self.settings.reconcile_interval, "reconcile")
+            while not self._stop.is_set():
+                self.run_once(TICK)
+        finally:
+            self._shutdown()
+
+    def run_once(self, timeout: float) -> None:
+        """One turn of the loop: wait for sockets or timers, then handle them."""
+        if self._rescan_wanted:
+            self._rescan_wanted = False
+            self._rescan("event")
+        now = self.clock()
+        if self._timers:
+            timeout = max(0.0, min(timeout, self._timers[0][0] - now))
+        for key, _ in self._selector.select(timeout):
+            if key.data is None:
+                self._drain_wake()
+            else:
+                self._read(key.data)
+        self._run_timers()
+        self._advance_reconcile()
+        self.last_tick = self.clock()
+        for o in self.observers:
+            o.tick(self.model)
+
+    def sync_once(self, timeout: float = 30.0) -> bool:
+        """Scan and dump everything once (for ``nswatch snapshot``); True when complete."""
+        deadline = self.clock() + timeout
+        while self.clock() < deadline:
+            self.run_once(0.05)
+            if self.ready.is_set():
+                return True
+        return False
+
+    def close(self) -> None:
+        """Release every socket, fd and thread this daemon holds."""
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        if self.stopped.is_set():
+            return
+        for o in self.observers:
+            o.stopping()
+        if self._dirwatch is not None:
+            self._dirwatch.stop()
+            self._dirwatch = None
+        for inode in list(self.sessions):
+            self._close_session(inode)
+        self._selector.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        if self._own_enterer:
+            self.enterer.close()
+        self.stopped.set()
+
+    # -- timers and wakeups --
+
+    def _schedule(self, delay: float, what: str) -> None:
+        self._timer_seq += 1
+        heapq.heappush(self._timers, (self.clock() + delay, self._timer_seq, what))
+
+    def _run_timers(self) -> None:
+        now = self.clock()
+        while self._timers and self._timers[0][0] <= now:
+            _, _, what = heapq.heappop(self._timers)
+            if what == "rescan":
+                self._rescan("periodic")
+                self._schedule(self.settings.rescan_interval, "rescan")
+            elif what == "pending":
+                self._rescan("pending")
+            elif what == "reconcile":
+                self._start_reconcile()
+                self._schedule(self.settings.reconcile_interval, "reconcile")
+
+    def _drain_wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._wake_r, 4096):
+                pass
+        while True:
+            try:
+                fn = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            fn()
+
+    def _want_rescan(self) -> None:
+        self._rescan_wanted = True
+
+    # -- namespaces --
+
+    def _rescan(self, why: str) -> None:
+        if self._dirwatch is not None:
+            self._dirwatch.refresh()
+        found, pending = scan(self.settings.netns_dirs, self.enterer.home.dev, self._filter)
+        host = self.enterer.home.inode
+        names: dict[int, list[str]] = {host: [self.settings.host_label]}
+        paths: dict[int, str] = {}
+        for f in sorted(found, key=lambda f: f.name):
+            names.setdefault(f.inode, []).append(f.name)
+            paths.setdefault(f.inode, f.path)
+        gone = [inode for inode in self.sessions if inode not in names]
+        for inode in gone:
+            self._namespace_gone(inode, why)
+        for inode, ns_names in names.items():
+            if inode not in self.sessions:
+                self._namespace_new(inode, tuple(ns_names), paths.get(inode), why)
+            else:
+                if inode in paths:
+                    self.paths[inode] = paths[inode]
+                ns = self.model.namespaces.get(inode)
+                if ns is not None and ns.names != tuple(ns_names):
+                    self._apply([NamespaceSeen(inode, tuple(ns_names), is_host=inode == host)])
+        if pending:
+            delay = PENDING_RETRY[min(self._pending_try, len(PENDING_RETRY) - 1)]
+            self._pending_try += 1
+            if not any(w == "pending" for _, _, w in self._timers):
+                self._schedule(delay, "pending")
+        else:
+            self._pending_try = 0
+        self._scanned_once = True
+        self._check_ready()
+
+    def _namespace_new(
+        self, inode: int, names: tuple[str, ...], path: str | None, why: str
+    ) -> None:
+        is_host = inode == self.enterer.home.inode
+        try:
+            if is_host:
+                sock = make_socket(self.settings.netlink_rcvbuf)
+            else:
+                assert path is not None
+                fd = self.enterer.open_ns(path, inode)
+                try:
+                    rcvbuf = self.settings.netlink_rcvbuf
+                    sock = self.enterer.run_in(fd, lambda: make_socket(rcvbuf))
+                finally:
+                    os.close(fd)
+        except OSError as e:
+            # The namespace vanished between scan and open (ENOENT, ESTALE,
+            # EINVAL): normal under churn; the next scan sees the truth.
+            self._error(names[0], "open_namespace", e)
+            return
+        session = Session(inode, names[0], sock)
+        self.sessions[inode] = session
+        if path is not None:
+            self.paths[inode] = path
+        self._selector.register(sock, selectors.EVENT_READ, session)
+        self._apply([NamespaceSeen(inode, names, is_host=is_host)], reason=why)
+        session.start()
+
+    def _namespace_gone(self, inode: int, why: str) -> None:
+        # Close the socket first and at once: an open socket inside the
+        # namespace keeps it alive, and with it the host end of its veths.
+        self._close_session(inode)
+        self._asked = {p for p in self._asked if inode not in p}
+        self._apply([NamespaceGone(inode)], reason=why)
+        self._check_ready()
+
+    def _close_session(self, inode: int) -> None:
+        session = self.sessions.pop(inode, None)
+        self.paths.pop(inode, None)
+        if session is None:
+            return
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(session.sock)
+        session.close()
+
+    def _check_ready(self) -> None:
+        if self.ready.is_set() or not self._scanned_once:
+            return
+        if all(s.synced for s in self.sessions.values()):
+            self.ready.set()
+            for o in self.observers:
+                o.ready(self.model)
+
+    # -- netlink --
+
+    def _read(self, session: Session) -> None:
+        t0 = time.perf_counter()
+        try:
+            events, notes, stale = session.read()
+        except OSError as e:
+            self._error(session.name, "netlink_read", e)
+            if e.errno in (errno.EBADF, errno.ENOTSOCK):
+                self._close_session(session.inode)
+                self._want_rescan()
+            return
+        if stale is not None:
+            for o in self.observers:
+                o.overrun(session.name)
+                o.resync(session.name, stale)
+        if notes:
+            counts: Counter[tuple[str, str]] = Counter((d.type, d.action) for d in notes)
+            for o in self.observers:
+                o.netlink_events(counts)
+        if not events:
+            return
+        changes = self._apply(events)
+        if session.synced and session.inode in self.sessions:
+            self._route_followups(session, events, changes)
+        self._resolve_peers(changes)
+        elapsed = time.perf_counter() - t0
+        for o in self.observers:
+            o.processed(elapsed, self.wall_clock())
+        if session.synced:
+            self._check_ready()
+
+    def _apply(self, events: Sequence[Event], reason: str | None = None) -> list[Change]:
+        """Apply events under the lock and tell the sinks, grouped by dump reason."""
+        out: list[Change] = []
+        batches: list[tuple[str | None, list[Change]]] = []
+        with self.lock:
+            for ev in events:
+                changes = self.model.apply(ev)
+                if not changes:
+                    continue
+                why = ev.reason if isinstance(ev, Dump) else reason
+                if batches and batches[-1][0] == why:
+                    batches[-1][1].extend(changes)
+                else:
+                    batches.append((why, list(changes)))
+                out.extend(changes)
+        for why, changes in batches:
+            for o in self.observers:
+                o.changes(changes, why)
+        return out
+
+    def _route_followups(
+        self, session: Session, events: Sequence[Event], changes: Sequence[Change]
+    ) -> None:
+        """Re-dump routes where the kernel changed them without a precise notification."""
+        if ipv4_routes_stale(changes):
+            session.redump_routes("inet", "route_followup")
+        for ev in events:
+            if isinstance(ev, RouteNew | RouteDel) and self.model.multipath_candidates(
+                session.inode, ev.route
+            ):
+                session.redump_routes("inet6", "route_followup")
+                break
+
+    def _resolve_peers(self, changes: Sequence[Change]) -> None:
+        """Ask the kernel for the nsids needed to place new veth ends' peers."""
+        for ch in changes:
+            if ch.kind != "link" or not isinstance(ch.new, Link) or ch.new.kind != "veth":
+                continue
+            link = ch.new
+            if (ch.inode, link.index) in self.model.peers or link.peer_netnsid is None:
+                continue
+            ns = self.model.namespaces.get(ch.inode)
+            if ns is None or link.peer_netnsid in ns.nsids:
+                continue
+            session = self.sessions.get(ch.inode)
+            if session is None:
+                continue
+            for target in self.model.peer_candidates(ch.inode, link):
+                if (ch.inode, target) in self._asked:
+                    continue
+                self._asked.add((ch.inode, target))
+                self._ask_nsid(session, target)
+
+    def _ask_nsid(self, session: Session, target: int) -> None:
+        try:
+            if target == self.enterer.home.inode:
+                fd = self.enterer.home_fd()
+            else:
+                fd = self.enterer.open_ns(self.paths[target], target)
+        except (OSError, KeyError) as e:
+            self._error(session.name, "nsid_open", e)
+            return
+        try:
+            session.ask_nsid(target, fd)
+        except OSError as e:
+            self._error(session.name, "nsid_query", e)
+        finally:
+            os.close(fd)
+
+    # -- reconcile --
+
+    def _start_reconcile(self) -> None:
+        if self._reconcile or self._reconciling is not None:
+            return
+        self._reconcile.extend(self.sessions)
+
+    def _advance_reconcile(self) -> None:
+        """Reconcile one namespace at a time so the dumps never pile up."""
+        current = self._reconciling
+        if current is not None:
+            s = self.sessions.get(current)
+            if s is not None and s.busy:
+                return
+            self._reconciling = None
+        while self._reconcile:
+            inode = self._reconcile.popleft()
+            s = self.sessions.get(inode)
+            if s is None or not s.synced:
+                continue
+            self._reconciling = inode
+            s.resync("reconcile")
+            for o in self.observers:
+                o.resync(s.name, "reconcile")
+            return
+
+    def _error(self, netns: str | None, where: str, err: BaseException) -> None:
+        for o in self.observers:
+            o.error(netns, where, err)

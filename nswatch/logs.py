@@ -1,0 +1,147 @@
+"""Structured logs: structlog set-up and the sink that logs model changes."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+import structlog
+
+from nswatch.model import Address, Change, Link, Model, Route
+from nswatch.observer import BaseObserver
+from nswatch.state import table_name
+
+
+def configure(fmt: str | None = None, level: str = "info", stream: TextIO | None = None) -> None:
+    """Set structlog up: JSON lines (default off a TTY) or console, ISO timestamps."""
+    stream = stream or sys.stderr
+    if fmt is None:
+        fmt = "console" if stream.isatty() else "json"
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if fmt == "json"
+        else structlog.dev.ConsoleRenderer(colors=stream.isatty())
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping()[level.upper()]
+        ),
+        logger_factory=structlog.PrintLoggerFactory(stream),
+        cache_logger_on_first_use=False,
+    )
+
+
+def describe_link(link: Link) -> dict[str, Any]:
+    """Log fields for a link."""
+    return {
+        "link": link.name,
+        "ifindex": link.index,
+        "kind": link.kind,
+        "admin_up": link.admin_up,
+        "oper_state": link.oper_state,
+    }
+
+
+def describe_address(addr: Address) -> dict[str, Any]:
+    """Log fields for an address (the link is given by ifindex)."""
+    return {"address": f"{addr.address}/{addr.prefixlen}", "ifindex": addr.link}
+
+
+def describe_route(route: Route) -> dict[str, Any]:
+    """Log fields for a route."""
+    out: dict[str, Any] = {"route": route.dst, "table": table_name(route.table)}
+    if route.gateway:
+        out["gateway"] = route.gateway
+    if route.dev is not None:
+        out["ifindex"] = route.dev
+    if route.priority is not None:
+        out["metric"] = route.priority
+    return out
+
+
+def describe(obj: object) -> dict[str, Any]:
+    """Log fields for any model record."""
+    if isinstance(obj, Link):
+        return describe_link(obj)
+    if isinstance(obj, Address):
+        return describe_address(obj)
+    if isinstance(obj, Route):
+        return describe_route(obj)
+    return {}
+
+
+class LogObserver(BaseObserver):
+    """Logs every model change and every handled error, one event a line."""
+
+    def __init__(self, logger: Any = None) -> None:
+        self.log = logger or structlog.get_logger("nswatch")
+        self._ready = False
+
+    def changes(self, changes: Sequence[Change], reason: str | None) -> None:
+        # The first sync of a namespace would print every object it holds;
+        # one summary line per namespace is what an operator wants there.
+        if reason == "initial":
+            return
+        for ch in changes:
+            self._log_change(ch, reason)
+
+    def _log_change(self, ch: Change, reason: str | None) -> None:
+        fields: dict[str, Any] = {"netns": ch.netns}
+        if reason is not None:
+            fields["source"] = reason
+        if ch.kind == "namespace":
+            if ch.action == "added":
+                self.log.info("namespace_added", inode=ch.inode, names=ch.new, **fields)
+            elif ch.action == "removed":
+                self.log.info("namespace_removed", inode=ch.inode, **fields)
+            else:
+                self.log.info("namespace_renamed", old=ch.old, new=ch.new, **fields)
+            return
+        if ch.kind == "veth_peer":
+            refs = ch.new if ch.action == "resolved" else ch.old
+            assert isinstance(refs, tuple)
+            a, b = refs
+            self.log.info(
+                f"veth_peer_{ch.action}",
+                link_ifindex=a[1],
+                peer_inode=b[0],
+                peer_ifindex=b[1],
+                **fields,
+            )
+            return
+        obj = ch.new if ch.new is not None else ch.old
+        fields.update(describe(obj))
+        if ch.reason:
+            fields["reason"] = ch.reason
+        if ch.action == "changed" and ch.old is not None:
+            fields["old"] = describe(ch.old)
+        level = "warning" if ch.action == "removed" and ch.kind in ("link", "route") else "info"
+        getattr(self.log, level)(f"{ch.kind}_{ch.action}", **fields)
+
+    def overrun(self, netns: str) -> None:
+        self.log.warning("netlink_overrun", netns=netns)
+
+    def resync(self, netns: str, reason: str) -> None:
+        self.log.info("resync", netns=netns, reason=reason)
+
+    def error(self, netns: str | None, where: str, err: BaseException) -> None:
+        self.log.warning("error", netns=netns, where=where, error=str(err))
+
+    def ready(self, model: Model) -> None:
+        self.log.info(
+            "synced",
+            namespaces=len(model.namespaces),
+            links=sum(len(ns.links) for ns in model.namespaces.values()),
+        )
+
+    def stopping(self) -> None:
+        self.log.info("stopping")

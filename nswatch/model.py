@@ -1,0 +1,711 @@
+"""The in-memory model of every watched network namespace.
+
+Pure data and pure functions: events go in (already decoded from netlink or
+from the namespace directories), and :meth:`Model.apply` returns the list of
+changes it made. Nothing here does I/O, so every rule can be unit-tested with
+plain data; sources and sinks import this module, never the reverse.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Literal, TypeAlias
+
+Family = Literal["inet", "inet6"]
+LinkRef: TypeAlias = tuple[int, int]
+"""A link's identity: (namespace inode, ifindex). Never the name: names change."""
+
+#: Removal reasons for links, as exported in ``nswatch_network_removed_total``.
+REMOVAL_REASONS = ("deleted", "namespace_deleted", "moved")
+
+
+@dataclass(frozen=True, slots=True)
+class LinkStats:
+    """Counters from IFLA_STATS64 of the latest link message."""
+
+    rx_bytes: int = 0
+    tx_bytes: int = 0
+    rx_packets: int = 0
+    tx_packets: int = 0
+    rx_errors: int = 0
+    tx_errors: int = 0
+    rx_dropped: int = 0
+    tx_dropped: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Link:
+    """One network interface as the kernel last described it."""
+
+    index: int
+    name: str
+    kind: str
+    mac: str | None = None
+    mtu: int = 0
+    # IFF_UP is the administrative state ("ip link set up"); the operational
+    # state (IFLA_OPERSTATE) is whether the link can pass traffic. A veth that
+    # is admin up with its peer down is UP admin-wise and LOWERLAYERDOWN.
+    admin_up: bool = False
+    oper_state: str = "UNKNOWN"
+    master: int | None = None
+    # For veth: IFLA_LINK is the peer's ifindex *in the peer's namespace*, and
+    # IFLA_LINK_NETNSID is the peer namespace's id *as seen from this one*
+    # (absent when both ends share a namespace).
+    peer_index: int | None = None
+    peer_netnsid: int | None = None
+    stats: LinkStats | None = field(default=None, compare=False)
+
+
+AddressKey: TypeAlias = tuple[int, str, str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """An address on a link (IPv4 or IPv6)."""
+
+    link: int
+    family: Family
+    address: str
+    prefixlen: int
+    scope: str = "global"
+
+    @property
+    def key(self) -> AddressKey:
+        return (self.link, self.family, self.address, self.prefixlen)
+
+
+@dataclass(frozen=True, slots=True)
+class Nexthop:
+    """One path of a multipath route."""
+
+    gateway: str | None
+    dev: int | None
+    weight: int = 1
+
+
+RouteKey: TypeAlias = tuple[object, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A route in any table of either family."""
+
+    table: int
+    family: Family
+    type: str
+    dst: str
+    gateway: str | None = None
+    dev: int | None = None
+    protocol: str = "boot"
+    scope: str = "universe"
+    priority: int | None = None
+    prefsrc: str | None = None
+    tos: int = 0
+    nexthops: tuple[Nexthop, ...] = ()
+
+    @property
+    def base_key(self) -> tuple[object, ...]:
+        """What a replace overwrites: the kernel's (table, dst, tos, metric)."""
+        return (self.table, self.family, self.dst, self.tos, self.priority)
+
+    @property
+    def key(self) -> RouteKey:
+        # The path is part of the identity: IPv4 keeps routes that differ only
+        # in their path apart ("ip route append"), and IPv6 keeps one route per
+        # device for the same prefix (fe80::/64 on every link). IPv6 gateway
+        # routes with equal dst and metric merge into one multipath route;
+        # the netlink source re-dumps when that may have happened.
+        return (*self.base_key, self.type, self.gateway, self.dev, self.nexthops)
+
+    def uses_link(self, index: int) -> bool:
+        """True when the route leaves through link ``index``."""
+        return self.dev == index or any(nh.dev == index for nh in self.nexthops)
+
+
+@dataclass(slots=True)
+class Namespace:
+    """One network namespace: its names, inode, links, addresses and routes."""
+
+    inode: int
+    names: tuple[str, ...]
+    is_host: bool = False
+    links: dict[int, Link] = field(default_factory=dict)
+    addresses: dict[AddressKey, Address] = field(default_factory=dict)
+    routes: dict[RouteKey, Route] = field(default_factory=dict)
+    # netnsid (as seen from this namespace) -> inode of the namespace it names.
+    nsids: dict[int, int] = field(default_factory=dict)
+    synced: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.names[0]
+
+    def link_name(self, index: int | None) -> str | None:
+        """The name of link ``index`` here, or None."""
+        if index is None:
+            return None
+        link = self.links.get(index)
+        return link.name if link is not None else None
+
+    def link_by_name(self, name: str) -> Link | None:
+        """The link called ``name`` here, or None."""
+        for link in self.links.values():
+            if link.name == name:
+                return link
+        return None
+
+
+# --- events -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class NamespaceSeen:
+    """A namespace is present under these names (the full set; host included)."""
+
+    inode: int
+    names: tuple[str, ...]
+    is_host: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class NamespaceGone:
+    """A namespace is no longer watched (all its names are gone, or filtered)."""
+
+    inode: int
+
+
+@dataclass(frozen=True, slots=True)
+class LinkNew:
+    """RTM_NEWLINK: a link appeared or changed."""
+
+    inode: int
+    link: Link
+
+
+@dataclass(frozen=True, slots=True)
+class LinkDel:
+    """RTM_DELLINK. ``moved`` when the kernel said where it went (IFLA_NEW_NETNSID)."""
+
+    inode: int
+    index: int
+    moved: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class AddressNew:
+    """RTM_NEWADDR."""
+
+    inode: int
+    address: Address
+
+
+@dataclass(frozen=True, slots=True)
+class AddressDel:
+    """RTM_DELADDR."""
+
+    inode: int
+    address: Address
+
+
+@dataclass(frozen=True, slots=True)
+class RouteNew:
+    """RTM_NEWROUTE; ``replace`` when NLM_F_REPLACE was set."""
+
+    inode: int
+    route: Route
+    replace: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RouteDel:
+    """RTM_DELROUTE."""
+
+    inode: int
+    route: Route
+
+
+@dataclass(frozen=True, slots=True)
+class NsidLearned:
+    """The kernel said: in namespace ``inode``, ``nsid`` names namespace ``target``."""
+
+    inode: int
+    nsid: int
+    target: int
+
+
+DumpKind = Literal["link", "address", "route"]
+
+
+@dataclass(frozen=True, slots=True)
+class Dump:
+    """A complete dump of one kind (optionally one family) in one namespace.
+
+    Replaces that part of the model; differences are reported as changes with
+    ``source="dump"`` so a resync or reconcile can count what was wrong.
+    """
+
+    inode: int
+    kind: DumpKind
+    items: tuple[Link, ...] | tuple[Address, ...] | tuple[Route, ...]
+    family: Family | None = None
+    # "initial" for a namespace's first sync; otherwise why it was re-dumped
+    # ("overrun", "reconcile", "route_followup", ...).
+    reason: str = "initial"
+
+
+@dataclass(frozen=True, slots=True)
+class Synced:
+    """The namespace's first full dump (links, addresses, routes) is complete."""
+
+    inode: int
+
+
+Event = (
+    NamespaceSeen
+    | NamespaceGone
+    | LinkNew
+    | LinkDel
+    | AddressNew
+    | AddressDel
+    | RouteNew
+    | RouteDel
+    | NsidLearned
+    | Dump
+    | Synced
+)
+
+
+# --- changes ----------------------------------------------------------------
+
+ChangeKind = Literal["namespace", "link", "address", "route", "veth_peer"]
+ChangeAction = Literal["added", "changed", "removed", "resolved", "lost", "renamed"]
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One thing the model changed, for logs, metrics and the apply engine."""
+
+    kind: ChangeKind
+    action: ChangeAction
+    netns: str
+    inode: int
+    old: object = None
+    new: object = None
+    reason: str | None = None
+    from_dump: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class PeerRef:
+    """Where a veth end's peer lives."""
+
+    inode: int
+    netns: str
+    index: int
+    name: str
+
+
+class Model:
+    """All watched namespaces and the veth pairs between them.
+
+    Mutated only through :meth:`apply`; readers on other threads must hold the
+    owner's lock or work on a :meth:`copy`.
+    """
+
+    def __init__(self) -> None:
+        self.namespaces: dict[int, Namespace] = {}
+        self.by_name: dict[str, int] = {}
+        # Resolved veth peers, always symmetric: peers[a] == b <=> peers[b] == a.
+        self.peers: dict[LinkRef, LinkRef] = {}
+        # Links whose peer lived in a namespace that has since been deleted:
+        # the kernel destroys them shortly after, and that removal is a
+        # consequence of the namespace deletion, not an outage of its own.
+        self.doomed: set[LinkRef] = set()
+
+    # -- queries --
+
+    def get(self, name: str) -> Namespace | None:
+        """The namespace called ``name`` (any of its names), or None."""
+        inode = self.by_name.get(name)
+        return self.namespaces.get(inode) if inode is not None else None
+
+    @property
+    def synced(self) -> bool:
+        """True once every watched namespace had its first full sync."""
+        return all(ns.synced for ns in self.namespaces.values())
+
+    def peer_of(self, inode: int, index: int) -> PeerRef | None:
+        """The resolved peer of veth (inode, index), or None."""
+        ref = self.peers.get((inode, index))
+        if ref is None:
+            return None
+        ns = self.namespaces[ref[0]]
+        return PeerRef(ref[0], ns.name, ref[1], ns.links[ref[1]].name)
+
+    def veth_pairs(self) -> Iterator[tuple[LinkRef, LinkRef]]:
+        """Each resolved pair once, ordered (a, b) with a < b."""
+        for a, b in self.peers.items():
+            if a < b:
+                yield a, b
+
+    def unresolved_veths(self, inode: int) -> Iterator[Link]:
+        """Veth ends in namespace ``inode`` whose peer is not resolved."""
+        ns = self.namespaces.get(inode)
+        if ns is None:
+            return
+        for link in ns.links.values():
+            if link.kind == "veth" and (inode, link.index) not in self.peers:
+                yield link
+
+    def peer_candidates(self, inode: int, link: Link) -> list[int]:
+        """Namespaces that could hold the peer of ``link``, when its netnsid is unknown.
+
+        A candidate holds a veth at the peer's ifindex that points back at
+        ``link``'s ifindex. Only these need asking the kernel for their nsid,
+        which keeps resolution O(pairs) rather than O(namespaces²).
+        """
+        if link.peer_index is None or link.peer_netnsid is None:
+            return []
+        out = []
+        for other in self.namespaces.values():
+            if other.inode == inode:
+                continue
+            cand = other.links.get(link.peer_index)
+            if cand is not None and cand.kind == "veth" and cand.peer_index == link.index:
+                out.append(other.inode)
+        return out
+
+    def copy(self) -> Model:
+        """A copy that shares the immutable records but none of the containers."""
+        m = Model()
+        m.namespaces = {
+            inode: Namespace(
+                inode=ns.inode,
+                names=ns.names,
+                is_host=ns.is_host,
+                links=dict(ns.links),
+                addresses=dict(ns.addresses),
+                routes=dict(ns.routes),
+                nsids=dict(ns.nsids),
+                synced=ns.synced,
+            )
+            for inode, ns in self.namespaces.items()
+        }
+        m.by_name = dict(self.by_name)
+        m.peers = dict(self.peers)
+        m.doomed = set(self.doomed)
+        return m
+
+    # -- applying events --
+
+    def apply(self, event: Event) -> list[Change]:
+        """Apply one decoded event and return what changed (possibly nothing)."""
+        out: list[Change] = []
+        match event:
+            case NamespaceSeen():
+                self._namespace_seen(event, out)
+            case NamespaceGone():
+                self._namespace_gone(event.inode, out)
+            case LinkNew():
+                ns = self.namespaces.get(event.inode)
+                if ns is not None:
+                    self._link_upsert(ns, event.link, out, from_dump=False)
+            case LinkDel():
+                ns = self.namespaces.get(event.inode)
+                if ns is not None:
+                    reason = "moved" if event.moved else "deleted"
+                    self._link_remove(ns, event.index, reason, out, from_dump=False)
+            case AddressNew():
+                ns = self.namespaces.get(event.inode)
+                if ns is not None:
+                    self._addr_upsert(ns, event.address, out, from_dump=False)
+            case AddressDel():
+                ns = self.namespaces.get(event.inode)
+                if ns is not None:
+                    self._addr_remove(ns, event.address.key, out, from_dump=False)
+            case RouteNew():
+                ns = self.namespaces.get(event.inode)
+                if ns is not None:
+                    self._route_new(ns, event.route, event.replace, out)
+            case RouteDel():
+                ns = self.namespaces.get(event.inode)
+                if ns is not None:
+                    self._route_del(ns, event.route, out)
+            case NsidLearned():
+                self._nsid_learned(event, out)
+            case Dump():
+                ns = self.namespaces.get(event.inode)
+                if ns is not None:
+                    self._dump(ns, event, out)
+            case Synced():
+                ns = self.namespaces.get(event.inode)
+                if ns is not None:
+                    ns.synced = True
+        return out
+
+    # -- namespaces --
+
+    def _namespace_seen(self, ev: NamespaceSeen, out: list[Change]) -> None:
+        names = tuple(ev.names)
+        ns = self.namespaces.get(ev.inode)
+        if ns is None:
+            ns = Namespace(inode=ev.inode, names=names, is_host=ev.is_host)
+            self.namespaces[ev.inode] = ns
+            self._index_names(ns, ())
+            out.append(Change("namespace", "added", ns.name, ns.inode, new=names))
+            return
+        if names != ns.names:
+            old = ns.names
+            ns.names = names
+            self._index_names(ns, old)
+            out.append(Change("namespace", "renamed", ns.name, ns.inode, old=old, new=names))
+
+    def _index_names(self, ns: Namespace, old: tuple[str, ...]) -> None:
+        for name in old:
+            if self.by_name.get(name) == ns.inode:
+                del self.by_name[name]
+        for name in ns.names:
+            self.by_name[name] = ns.inode
+
+    def _namespace_gone(self, inode: int, out: list[Change]) -> None:
+        ns = self.namespaces.get(inode)
+        if ns is None:
+            return
+        for index in list(ns.links):
+            self._link_remove(ns, index, "namespace_deleted", out, from_dump=False)
+        ns.addresses.clear()
+        ns.routes.clear()
+        del self.namespaces[inode]
+        self._index_names(ns, ns.names)
+        # The dead namespace's nsid is free for reuse in every other namespace.
+        for other in self.namespaces.values():
+            for nsid in [k for k, v in other.nsids.items() if v == inode]:
+                del other.nsids[nsid]
+        self.doomed = {ref for ref in self.doomed if ref[0] != inode}
+        out.append(Change("namespace", "removed", ns.name, inode, old=ns.names))
+
+    # -- links and veth peers --
+
+    def _link_upsert(
+        self, ns: Namespace, link: Link, out: list[Change], *, from_dump: bool
+    ) -> None:
+        old = ns.links.get(link.index)
+        ns.links[link.index] = link
+        if old is None:
+            out.append(Change("link", "added", ns.name, ns.inode, new=link, from_dump=from_dump))
+        elif old != link:
+            out.append(
+                Change("link", "changed", ns.name, ns.inode, old=old, new=link, from_dump=from_dump)
+            )
+        if old is not None and (old.kind, old.peer_index, old.peer_netnsid) != (
+            link.kind,
+            link.peer_index,
+            link.peer_netnsid,
+        ):
+            self._unpeer(ns.inode, link.index, out, from_dump)
+        self._resolve(ns, link, out, from_dump)
+        if old is not None and old.name != link.name:
+            # A rename changes how the peer's end names this one.
+            ref = self.peers.get((ns.inode, link.index))
+            if ref is not None:
+                self._emit_peer(ref, "resolved", out, from_dump)
+
+    def _link_remove(
+        self, ns: Namespace, index: int, reason: str, out: list[Change], *, from_dump: bool
+    ) -> None:
+        link = ns.links.pop(index, None)
+        if link is None:
+            return
+        ref = (ns.inode, index)
+        if ref in self.doomed:
+            self.doomed.discard(ref)
+            if reason == "deleted":
+                reason = "namespace_deleted"
+        partner = self.peers.get(ref)
+        self._unpeer(ns.inode, index, out, from_dump, reason=reason)
+        if reason == "namespace_deleted" and partner is not None and partner[0] != ns.inode:
+            self.doomed.add(partner)
+        # The kernel drops the link's addresses and every route through it;
+        # IPv4 does not always say so, so the model does it here.
+        for key in [k for k, a in ns.addresses.items() if a.link == index]:
+            del ns.addresses[key]
+        for rkey in [k for k, r in ns.routes.items() if r.uses_link(index)]:
+            del ns.routes[rkey]
+        out.append(
+            Change(
+                "link", "removed", ns.name, ns.inode, old=link, reason=reason, from_dump=from_dump
+            )
+        )
+
+    def _unpeer(
+        self,
+        inode: int,
+        index: int,
+        out: list[Change],
+        from_dump: bool,
+        reason: str | None = None,
+    ) -> None:
+        ref = (inode, index)
+        partner = self.peers.pop(ref, None)
+        if partner is None:
+            return
+        self.peers.pop(partner, None)
+        ns = self.namespaces[inode]
+        out.append(
+            Change(
+                "veth_peer",
+                "lost",
+                ns.name,
+                inode,
+                old=(ref, partner),
+                reason=reason,
+                from_dump=from_dump,
+            )
+        )
+
+    def _target_inode(self, ns: Namespace, link: Link) -> int | None:
+        if link.peer_netnsid is None:
+            return ns.inode
+        return ns.nsids.get(link.peer_netnsid)
+
+    def _resolve(self, ns: Namespace, link: Link, out: list[Change], from_dump: bool) -> None:
+        ref = (ns.inode, link.index)
+        if link.kind != "veth" or link.peer_index is None or ref in self.peers:
+            return
+        target = self._target_inode(ns, link)
+        if target is None:
+            return
+        other = self.namespaces.get(target)
+        if other is None:
+            return
+        cand = other.links.get(link.peer_index)
+        if cand is None or cand.kind != "veth" or cand.peer_index != link.index:
+            return
+        cref = (other.inode, cand.index)
+        # The candidate must agree (or not know yet) that it points back here.
+        back = self._target_inode(other, cand)
+        if back is not None and back != ns.inode:
+            return
+        if cref in self.peers:
+            return
+        self.peers[ref] = cref
+        self.peers[cref] = ref
+        self._emit_peer(ref, "resolved", out, from_dump)
+
+    def _emit_peer(self, ref: LinkRef, action: ChangeAction, out: list[Change], dump: bool) -> None:
+        partner = self.peers[ref]
+        ns = self.namespaces[ref[0]]
+        out.append(Change("veth_peer", action, ns.name, ref[0], new=(ref, partner), from_dump=dump))
+
+    def _nsid_learned(self, ev: NsidLearned, out: list[Change]) -> None:
+        ns = self.namespaces.get(ev.inode)
+        if ns is None or ev.target not in self.namespaces:
+            return
+        if ns.nsids.get(ev.nsid) == ev.target:
+            return
+        stale = ns.nsids.get(ev.nsid)
+        ns.nsids[ev.nsid] = ev.target
+        for link in list(ns.links.values()):
+            if link.peer_netnsid != ev.nsid:
+                continue
+            ref = (ns.inode, link.index)
+            if stale is not None and ref in self.peers:
+                self._unpeer(ns.inode, link.index, out, False)
+            self._resolve(ns, link, out, False)
+
+    # -- addresses --
+
+    def _addr_upsert(
+        self, ns: Namespace, addr: Address, out: list[Change], *, from_dump: bool
+    ) -> None:
+        old = ns.addresses.get(addr.key)
+        if old == addr:
+            return
+        ns.addresses[addr.key] = addr
+        action: ChangeAction = "added" if old is None else "changed"
+        out.append(
+            Change("address", action, ns.name, ns.inode, old=old, new=addr, from_dump=from_dump)
+        )
+
+    def _addr_remove(
+        self, ns: Namespace, key: AddressKey, out: list[Change], *, from_dump: bool
+    ) -> None:
+        old = ns.addresses.pop(key, None)
+        if old is not None:
+            out.append(
+                Change("address", "removed", ns.name, ns.inode, old=old, from_dump=from_dump)
+            )
+
+    # -- routes --
+
+    def _route_new(self, ns: Namespace, route: Route, replace: bool, out: list[Change]) -> None:
+        if replace:
+            for key, old in list(ns.routes.items()):
+                if old.base_key == route.base_key and key != route.key:
+                    del ns.routes[key]
+                    out.append(Change("route", "removed", ns.name, ns.inode, old=old))
+        self._route_upsert(ns, route, out, from_dump=False)
+
+    def _route_upsert(
+        self, ns: Namespace, route: Route, out: list[Change], *, from_dump: bool
+    ) -> None:
+        old = ns.routes.get(route.key)
+        if old == route:
+            return
+        ns.routes[route.key] = route
+        action: ChangeAction = "added" if old is None else "changed"
+        out.append(
+            Change("route", action, ns.name, ns.inode, old=old, new=route, from_dump=from_dump)
+        )
+
+    def _route_del(self, ns: Namespace, route: Route, out: list[Change]) -> None:
+        old = ns.routes.pop(route.key, None)
+        if old is not None:
+            out.append(Change("route", "removed", ns.name, ns.inode, old=old))
+
+    def multipath_candidates(self, inode: int, route: Route) -> bool:
+        """True when ``route`` may have merged into (or split from) an IPv6 multipath route."""
+        ns = self.namespaces.get(inode)
+        if ns is None or route.family != "inet6" or not (route.gateway or route.nexthops):
+            return False
+        return any(
+            r.base_key == route.base_key and r.key != route.key and (r.gateway or r.nexthops)
+            for r in ns.routes.values()
+        ) or bool(route.nexthops)
+
+    # -- dumps --
+
+    def _dump(self, ns: Namespace, ev: Dump, out: list[Change]) -> None:
+        from_dump = ev.reason != "initial"
+        if ev.kind == "link":
+            links = {link.index: link for link in ev.items if isinstance(link, Link)}
+            for index in [i for i in ns.links if i not in links]:
+                self._link_remove(ns, index, "deleted", out, from_dump=from_dump)
+            for link in links.values():
+                self._link_upsert(ns, link, out, from_dump=from_dump)
+        elif ev.kind == "address":
+            addrs = {a.key: a for a in ev.items if isinstance(a, Address)}
+            for key, old in list(ns.addresses.items()):
+                if key not in addrs and (ev.family is None or old.family == ev.family):
+                    self._addr_remove(ns, key, out, from_dump=from_dump)
+            for addr in addrs.values():
+                self._addr_upsert(ns, addr, out, from_dump=from_dump)
+        else:
+            routes = {r.key: r for r in ev.items if isinstance(r, Route)}
+            for rkey, rold in list(ns.routes.items()):
+                if rkey not in routes and (ev.family is None or rold.family == ev.family):
+                    del ns.routes[rkey]
+                    out.append(
+                        Change("route", "removed", ns.name, ns.inode, old=rold, from_dump=from_dump)
+                    )
+            for route in routes.values():
+                self._route_upsert(ns, route, out, from_dump=from_dump)
+
+
+def apply_all(model: Model, events: Iterable[Event]) -> list[Change]:
+    """Apply events in order; return every change."""
+    out: list[Change] = []
+    for ev in events:
+        out.extend(model.apply(ev))
+    return out
