@@ -24,6 +24,7 @@ from nswatch.model import (
     Change,
     Dump,
     Event,
+    Family,
     Link,
     Model,
     NamespaceGone,
@@ -62,6 +63,7 @@ class DirWatch(Protocol):
 # and the mount raises no inotify event.
 PENDING_RETRY = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 TICK = 0.5
+ROUTE_FOLLOWUP_DELAYS = (0.02, 0.3)
 
 
 class Daemon:
@@ -96,7 +98,9 @@ class Daemon:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._timers: list[tuple[float, int, str]] = []
+        self._timers: list[tuple[float, int, str, Callable[[], None]]] = []
+        self._pending_timer = False
+        self._route_dumps_due: set[tuple[int, str, float]] = set()
         self._timer_seq = 0
         self._rescan_wanted = True
         self._pending_try = 0
@@ -147,9 +151,11 @@ class Daemon:
             if self._dirwatch_factory is not None:
                 self._dirwatch = self._dirwatch_factory(self.settings.netns_dirs, self.notify_dir)
                 self._dirwatch.start()
-            self._schedule(self.settings.rescan_interval, "rescan")
+            self._schedule(self.settings.rescan_interval, "rescan", self._periodic_rescan)
             if self.settings.reconcile_interval > 0:
-                self._schedule(self.settings.reconcile_interval, "reconcile")
+                self._schedule(
+                    self.settings.reconcile_interval, "reconcile", self._periodic_reconcile
+                )
             while not self._stop.is_set():
                 self.run_once(TICK)
         finally:
@@ -206,22 +212,27 @@ class Daemon:
 
     # -- timers and wakeups --
 
-    def _schedule(self, delay: float, what: str) -> None:
+    def _schedule(self, delay: float, name: str, fn: Callable[[], None]) -> None:
         self._timer_seq += 1
-        heapq.heappush(self._timers, (self.clock() + delay, self._timer_seq, what))
+        heapq.heappush(self._timers, (self.clock() + delay, self._timer_seq, name, fn))
 
     def _run_timers(self) -> None:
         now = self.clock()
         while self._timers and self._timers[0][0] <= now:
-            _, _, what = heapq.heappop(self._timers)
-            if what == "rescan":
-                self._rescan("periodic")
-                self._schedule(self.settings.rescan_interval, "rescan")
-            elif what == "pending":
-                self._rescan("pending")
-            elif what == "reconcile":
-                self._start_reconcile()
-                self._schedule(self.settings.reconcile_interval, "reconcile")
+            _, _, _, fn = heapq.heappop(self._timers)
+            fn()
+
+    def _periodic_rescan(self) -> None:
+        self._rescan("periodic")
+        self._schedule(self.settings.rescan_interval, "rescan", self._periodic_rescan)
+
+    def _periodic_reconcile(self) -> None:
+        self._start_reconcile()
+        self._schedule(self.settings.reconcile_interval, "reconcile", self._periodic_reconcile)
+
+    def _pending_rescan(self) -> None:
+        self._pending_timer = False
+        self._rescan("pending")
 
     def _drain_wake(self) -> None:
         with contextlib.suppress(BlockingIOError):
@@ -264,8 +275,9 @@ class Daemon:
         if pending:
             delay = PENDING_RETRY[min(self._pending_try, len(PENDING_RETRY) - 1)]
             self._pending_try += 1
-            if not any(w == "pending" for _, _, w in self._timers):
-                self._schedule(delay, "pending")
+            if not self._pending_timer:
+                self._pending_timer = True
+                self._schedule(delay, "pending", self._pending_rescan)
         else:
             self._pending_try = 0
         self._scanned_once = True
@@ -348,7 +360,7 @@ class Daemon:
             return
         changes = self._apply(events)
         if session.synced and session.inode in self.sessions:
-            self._route_followups(session, events, changes)
+            self._followups(session, events, changes)
         self._resolve_peers(changes)
         elapsed = time.perf_counter() - t0
         for o in self.observers:
@@ -376,18 +388,58 @@ class Daemon:
                 o.changes(changes, why)
         return out
 
-    def _route_followups(
+    def _followups(
         self, session: Session, events: Sequence[Event], changes: Sequence[Change]
     ) -> None:
-        """Re-dump routes where the kernel changed them without a precise notification."""
+        """Re-dump what the kernel changed without a precise notification."""
         if ipv4_routes_stale(changes):
-            session.redump_routes("inet", "route_followup")
+            # The notification can reach us while the kernel is still inside
+            # the same operation, before it flushes the dependent routes; a
+            # dump now could see them. Dump a little later, and once more
+            # later still in case this machine is slow.
+            for delay in ROUTE_FOLLOWUP_DELAYS:
+                self._later_route_dump(session.inode, "inet", delay)
+        # A veth created with its peer in another namespace is announced
+        # before the peer is attached (IFLA_LINK 0), and no message follows
+        # once it is: only a fresh dump shows the peer.
+        if any(
+            ch.kind == "link"
+            and not ch.from_dump
+            and isinstance(ch.new, Link)
+            and ch.new.kind == "veth"
+            and ch.new.peer_index is None
+            for ch in changes
+        ):
+            session.resync("veth_incomplete", kinds=("link",))
+        # When a veth end moves to another namespace, the kernel tells nobody
+        # about the other end, whose IFLA_LINK_NETNSID (and IFLA_LINK, if the
+        # ifindex changed) are now stale: re-dump the other end's links.
+        for ch in changes:
+            if ch.kind == "veth_peer" and ch.action == "lost" and ch.reason == "moved":
+                assert isinstance(ch.old, tuple)
+                partner = self.sessions.get(ch.old[1][0])
+                if partner is not None:
+                    partner.resync("peer_moved", kinds=("link",))
         for ev in events:
             if isinstance(ev, RouteNew | RouteDel) and self.model.multipath_candidates(
                 session.inode, ev.route
             ):
-                session.redump_routes("inet6", "route_followup")
+                self._later_route_dump(session.inode, "inet6", ROUTE_FOLLOWUP_DELAYS[0])
                 break
+
+    def _later_route_dump(self, inode: int, family: Family, delay: float) -> None:
+        key = (inode, family, delay)
+        if key in self._route_dumps_due:
+            return
+        self._route_dumps_due.add(key)
+
+        def fire() -> None:
+            self._route_dumps_due.discard(key)
+            session = self.sessions.get(inode)
+            if session is not None:
+                session.redump_routes(family, "route_followup")
+
+        self._schedule(delay, "route_followup", fire)
 
     def _resolve_peers(self, changes: Sequence[Change]) -> None:
         """Ask the kernel for the nsids needed to place new veth ends' peers."""

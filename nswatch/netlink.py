@@ -74,6 +74,7 @@ IFF_UP = 0x1
 ARPHRD_LOOPBACK = 772
 AF_INET = socket.AF_INET
 AF_INET6 = socket.AF_INET6
+AF_BRIDGE = socket.AF_BRIDGE
 
 FAMILIES: dict[int, Family] = {AF_INET: "inet", AF_INET6: "inet6"}
 FAMILY_NUMBERS: dict[str, int] = {"inet": AF_INET, "inet6": AF_INET6}
@@ -234,6 +235,10 @@ class Decoded:
 def decode(msg: Any, inode: int) -> Decoded | None:
     """A notification message as a model event, or None when it is not one we model."""
     t = msg["header"]["type"]
+    if t in (RTM_NEWLINK, RTM_DELLINK) and msg["family"] == AF_BRIDGE:
+        # The bridge's own view of a port (PF_BRIDGE: STP state, VLANs). An
+        # RTM_DELLINK of this family means "left the bridge", not "deleted".
+        return None
     if t == RTM_NEWLINK:
         return Decoded(LinkNew(inode, decode_link(msg)), "link", "new")
     if t == RTM_DELLINK:
