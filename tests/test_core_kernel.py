@@ -188,7 +188,7 @@ def test_two_names_one_namespace(lab: Lab, nswatch: Running) -> None:
         )
         ip("netns", "attach", alias, str(proc.pid))
         lab.namespaces.append(alias)
-        ip("netns", "attach", host_alias, "1")
+        ip("netns", "attach", host_alias, str(os.getpid()))
         lab.namespaces.append(host_alias)
 
         def ok() -> bool:
