@@ -110,6 +110,7 @@ class Daemon:
         self.stopped = threading.Event()
         self.ready = threading.Event()
         self._scanned_once = False
+        self._unready: set[int] = set()
         self.last_tick = clock()
         self.loop_thread: threading.Thread | None = None
 
@@ -308,6 +309,8 @@ class Daemon:
         if path is not None:
             self.paths[inode] = path
         self._selector.register(sock, selectors.EVENT_READ, session)
+        if not self.ready.is_set():
+            self._unready.add(inode)
         self._apply([NamespaceSeen(inode, names, is_host=is_host)], reason=why)
         session.start()
 
@@ -331,10 +334,18 @@ class Daemon:
     def _check_ready(self) -> None:
         if self.ready.is_set() or not self._scanned_once:
             return
-        if all(s.synced for s in self.sessions.values()):
+        for inode in [i for i in self._unready if self._is_complete(i)]:
+            self._unready.discard(inode)
+        if not self._unready:
             self.ready.set()
             for o in self.observers:
                 o.ready(self.model)
+
+    def _is_complete(self, inode: int) -> bool:
+        # Synced, and no dump or nsid question outstanding: the veth peers of
+        # the first dump are resolved too.
+        s = self.sessions.get(inode)
+        return s is None or (s.synced and s.idle)
 
     # -- netlink --
 
@@ -365,7 +376,8 @@ class Daemon:
         elapsed = time.perf_counter() - t0
         for o in self.observers:
             o.processed(elapsed, self.wall_clock())
-        if session.synced:
+        if session.inode in self._unready and self._is_complete(session.inode):
+            self._unready.discard(session.inode)
             self._check_ready()
 
     def _apply(self, events: Sequence[Event], reason: str | None = None) -> list[Change]:

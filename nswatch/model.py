@@ -322,6 +322,9 @@ class Model:
         # the kernel destroys them shortly after, and that removal is a
         # consequence of the namespace deletion, not an outage of its own.
         self.doomed: set[LinkRef] = set()
+        # (ifindex, peer ifindex) of every veth end -> namespaces holding one,
+        # so finding where a peer may live costs a lookup, not a scan.
+        self._veths: dict[tuple[int, int], set[int]] = {}
 
     # -- queries --
 
@@ -367,14 +370,7 @@ class Model:
         """
         if link.peer_index is None or link.peer_netnsid is None:
             return []
-        out = []
-        for other in self.namespaces.values():
-            if other.inode == inode:
-                continue
-            cand = other.links.get(link.peer_index)
-            if cand is not None and cand.kind == "veth" and cand.peer_index == link.index:
-                out.append(other.inode)
-        return out
+        return sorted(i for i in self._veths.get((link.peer_index, link.index), ()) if i != inode)
 
     def copy(self) -> Model:
         """A copy that shares the immutable records but none of the containers."""
@@ -395,6 +391,7 @@ class Model:
         m.by_name = dict(self.by_name)
         m.peers = dict(self.peers)
         m.doomed = set(self.doomed)
+        m._veths = {k: set(v) for k, v in self._veths.items()}
         return m
 
     # -- applying events --
@@ -492,6 +489,9 @@ class Model:
     ) -> None:
         old = ns.links.get(link.index)
         ns.links[link.index] = link
+        if old is not None:
+            self._unindex_veth(ns.inode, old)
+        self._index_veth(ns.inode, link)
         if old is None:
             out.append(Change("link", "added", ns.name, ns.inode, new=link, from_dump=from_dump))
         elif old != link:
@@ -517,6 +517,7 @@ class Model:
         link = ns.links.pop(index, None)
         if link is None:
             return
+        self._unindex_veth(ns.inode, link)
         ref = (ns.inode, index)
         if ref in self.doomed:
             self.doomed.discard(ref)
@@ -537,6 +538,19 @@ class Model:
                 "link", "removed", ns.name, ns.inode, old=link, reason=reason, from_dump=from_dump
             )
         )
+
+    def _index_veth(self, inode: int, link: Link) -> None:
+        if link.kind == "veth" and link.peer_index is not None:
+            self._veths.setdefault((link.index, link.peer_index), set()).add(inode)
+
+    def _unindex_veth(self, inode: int, link: Link) -> None:
+        if link.kind == "veth" and link.peer_index is not None:
+            key = (link.index, link.peer_index)
+            holders = self._veths.get(key)
+            if holders is not None:
+                holders.discard(inode)
+                if not holders:
+                    del self._veths[key]
 
     def _unpeer(
         self,

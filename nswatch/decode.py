@@ -1,0 +1,436 @@
+"""Pure decoding of rtnetlink bytes into model records.
+
+pyroute2's marshal decodes every attribute of every message into Python
+objects, about 250 µs a message here: a cold start over 1000 namespaces
+(35,000 messages) took 9 s with it. This decoder reads only the fields the
+model needs, straight from the bytes, about 30x faster. Its results are
+checked against pyroute2's decoding of the same live messages in the tests,
+and the constants against pyroute2's tables.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+from nswatch.model import (
+    Address,
+    AddressDel,
+    AddressNew,
+    Event,
+    Family,
+    Link,
+    LinkDel,
+    LinkNew,
+    LinkStats,
+    Nexthop,
+    Route,
+    RouteDel,
+    RouteNew,
+)
+
+# nlmsghdr
+NLMSG_HDR = struct.Struct("=IHHII")
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+NLM_F_MULTI = 0x2
+NLM_F_DUMP_INTR = 0x10
+NLM_F_REPLACE = 0x100
+
+RTM_NEWLINK, RTM_DELLINK = 16, 17
+RTM_NEWADDR, RTM_DELADDR = 20, 21
+RTM_NEWROUTE, RTM_DELROUTE = 24, 25
+RTM_NEWNSID = 88
+
+IFINFOMSG = struct.Struct("=BxHiII")
+IFADDRMSG = struct.Struct("=BBBBI")
+RTMSG = struct.Struct("=BBBBBBBBI")
+NLATTR = struct.Struct("=HH")
+RTNEXTHOP = struct.Struct("=HBBi")
+U32 = struct.Struct("=I")
+S32 = struct.Struct("=i")
+STATS64 = struct.Struct("=8Q")
+
+IFLA_ADDRESS = 1
+IFLA_IFNAME = 3
+IFLA_MTU = 4
+IFLA_LINK = 5
+IFLA_MASTER = 10
+IFLA_OPERSTATE = 16
+IFLA_LINKINFO = 18
+IFLA_STATS64 = 23
+IFLA_LINK_NETNSID = 37
+IFLA_NEW_NETNSID = 45
+IFLA_INFO_KIND = 1
+
+IFA_ADDRESS = 1
+IFA_LOCAL = 2
+
+RTA_DST = 1
+RTA_OIF = 4
+RTA_GATEWAY = 5
+RTA_PRIORITY = 6
+RTA_PREFSRC = 7
+RTA_MULTIPATH = 9
+RTA_TABLE = 15
+
+NETNSA_NSID = 1
+
+IFF_UP = 0x1
+ARPHRD_LOOPBACK = 772
+RTM_F_CLONED = 0x200
+AF_INET = socket.AF_INET
+AF_INET6 = socket.AF_INET6
+AF_BRIDGE = socket.AF_BRIDGE
+
+FAMILIES: dict[int, Family] = {AF_INET: "inet", AF_INET6: "inet6"}
+OPERSTATES = ("UNKNOWN", "NOTPRESENT", "DOWN", "LOWERLAYERDOWN", "TESTING", "DORMANT", "UP")
+ROUTE_TYPES = (
+    "unspec",
+    "unicast",
+    "local",
+    "broadcast",
+    "anycast",
+    "multicast",
+    "blackhole",
+    "unreachable",
+    "prohibit",
+    "throw",
+    "nat",
+    "xresolve",
+)
+# iproute2's /etc/iproute2/rt_protos names; others stay numbers, as `ip` shows them.
+PROTOCOLS = {
+    0: "unspec",
+    1: "redirect",
+    2: "kernel",
+    3: "boot",
+    4: "static",
+    8: "gated",
+    9: "ra",
+    10: "mrt",
+    11: "zebra",
+    12: "bird",
+    13: "dnrouted",
+    14: "xorp",
+    15: "ntk",
+    16: "dhcp",
+    17: "mrouted",
+    18: "keepalived",
+    42: "babel",
+    99: "openr",
+    186: "bgp",
+    187: "isis",
+    188: "ospf",
+    189: "rip",
+    192: "eigrp",
+}
+# iproute2 calls scope 0 "global" for both addresses and routes.
+SCOPES = {0: "global", 200: "site", 253: "link", 254: "host", 255: "nowhere"}
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One netlink message: its header and the payload after the header."""
+
+    type: int
+    flags: int
+    seq: int
+    pid: int
+    body: bytes
+
+
+def messages(data: bytes) -> Iterator[Message]:
+    """Split a datagram into messages (a truncated tail is dropped)."""
+    off = 0
+    end = len(data)
+    unpack = NLMSG_HDR.unpack_from
+    while off + 16 <= end:
+        length, mtype, flags, seq, pid = unpack(data, off)
+        if length < 16 or off + length > end:
+            return
+        yield Message(mtype, flags, seq, pid, data[off + 16 : off + length])
+        off += (length + 3) & ~3
+
+
+def attrs(data: bytes, off: int) -> dict[int, bytes]:
+    """The attributes from ``off`` on, by type (nested ones stay raw bytes)."""
+    out: dict[int, bytes] = {}
+    end = len(data)
+    unpack = NLATTR.unpack_from
+    while off + 4 <= end:
+        length, atype = unpack(data, off)
+        if length < 4:
+            break
+        # Strip NLA_F_NESTED / NLA_F_NET_BYTEORDER.
+        out[atype & 0x3FFF] = data[off + 4 : off + length]
+        off += (length + 3) & ~3
+    return out
+
+
+def _str(b: bytes) -> str:
+    return b.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+def _mac(b: bytes) -> str:
+    return ":".join(f"{x:02x}" for x in b)
+
+
+def _ip(family: int, b: bytes) -> str:
+    return socket.inet_ntop(family, b)
+
+
+def error_code(msg: Message) -> int:
+    """The (negative) errno of an NLMSG_ERROR, 0 for an ack."""
+    return int(S32.unpack_from(msg.body, 0)[0]) if len(msg.body) >= 4 else 0
+
+
+def link_family(msg: Message) -> int:
+    """The ifi_family of a link message (AF_BRIDGE ones are a bridge's port view)."""
+    return msg.body[0] if msg.body else 0
+
+
+def link_index(msg: Message) -> int:
+    """The ifindex of a link message."""
+    return int(IFINFOMSG.unpack_from(msg.body, 0)[2])
+
+
+def link_moved(msg: Message) -> bool:
+    """True for an RTM_DELLINK that says the link went to another namespace."""
+    return IFLA_NEW_NETNSID in attrs(msg.body, IFINFOMSG.size)
+
+
+def decode_link(msg: Message) -> Link:
+    """An RTM_NEWLINK/RTM_DELLINK message as a model Link."""
+    body = msg.body
+    _family, ifi_type, index, flags, _change = IFINFOMSG.unpack_from(body, 0)
+    a = attrs(body, IFINFOMSG.size)
+    kind: str | None = None
+    info = a.get(IFLA_LINKINFO)
+    if info is not None:
+        k = attrs(info, 0).get(IFLA_INFO_KIND)
+        if k is not None:
+            kind = _str(k)
+    if kind is None:
+        kind = "loopback" if ifi_type == ARPHRD_LOOPBACK else "device"
+    peer_index: int | None = None
+    peer_netnsid: int | None = None
+    if kind == "veth":
+        raw = a.get(IFLA_LINK)
+        peer_index = U32.unpack(raw)[0] if raw else None
+        if peer_index:
+            raw = a.get(IFLA_LINK_NETNSID)
+            peer_netnsid = S32.unpack(raw)[0] if raw else None
+        else:
+            peer_index = None
+    raw = a.get(IFLA_OPERSTATE)
+    oper = OPERSTATES[raw[0]] if raw and raw[0] < len(OPERSTATES) else "UNKNOWN"
+    raw = a.get(IFLA_MASTER)
+    master = U32.unpack(raw)[0] if raw else 0
+    raw = a.get(IFLA_STATS64)
+    stats = LinkStats(*_stats(raw)) if raw and len(raw) >= STATS64.size else None
+    name = a.get(IFLA_IFNAME)
+    mtu = a.get(IFLA_MTU)
+    mac = a.get(IFLA_ADDRESS)
+    return Link(
+        index=index,
+        name=_str(name) if name else f"if{index}",
+        kind=kind,
+        mac=_mac(mac) if mac else None,
+        mtu=U32.unpack(mtu)[0] if mtu else 0,
+        admin_up=bool(flags & IFF_UP),
+        oper_state=oper,
+        master=master or None,
+        peer_index=peer_index,
+        peer_netnsid=peer_netnsid,
+        stats=stats,
+    )
+
+
+def _stats(raw: bytes) -> tuple[int, ...]:
+    rx_p, tx_p, rx_b, tx_b, rx_e, tx_e, rx_d, tx_d = STATS64.unpack_from(raw, 0)
+    # LinkStats' field order: bytes, packets, errors, drops; rx before tx.
+    return (rx_b, tx_b, rx_p, tx_p, rx_e, tx_e, rx_d, tx_d)
+
+
+def decode_address(msg: Message) -> Address | None:
+    """An RTM_NEWADDR/RTM_DELADDR message as a model Address (None: other family)."""
+    family, prefixlen, _flags, scope, index = IFADDRMSG.unpack_from(msg.body, 0)
+    fam = FAMILIES.get(family)
+    if fam is None:
+        return None
+    a = attrs(msg.body, IFADDRMSG.size)
+    # IFA_LOCAL is the interface's own address; IFA_ADDRESS is the peer on
+    # point-to-point links (and equals IFA_LOCAL elsewhere). IPv6 has no LOCAL.
+    raw = a.get(IFA_LOCAL) or a.get(IFA_ADDRESS)
+    if raw is None:
+        return None
+    return Address(
+        link=index,
+        family=fam,
+        address=_ip(family, raw),
+        prefixlen=prefixlen,
+        scope=SCOPES.get(scope) or str(scope),
+    )
+
+
+def decode_route(msg: Message) -> Route | None:
+    """An RTM_NEWROUTE/RTM_DELROUTE message as a model Route (None: not modelled)."""
+    body = msg.body
+    family, dst_len, _src_len, tos, table, proto, scope, rtype, flags = RTMSG.unpack_from(body, 0)
+    fam = FAMILIES.get(family)
+    # Cloned entries are the route cache (IPv6 exceptions), not routes.
+    if fam is None or flags & RTM_F_CLONED:
+        return None
+    a = attrs(body, RTMSG.size)
+    raw = a.get(RTA_DST)
+    if raw is not None:
+        dst = f"{_ip(family, raw)}/{dst_len}"
+    elif dst_len == 0:
+        dst = "default"
+    else:
+        dst = f"{'0.0.0.0' if family == AF_INET else '::'}/{dst_len}"
+    raw = a.get(RTA_TABLE)
+    if raw is not None:
+        # rtm_table is a u8; tables above 255 only come as RTA_TABLE.
+        table = U32.unpack(raw)[0]
+    raw = a.get(RTA_GATEWAY)
+    gateway = _ip(family, raw) if raw else None
+    raw = a.get(RTA_OIF)
+    dev = U32.unpack(raw)[0] if raw else None
+    raw = a.get(RTA_PRIORITY)
+    priority = U32.unpack(raw)[0] if raw else None
+    raw = a.get(RTA_PREFSRC)
+    prefsrc = _ip(family, raw) if raw else None
+    raw = a.get(RTA_MULTIPATH)
+    nexthops = _nexthops(family, raw) if raw else ()
+    return Route(
+        table=table,
+        family=fam,
+        type=ROUTE_TYPES[rtype] if rtype < len(ROUTE_TYPES) else str(rtype),
+        dst=dst,
+        gateway=gateway,
+        dev=dev,
+        protocol=PROTOCOLS.get(proto) or str(proto),
+        scope=SCOPES.get(scope) or str(scope),
+        priority=priority,
+        prefsrc=prefsrc,
+        tos=tos,
+        nexthops=nexthops,
+    )
+
+
+def _nexthops(family: int, raw: bytes) -> tuple[Nexthop, ...]:
+    out = []
+    off = 0
+    while off + RTNEXTHOP.size <= len(raw):
+        length, _flags, hops, ifindex = RTNEXTHOP.unpack_from(raw, off)
+        if length < RTNEXTHOP.size:
+            break
+        a = attrs(raw[off : off + length], RTNEXTHOP.size)
+        gw = a.get(RTA_GATEWAY)
+        out.append(
+            Nexthop(gateway=_ip(family, gw) if gw else None, dev=ifindex or None, weight=hops + 1)
+        )
+        off += (length + 3) & ~3
+    return tuple(out)
+
+
+def decode_nsid(msg: Message) -> int | None:
+    """The nsid in an RTM_NEWNSID reply, or None when none is assigned."""
+    raw = attrs(msg.body, 4).get(NETNSA_NSID)
+    if raw is None:
+        return None
+    nsid = int(S32.unpack(raw)[0])
+    return nsid if nsid >= 0 else None
+
+
+# --- requests -------------------------------------------------------------------
+
+NLM_F_REQUEST = 0x1
+NLM_F_DUMP = 0x300
+RTM_GETLINK = 18
+RTM_GETADDR = 22
+RTM_GETROUTE = 26
+RTM_GETNSID = 90
+NETNSA_FD = 3
+
+DumpWhat = Literal["link", "address", "route"]
+
+
+def dump_request(what: DumpWhat, family: int, seq: int) -> bytes:
+    """An RTM_GET* dump request for links, addresses or routes of ``family`` (0: all)."""
+    if what == "link":
+        body = IFINFOMSG.pack(family, 0, 0, 0, 0)
+        mtype = RTM_GETLINK
+    elif what == "address":
+        body = IFADDRMSG.pack(family, 0, 0, 0, 0)
+        mtype = RTM_GETADDR
+    else:
+        body = RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0)
+        mtype = RTM_GETROUTE
+    return NLMSG_HDR.pack(16 + len(body), mtype, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body
+
+
+def nsid_request(fd: int, seq: int) -> bytes:
+    """RTM_GETNSID: which nsid does this namespace use for the namespace open at ``fd``."""
+    body = struct.pack("=B3x", socket.AF_UNSPEC) + NLATTR.pack(8, NETNSA_FD) + U32.pack(fd)
+    return NLMSG_HDR.pack(16 + len(body), RTM_GETNSID, NLM_F_REQUEST, seq, 0) + body
+
+
+# --- notifications as model events ---------------------------------------------
+
+EventType = Literal["link", "address", "route"]
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    """One notification: the model event plus what it was, for counting."""
+
+    event: Event
+    type: EventType
+    action: Literal["new", "del"]
+
+
+def decode_notification(msg: Message, inode: int) -> Decoded | None:
+    """A notification as a model event, or None when it is not one we model."""
+    t = msg.type
+    if t in (RTM_NEWLINK, RTM_DELLINK):
+        if link_family(msg) == AF_BRIDGE:
+            # The bridge's own view of a port (PF_BRIDGE: STP state, VLANs).
+            # An RTM_DELLINK of this family means "left the bridge".
+            return None
+        if t == RTM_NEWLINK:
+            return Decoded(LinkNew(inode, decode_link(msg)), "link", "new")
+        # Since 4.15 a link leaving for another namespace says where it went.
+        return Decoded(LinkDel(inode, link_index(msg), moved=link_moved(msg)), "link", "del")
+    if t in (RTM_NEWADDR, RTM_DELADDR):
+        addr = decode_address(msg)
+        if addr is None:
+            return None
+        if t == RTM_NEWADDR:
+            return Decoded(AddressNew(inode, addr), "address", "new")
+        return Decoded(AddressDel(inode, addr), "address", "del")
+    if t in (RTM_NEWROUTE, RTM_DELROUTE):
+        route = decode_route(msg)
+        if route is None:
+            return None
+        if t == RTM_NEWROUTE:
+            replace = bool(msg.flags & NLM_F_REPLACE)
+            return Decoded(RouteNew(inode, route, replace=replace), "route", "new")
+        return Decoded(RouteDel(inode, route), "route", "del")
+    return None
+
+
+def decode_dump_item(msg: Message, what: DumpWhat) -> Link | Address | Route | None:
+    """One message of a dump reply as a model record."""
+    if what == "link":
+        if link_family(msg) == AF_BRIDGE:
+            return None
+        return decode_link(msg)
+    if what == "address":
+        return decode_address(msg)
+    return decode_route(msg)
