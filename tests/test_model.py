@@ -1,0 +1,286 @@
+"""The pure model: events in, changes out, with no kernel involved."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nswatch.model import (
+    Address,
+    AddressNew,
+    Change,
+    Dump,
+    Link,
+    LinkDel,
+    LinkNew,
+    Model,
+    NamespaceGone,
+    NamespaceSeen,
+    NsidLearned,
+    Route,
+    RouteDel,
+    RouteNew,
+    Synced,
+)
+
+HOST, A, B = 1, 2, 3
+
+
+def veth(index: int, peer: int, nsid: int | None, name: str | None = None) -> Link:
+    return Link(
+        index=index,
+        name=name or f"v{index}",
+        kind="veth",
+        peer_index=peer,
+        peer_netnsid=nsid,
+        admin_up=True,
+        oper_state="UP",
+    )
+
+
+def base() -> Model:
+    m = Model()
+    m.apply(NamespaceSeen(HOST, ("host",), is_host=True))
+    m.apply(NamespaceSeen(A, ("a",)))
+    m.apply(NamespaceSeen(B, ("b",)))
+    return m
+
+
+def kinds(changes: list[Change]) -> list[tuple[str, str]]:
+    return [(c.kind, c.action) for c in changes]
+
+
+def test_namespace_added_and_removed() -> None:
+    """A namespace appears once, and its removal removes its links with reason namespace_deleted."""
+    m = base()
+    m.apply(LinkNew(A, Link(index=1, name="lo", kind="loopback")))
+    out = m.apply(NamespaceGone(A))
+    assert ("link", "removed") in kinds(out)
+    assert next(c for c in out if c.kind == "link").reason == "namespace_deleted"
+    assert m.get("a") is None and A not in m.namespaces
+
+
+def test_same_namespace_pair_resolves_without_nsid() -> None:
+    """Both ends in one namespace carry no netnsid and pair up by ifindex."""
+    m = base()
+    m.apply(LinkNew(A, veth(5, 6, None)))
+    out = m.apply(LinkNew(A, veth(6, 5, None)))
+    assert ("veth_peer", "resolved") in kinds(out)
+    assert m.peers[(A, 5)] == (A, 6) and m.peers[(A, 6)] == (A, 5)
+
+
+def test_cross_namespace_pair_needs_the_nsid() -> None:
+    """A host<->ns pair resolves only once the nsid is known, then symmetrically."""
+    m = base()
+    m.apply(LinkNew(HOST, veth(10, 2, 0)))
+    m.apply(LinkNew(A, veth(2, 10, 0)))
+    assert m.peers == {}
+    assert m.peer_candidates(HOST, m.namespaces[HOST].links[10]) == [A]
+    out = m.apply(NsidLearned(HOST, 0, A))
+    assert ("veth_peer", "resolved") in kinds(out)
+    assert m.peers[(A, 2)] == (HOST, 10)
+    peer = m.peer_of(A, 2)
+    assert peer is not None and (peer.netns, peer.name) == ("host", "v10")
+
+
+def test_equal_ifindex_in_two_namespaces_resolves_by_nsid() -> None:
+    """Two namespaces with a veth at the same ifindex: the nsid decides which is the peer."""
+    m = base()
+    m.apply(LinkNew(HOST, veth(10, 2, 0)))
+    m.apply(LinkNew(HOST, veth(11, 2, 1)))
+    m.apply(LinkNew(A, veth(2, 11, 7)))
+    m.apply(LinkNew(B, veth(2, 10, 7)))
+    m.apply(NsidLearned(HOST, 0, B))
+    m.apply(NsidLearned(HOST, 1, A))
+    assert m.peers[(HOST, 10)] == (B, 2)
+    assert m.peers[(HOST, 11)] == (A, 2)
+
+
+def test_namespace_deletion_dooms_the_host_end() -> None:
+    """The host end that dies with its peer's namespace counts as namespace_deleted, not deleted."""
+    m = base()
+    m.apply(LinkNew(HOST, veth(10, 2, 0)))
+    m.apply(LinkNew(A, veth(2, 10, 0)))
+    m.apply(NsidLearned(HOST, 0, A))
+    m.apply(NamespaceGone(A))
+    out = m.apply(LinkDel(HOST, 10))
+    removed = next(c for c in out if c.kind == "link")
+    assert removed.reason == "namespace_deleted"
+    assert m.namespaces[HOST].nsids == {}
+
+
+def test_plain_delete_and_move_reasons() -> None:
+    """RTM_DELLINK is `deleted`, or `moved` when the kernel named a new namespace."""
+    m = base()
+    m.apply(LinkNew(A, veth(5, 6, None)))
+    m.apply(LinkNew(A, veth(6, 5, None)))
+    out = m.apply(LinkDel(A, 5, moved=True))
+    assert next(c for c in out if c.kind == "link").reason == "moved"
+    lost = next(c for c in out if c.kind == "veth_peer")
+    assert lost.action == "lost" and lost.reason == "moved"
+    out = m.apply(LinkDel(A, 6))
+    assert next(c for c in out if c.kind == "link").reason == "deleted"
+
+
+def test_rename_keeps_the_pair() -> None:
+    """A rename is a change on the same ifindex; the pair stays and is reported again."""
+    m = base()
+    m.apply(LinkNew(A, veth(5, 6, None)))
+    m.apply(LinkNew(A, veth(6, 5, None)))
+    out = m.apply(LinkNew(A, veth(6, 5, None, name="eth0")))
+    assert ("link", "changed") in kinds(out)
+    assert m.peers[(A, 5)] == (A, 6)
+    peer = m.peer_of(A, 5)
+    assert peer is not None and peer.name == "eth0"
+
+
+def test_link_removal_drops_its_addresses_and_routes() -> None:
+    """The kernel drops a link's addresses and routes with it; so does the model."""
+    m = base()
+    m.apply(LinkNew(A, Link(index=3, name="e", kind="device")))
+    m.apply(AddressNew(A, Address(3, "inet", "198.18.0.1", 24)))
+    m.apply(RouteNew(A, Route(254, "inet", "unicast", "198.18.0.0/24", dev=3)))
+    m.apply(LinkDel(A, 3))
+    assert m.namespaces[A].addresses == {} and m.namespaces[A].routes == {}
+
+
+def test_route_replace_overwrites_same_dst_and_metric() -> None:
+    """NLM_F_REPLACE swaps the route with the same table, dst, tos and metric."""
+    m = base()
+    m.apply(RouteNew(A, Route(254, "inet", "unicast", "198.18.1.0/24", gateway="198.18.0.2")))
+    m.apply(
+        RouteNew(
+            A, Route(254, "inet", "unicast", "198.18.1.0/24", gateway="198.18.0.2", priority=5)
+        )
+    )
+    m.apply(
+        RouteNew(
+            A, Route(254, "inet", "unicast", "198.18.1.0/24", gateway="198.18.0.3"), replace=True
+        )
+    )
+    gws = sorted((r.gateway, r.priority) for r in m.namespaces[A].routes.values())
+    assert gws == [("198.18.0.2", 5), ("198.18.0.3", None)]
+    out = m.apply(RouteDel(A, Route(254, "inet", "unicast", "198.18.1.0/24", gateway="198.18.0.3")))
+    assert kinds(out) == [("route", "removed")]
+
+
+def test_ipv6_routes_on_different_links_are_distinct() -> None:
+    """fe80::/64 exists once per link in IPv6: same dst and metric, different device."""
+    m = base()
+    m.apply(RouteNew(A, Route(254, "inet6", "unicast", "fe80::/64", dev=2, priority=256)))
+    m.apply(RouteNew(A, Route(254, "inet6", "unicast", "fe80::/64", dev=3, priority=256)))
+    assert len(m.namespaces[A].routes) == 2
+
+
+def test_dump_replaces_and_reports_differences() -> None:
+    """A non-initial dump removes what the kernel no longer has and marks the changes as found by a dump."""
+    m = base()
+    m.apply(LinkNew(A, Link(index=3, name="e", kind="device")))
+    m.apply(LinkNew(A, Link(index=4, name="f", kind="device")))
+    out = m.apply(Dump(A, "link", (Link(index=3, name="e", kind="device"),), reason="reconcile"))
+    assert [(c.kind, c.action, c.from_dump) for c in out] == [("link", "removed", True)]
+    m.apply(Synced(A))
+    assert m.namespaces[A].synced and not m.synced
+
+
+def test_two_names_are_one_namespace() -> None:
+    """A second name for the same inode renames rather than duplicates."""
+    m = base()
+    out = m.apply(NamespaceSeen(A, ("a", "a2")))
+    assert kinds(out) == [("namespace", "renamed")]
+    assert m.get("a2") is m.get("a")
+    m.apply(NamespaceSeen(A, ("a2",)))
+    assert m.get("a") is None and m.get("a2") is not None
+
+
+def test_copy_is_independent() -> None:
+    """A copy shares no containers with the model, so readers never see it change."""
+    m = base()
+    m.apply(LinkNew(A, veth(5, 6, None)))
+    c = m.copy()
+    m.apply(LinkDel(A, 5))
+    assert 5 in c.namespaces[A].links and 5 not in m.namespaces[A].links
+
+
+# --- property: the model follows a small fake kernel ---------------------------------
+
+NAMESPACES = (HOST, A, B)
+
+
+@st.composite
+def operations(draw: st.DrawFn) -> list[tuple[str, int, int]]:
+    ops = st.tuples(
+        st.sampled_from(["pair", "delete", "move", "gone_and_back"]),
+        st.sampled_from(NAMESPACES),
+        st.sampled_from(NAMESPACES),
+    )
+    return draw(st.lists(ops, max_size=30))
+
+
+class FakeKernel:
+    """Just enough of the kernel: per-namespace ifindex counters, veth pairs, nsids."""
+
+    def __init__(self) -> None:
+        self.next_index = dict.fromkeys(NAMESPACES, 2)
+        self.links: dict[int, dict[int, tuple[int, int]]] = {n: {} for n in NAMESPACES}
+        self.nsids: dict[tuple[int, int], int] = {}
+
+    def nsid(self, frm: int, to: int) -> int | None:
+        if frm == to:
+            return None
+        return self.nsids.setdefault((frm, to), len([k for k in self.nsids if k[0] == frm]))
+
+    def link(self, ns: int, index: int) -> Link:
+        pns, pidx = self.links[ns][index]
+        return veth(index, pidx, self.nsid(ns, pns))
+
+    def events_for(self, ns: int) -> list[object]:
+        return [LinkNew(ns, self.link(ns, i)) for i in self.links[ns]]
+
+
+@settings(max_examples=150, deadline=None)
+@given(operations())
+def test_model_follows_fake_kernel(ops: list[tuple[str, int, int]]) -> None:
+    """Whatever the order of pair/delete/move events, the model's pairs are exactly the kernel's."""
+    k = FakeKernel()
+    m = Model()
+    for n in NAMESPACES:
+        m.apply(NamespaceSeen(n, (str(n),)))
+    for op, x, y in ops:
+        if op == "pair":
+            i, j = k.next_index[x], k.next_index[y] + (1 if x == y else 0)
+            k.next_index[x] = i + 1
+            k.next_index[y] = max(k.next_index[y], j + 1)
+            k.links[x][i] = (y, j)
+            k.links[y][j] = (x, i)
+            m.apply(LinkNew(x, k.link(x, i)))
+            m.apply(LinkNew(y, k.link(y, j)))
+        elif op == "delete" and k.links[x]:
+            i = min(k.links[x])
+            pns, pidx = k.links[x].pop(i)
+            del k.links[pns][pidx]
+            m.apply(LinkDel(x, i))
+            m.apply(LinkDel(pns, pidx))
+        elif op == "move" and k.links[x] and x != y:
+            i = min(k.links[x])
+            pns, pidx = k.links[x].pop(i)
+            j = k.next_index[y]
+            k.next_index[y] = j + 1
+            k.links[y][j] = (pns, pidx)
+            k.links[pns][pidx] = (y, j)
+            m.apply(LinkDel(x, i, moved=True))
+            m.apply(LinkNew(y, k.link(y, j)))
+            # The kernel does not announce the other end's new attributes;
+            # the daemon re-dumps that namespace's links.
+            m.apply(
+                Dump(pns, "link", tuple(k.link(pns, p) for p in k.links[pns]), reason="peer_moved")
+            )
+        # Resolve every nsid the model asks about, as the daemon does.
+        for ns in NAMESPACES:
+            for (frm, to), nsid in k.nsids.items():
+                if frm == ns:
+                    m.apply(NsidLearned(frm, nsid, to))
+    want = {((x, i), peer) for x in NAMESPACES for i, peer in k.links[x].items()}
+    assert set(m.peers.items()) == want
+    for a, b in m.peers.items():
+        assert m.peers[b] == a
