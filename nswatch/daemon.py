@@ -64,6 +64,9 @@ class DirWatch(Protocol):
 PENDING_RETRY = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 TICK = 0.5
 ROUTE_FOLLOWUP_DELAYS = (0.02, 0.3)
+# A dump with no reply for this long is abandoned with its socket (checked
+# at each periodic rescan).
+DUMP_STALL = 20.0
 
 
 class Daemon:
@@ -171,10 +174,13 @@ class Daemon:
         if self._timers:
             timeout = max(0.0, min(timeout, self._timers[0][0] - now))
         for key, _ in self._selector.select(timeout):
-            if key.data is None:
-                self._drain_wake()
-            else:
-                self._read(key.data)
+            try:
+                if key.data is None:
+                    self._drain_wake()
+                else:
+                    self._read(key.data)
+            except Exception as e:  # noqa: BLE001 - the loop must outlive any one bug
+                self._error(getattr(key.data, "name", None), "event_loop", e)
         self._run_timers()
         self._advance_reconcile()
         self.last_tick = self.clock()
@@ -225,6 +231,8 @@ class Daemon:
 
     def _periodic_rescan(self) -> None:
         self._rescan("periodic")
+        for inode in [i for i, s in self.sessions.items() if s.stalled(DUMP_STALL)]:
+            self._reopen(inode, "stalled")
         self._schedule(self.settings.rescan_interval, "rescan", self._periodic_rescan)
 
     def _periodic_reconcile(self) -> None:
@@ -285,7 +293,7 @@ class Daemon:
         self._check_ready()
 
     def _namespace_new(
-        self, inode: int, names: tuple[str, ...], path: str | None, why: str
+        self, inode: int, names: tuple[str, ...], path: str | None, why: str, dump: str = "initial"
     ) -> None:
         is_host = inode == self.enterer.home.inode
         try:
@@ -312,7 +320,7 @@ class Daemon:
         if not self.ready.is_set():
             self._unready.add(inode)
         self._apply([NamespaceSeen(inode, names, is_host=is_host)], reason=why)
-        session.start()
+        session.start(dump)
 
     def _namespace_gone(self, inode: int, why: str) -> None:
         # Close the socket first and at once: an open socket inside the
@@ -321,6 +329,19 @@ class Daemon:
         self._asked = {p for p in self._asked if inode not in p}
         self._apply([NamespaceGone(inode)], reason=why)
         self._check_ready()
+
+    def _reopen(self, inode: int, why: str) -> None:
+        """Replace a namespace's socket: the kernel forgets a stuck dump with it."""
+        ns = self.model.namespaces.get(inode)
+        session = self.sessions.get(inode)
+        if ns is None or session is None:
+            return
+        path = self.paths.get(inode)
+        self._close_session(inode)
+        self._error(ns.name, "dump_stalled", TimeoutError(f"no dump reply for {DUMP_STALL}s"))
+        for o in self.observers:
+            o.resync(ns.name, why)
+        self._namespace_new(inode, ns.names, path, why, dump=why)
 
     def _close_session(self, inode: int) -> None:
         session = self.sessions.pop(inode, None)

@@ -13,8 +13,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import socket
+import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from pyroute2.netlink.rtnl import (
@@ -37,6 +38,7 @@ from nswatch.decode import (
     decode_notification,
     decode_nsid,
     dump_request,
+    error_code,
     messages,
     nsid_request,
 )
@@ -146,8 +148,16 @@ class Session:
     up to date. nsid queries are not dumps and go out at once.
     """
 
-    def __init__(self, inode: int, name: str, sock: socket.socket) -> None:
+    def __init__(
+        self,
+        inode: int,
+        name: str,
+        sock: socket.socket,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.inode = inode
+        self.clock = clock
+        self.last_progress = clock()
         self.name = name
         self.sock = sock
         self._seq = 0
@@ -174,9 +184,13 @@ class Session:
         """True when no dump and no nsid question is outstanding."""
         return not self.busy and not self._nsid
 
-    def start(self) -> None:
-        """Queue the first full dump."""
-        self.resync("initial")
+    def stalled(self, timeout: float) -> bool:
+        """True when a dump has had no reply for ``timeout`` seconds."""
+        return self._dump is not None and self.clock() - self.last_progress > timeout
+
+    def start(self, reason: str = "initial") -> None:
+        """Queue the first full dump on this socket."""
+        self.resync(reason)
 
     def resync(self, reason: str, kinds: Iterable[DumpWhat] = ("link", "address", "route")) -> None:
         """Queue fresh dumps (skipping any already queued but not started)."""
@@ -202,6 +216,7 @@ class Session:
         if self._dump is not None or not self._queue:
             return
         req = self._queue.popleft()
+        self.last_progress = self.clock()
         self._seq += 1
         req.seq = self._seq
         family = FAMILY_NUMBERS[req.family] if req.family else 0
@@ -244,8 +259,17 @@ class Session:
         if dump is not None and msg.seq == dump.seq:
             if msg.flags & NLM_F_DUMP_INTR:
                 dump.interrupted = True
-            if msg.type == NLMSG_DONE or msg.type == NLMSG_ERROR:
-                self._dump_done(dump, events, failed=msg.type == NLMSG_ERROR)
+            self.last_progress = self.clock()
+            if msg.type == NLMSG_ERROR:
+                err = -error_code(msg)
+                if err == errno.ENOBUFS:
+                    # The first chunk did not fit the receive buffer. The
+                    # kernel keeps the dump running and sends it as we read.
+                    return
+                self._dump_done(dump, events, failed=True)
+                return
+            if msg.type == NLMSG_DONE:
+                self._dump_done(dump, events, failed=False)
                 return
             item = decode_dump_item(msg, dump.what)
             if item is not None:
@@ -289,7 +313,7 @@ class Session:
                 )
             events.extend(d.event for d in self._held)
             self._held.clear()
-            if dump.reason == "initial" and dump.what == "route":
+            if dump.what == "route" and dump.family is None and not self.synced:
                 self.synced = True
                 events.append(Synced(self.inode))
         self._next()
