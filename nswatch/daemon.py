@@ -179,7 +179,7 @@ class Daemon:
                     self._drain_wake()
                 else:
                     self._read(key.data)
-            except Exception as e:  # noqa: BLE001 - the loop must outlive any one bug
+            except Exception as e:  # the loop must outlive any one bug
                 self._error(getattr(key.data, "name", None), "event_loop", e)
         self._run_timers()
         self._advance_reconcile()
