@@ -51,6 +51,25 @@ class _Handler(BaseHTTPRequestHandler):
         # Access logs would drown the change log; errors go through send_error.
         return None
 
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """Errors the request parser finds, as JSON with a real status line."""
+        # A garbled request line leaves the version at HTTP/0.9, which has no
+        # status line at all; nobody speaks 0.9 to a metrics endpoint.
+        self.request_version = "HTTP/1.1"
+        self.close_connection = True
+        try:
+            phrase = HTTPStatus(code).phrase
+        except ValueError:
+            phrase = "error"
+        body = (json.dumps({"error": message or phrase}) + "\n").encode()
+        self.send_response(code, message)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD" and code >= 200 and code not in (204, 304):
+            self.wfile.write(body)
+
     def _send(self, status: int, body: bytes, ctype: str, head: bool = False) -> None:
         self.send_response(status)
         self.send_header("Content-Type", ctype)
