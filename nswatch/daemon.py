@@ -48,6 +48,9 @@ class Settings:
     netlink_rcvbuf: int = 4 * 1024 * 1024
     reconcile_interval: float = 300.0
     rescan_interval: float = 30.0
+    # Link counters come with link messages, which the kernel sends only on
+    # state changes; a link dump this often keeps them fresh (0: never).
+    stats_interval: float = 15.0
 
 
 class DirWatch(Protocol):
@@ -67,6 +70,7 @@ ROUTE_FOLLOWUP_DELAYS = (0.02, 0.3)
 # A dump with no reply for this long is abandoned with its socket (checked
 # at each periodic rescan).
 DUMP_STALL = 20.0
+STATS_PER_TURN = 16
 
 
 class Daemon:
@@ -108,6 +112,7 @@ class Daemon:
         self._rescan_wanted = True
         self._pending_try = 0
         self._reconcile: deque[int] = deque()
+        self._stats_due: deque[int] = deque()
         self._reconciling: int | None = None
         self._stop = threading.Event()
         self.stopped = threading.Event()
@@ -156,6 +161,8 @@ class Daemon:
                 self._dirwatch = self._dirwatch_factory(self.settings.netns_dirs, self.notify_dir)
                 self._dirwatch.start()
             self._schedule(self.settings.rescan_interval, "rescan", self._periodic_rescan)
+            if self.settings.stats_interval > 0:
+                self._schedule(self.settings.stats_interval, "stats", self._periodic_stats)
             if self.settings.reconcile_interval > 0:
                 self._schedule(
                     self.settings.reconcile_interval, "reconcile", self._periodic_reconcile
@@ -183,6 +190,7 @@ class Daemon:
                 self._error(getattr(key.data, "name", None), "event_loop", e)
         self._run_timers()
         self._advance_reconcile()
+        self._advance_stats()
         self.last_tick = self.clock()
         for o in self.observers:
             o.tick(self.model)
@@ -238,6 +246,18 @@ class Daemon:
     def _periodic_reconcile(self) -> None:
         self._start_reconcile()
         self._schedule(self.settings.reconcile_interval, "reconcile", self._periodic_reconcile)
+
+    def _periodic_stats(self) -> None:
+        if not self._stats_due:
+            self._stats_due.extend(self.sessions)
+        self._schedule(self.settings.stats_interval, "stats", self._periodic_stats)
+
+    def _advance_stats(self) -> None:
+        """Refresh a few namespaces' counters per turn, so no turn takes long."""
+        for _ in range(min(STATS_PER_TURN, len(self._stats_due))):
+            s = self.sessions.get(self._stats_due.popleft())
+            if s is not None and s.synced:
+                s.resync("stats", kinds=("link",))
 
     def _pending_rescan(self) -> None:
         self._pending_timer = False

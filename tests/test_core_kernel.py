@@ -204,3 +204,37 @@ def test_two_names_one_namespace(lab: Lab, nswatch: Running) -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_counters_refresh_without_link_events(lab: Lab) -> None:
+    """Traffic moves the link counters in the model, though the kernel sends no link message for it."""
+    from nswatch.daemon import Settings
+    from tests.conftest import start_daemon, stop_daemon
+
+    n1, n2 = lab.netns("p1"), lab.netns("p2")
+    ip("-n", n1, "link", "add", "e0", "type", "veth", "peer", "name", "e1", "netns", n2)
+    ip("-n", n1, "addr", "add", "198.18.40.1/30", "dev", "e0")
+    ip("-n", n2, "addr", "add", "198.18.40.2/30", "dev", "e1")
+    ip("-n", n1, "link", "set", "e0", "up")
+    ip("-n", n2, "link", "set", "e1", "up")
+    running = start_daemon(
+        Settings(include=f"^{lab.prefix}", reconcile_interval=0, stats_interval=0.2)
+    )
+    try:
+        import subprocess
+
+        subprocess.run(
+            ["ip", "netns", "exec", n1, "ping", "-c", "5", "-i", "0.05", "-W", "1", "198.18.40.2"],
+            check=True,
+            capture_output=True,
+        )
+
+        def rx() -> int:
+            ns = running.daemon.view().get(n2)
+            assert ns is not None
+            link = ns.link_by_name("e1")
+            return link.stats.rx_packets if link and link.stats else 0
+
+        wait_for(lambda: rx() >= 5, timeout=5)
+    finally:
+        stop_daemon(running)
