@@ -110,14 +110,11 @@ def make_observers(config: Config) -> tuple[list[Observer], MetricsRenderer | No
     """The sinks for ``run``: logs, metrics, systemd (when present)."""
     observers: list[Observer] = [logs.LogObserver()]
     renderer: MetricsRenderer | None = None
-    try:
-        from nswatch import metrics
-    except ImportError:  # pragma: no cover - metrics is part of the package
-        metrics = None  # type: ignore[assignment]
-    if metrics is not None:
-        sink = metrics.MetricsSink()
-        observers.append(sink)
-        renderer = sink.render
+    from nswatch import metrics
+
+    sink = metrics.MetricsSink()
+    observers.append(sink)
+    renderer = sink.render
     return observers, renderer
 
 

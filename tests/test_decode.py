@@ -117,8 +117,9 @@ def test_decoder_agrees_with_pyroute2_on_live_dumps(lab: Lab) -> None:
     marshal = MarshalRtnl()
     seen = {"link": 0, "address": 0, "route": 0}
     with sock:
-        for what in ("link", "address", "route"):
-            for data in _dump(sock, what):  # type: ignore[arg-type]
+        whats: tuple[decode.DumpWhat, ...] = ("link", "address", "route")
+        for what in whats:
+            for data in _dump(sock, what):
                 ours = [m for m in decode.messages(data) if m.type > decode.NLMSG_DONE]
                 theirs = [m for m in marshal.parse(data) if m["header"]["type"] > 3]
                 assert len(ours) == len(theirs)
