@@ -71,7 +71,11 @@ def test_reconcile_repairs_and_counts(lab: Lab) -> None:
         d = running.daemon
         inode = d.model.get(ns).inode  # type: ignore[union-attr]
         ghost = Link(index=4242, name="ghost0", kind="device")
-        d.wake(lambda: None if d._apply([LinkNew(inode, ghost)]) else None)
+
+        def inject() -> None:
+            d._apply([LinkNew(inode, ghost)])
+
+        d.wake(inject)
         wait_for(lambda: 4242 in d.view().namespaces[inode].links)
         wait_for(
             lambda: any(c.kind == "link" and c.action == "removed" for c in rec.found), timeout=5
