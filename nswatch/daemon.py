@@ -140,6 +140,23 @@ class Daemon:
         self._stop.set()
         self.wake()
 
+    def reconfigure(self, settings: Settings) -> None:
+        """Take new settings (SIGHUP reload); safe from any thread."""
+        self.wake(lambda: self._reconfigure(settings))
+
+    def _reconfigure(self, settings: Settings) -> None:
+        old = self.settings
+        self.settings = settings
+        self._filter = NameFilter(settings.include, settings.exclude)
+        if settings.netns_dirs != old.netns_dirs and self._dirwatch is not None:
+            self._dirwatch.stop()
+            assert self._dirwatch_factory is not None
+            self._dirwatch = self._dirwatch_factory(settings.netns_dirs, self.notify_dir)
+            self._dirwatch.start()
+        # Socket buffer sizes apply to new sockets; filters and directories
+        # take effect with this rescan (namespaces now filtered out are let go).
+        self._rescan("reload")
+
     def view(self) -> Model:
         """A consistent copy of the model, for readers on other threads."""
         with self.lock:
