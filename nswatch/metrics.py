@@ -1,0 +1,645 @@
+"""Prometheus metrics: the model as node_exporter-style series, plus the daemon's own counters.
+
+Series about the kernel's objects are produced at scrape time from a copy of
+the model (:meth:`Daemon.view`), so whatever left the kernel is gone from the
+next scrape: there is no per-event gauge bookkeeping to go stale. The only
+state kept here is counters (events, removals, resyncs), in plain dicts behind
+a lock, emitted by the same collector.
+
+Exposition: prometheus-client's formats, negotiated with
+:func:`prometheus_client.exposition.choose_encoder`. A scrape of 1000
+namespaces is ~60 000 samples, which prometheus-client's generic encoders
+format at 10-20 µs each, so the model's families are formatted here by a
+specialised encoder that produces the same bytes (the tests check it against
+prometheus-client's for both formats); the process, platform and histogram
+collectors go through prometheus-client's encoders unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+import platform
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from prometheus_client import CollectorRegistry, Histogram, PlatformCollector, ProcessCollector
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.exposition import generate_latest as _text_latest
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.openmetrics import exposition as _om
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
+
+from nswatch import __version__
+from nswatch.model import REMOVAL_REASONS, Change, Link, Model, Namespace
+from nswatch.observer import BaseObserver
+from nswatch.state import table_name
+
+try:
+    from pyroute2 import __version__ as _PYROUTE2_VERSION
+except ImportError:  # pragma: no cover - pyroute2 is a dependency
+    _PYROUTE2_VERSION = "unknown"
+
+NETLINK_TYPES = ("link", "address", "route")
+NETLINK_ACTIONS = ("new", "del")
+NAMESPACE_ACTIONS = ("added", "removed")
+DISCREPANCY_KINDS = ("link", "address", "route", "namespace")
+# Resync reasons the daemon reports (Observer.resync); others appear when first seen.
+RESYNC_REASONS = ("overrun", "reconcile", "stalled")
+FAMILIES = ("inet", "inet6")
+# Socket read -> model updated: usually well under a millisecond.
+PROCESSING_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    float("inf"),
+)
+
+# (metric name, Link.stats attribute), in node_exporter's naming.
+STAT_COUNTERS = (
+    ("nswatch_network_receive_bytes_total", "rx_bytes"),
+    ("nswatch_network_transmit_bytes_total", "tx_bytes"),
+    ("nswatch_network_receive_packets_total", "rx_packets"),
+    ("nswatch_network_transmit_packets_total", "tx_packets"),
+    ("nswatch_network_receive_errs_total", "rx_errors"),
+    ("nswatch_network_transmit_errs_total", "tx_errors"),
+    ("nswatch_network_receive_drop_total", "rx_dropped"),
+    ("nswatch_network_transmit_drop_total", "tx_dropped"),
+)
+
+Labels = tuple[str, ...]
+
+
+@dataclass(slots=True)
+class Family:
+    """One metric family: its rows are (label values in ``labels`` order, value)."""
+
+    name: str
+    doc: str
+    type: str  # "gauge" or "counter"
+    labels: tuple[str, ...] = ()
+    rows: list[tuple[Labels, float]] = field(default_factory=list)
+
+    @property
+    def base(self) -> str:
+        """The family name as OpenMetrics names it (a counter without ``_total``)."""
+        if self.type == "counter" and self.name.endswith("_total"):
+            return self.name[:-6]
+        return self.name
+
+    @property
+    def sample_name(self) -> str:
+        return self.base + "_total" if self.type == "counter" else self.name
+
+    def add(self, labels: Labels, value: float) -> None:
+        self.rows.append((labels, value))
+
+    def to_metric(self) -> Metric:
+        """The same family as a prometheus-client metric (for its encoders and registries)."""
+        metric: Metric
+        if self.type == "counter":
+            metric = CounterMetricFamily(self.name, self.doc, labels=self.labels)
+        else:
+            metric = GaugeMetricFamily(self.name, self.doc, labels=self.labels)
+        sname = self.sample_name
+        names = self.labels
+        metric.samples = [
+            Sample(sname, dict(zip(names, lv, strict=True)), v) for lv, v in self.rows
+        ]
+        return metric
+
+
+def sanitize(value: str) -> str:
+    """A label value that encodes as UTF-8 (file names may carry undecodable bytes)."""
+    if value.isascii():
+        return value
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+class _Counters:
+    """The sink's counters; every access holds :attr:`lock`."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        # inode -> (kind, reason) -> count. Keyed by inode so a renamed
+        # namespace keeps its counts; labelled with the current name.
+        self.removed: dict[int, dict[tuple[str, str], int]] = {}
+        self.namespace_events = dict.fromkeys(NAMESPACE_ACTIONS, 0)
+        self.netlink_events = {(t, a): 0 for t in NETLINK_TYPES for a in NETLINK_ACTIONS}
+        self.overruns = 0
+        self.resyncs = dict.fromkeys(RESYNC_REASONS, 0)
+        self.discrepancies = dict.fromkeys(DISCREPANCY_KINDS, 0)
+        self.last_event = 0.0
+
+    def snapshot(self) -> _Counters:
+        out = _Counters()
+        with self.lock:
+            out.removed = {inode: dict(c) for inode, c in self.removed.items()}
+            out.namespace_events = dict(self.namespace_events)
+            out.netlink_events = dict(self.netlink_events)
+            out.overruns = self.overruns
+            out.resyncs = dict(self.resyncs)
+            out.discrepancies = dict(self.discrepancies)
+            out.last_event = self.last_event
+        return out
+
+
+class _Bindable(Protocol):
+    def view(self) -> Model: ...
+
+    @property
+    def ready(self) -> threading.Event: ...
+
+
+def _empty_model() -> Model:
+    return Model()
+
+
+class MetricsSink(BaseObserver):
+    """Observer that counts the daemon's events and renders ``/metrics``.
+
+    ``view`` returns a consistent copy of the model (``Daemon.view``) and
+    ``ready`` whether the daemon finished its first sync; :meth:`bind` takes
+    both from a daemon.
+    """
+
+    def __init__(
+        self,
+        view: Callable[[], Model] | None = None,
+        ready: Callable[[], bool] | None = None,
+    ) -> None:
+        self._view: Callable[[], Model] = view or _empty_model
+        self._ready: Callable[[], bool] = ready or (lambda: False)
+        self._counters = _Counters()
+        self.collector = ModelCollector(self)
+        # Our own registries, never the global one: a process may run several
+        # daemons (the tests do). ``registry`` holds everything and is what
+        # prometheus-client's encoders would render; ``_std`` is the part
+        # rendered by them even on the fast path.
+        self.registry = CollectorRegistry(auto_describe=False)
+        self._std = CollectorRegistry(auto_describe=False)
+        self.processing = Histogram(
+            "nswatch_event_processing_seconds",
+            "Time from reading a batch of netlink messages to the model being updated.",
+            buckets=PROCESSING_BUCKETS,
+            registry=None,
+        )
+        process = ProcessCollector(registry=None)
+        plat = PlatformCollector(registry=None)
+        for reg in (self._std, self.registry):
+            reg.register(process)
+            reg.register(plat)
+            reg.register(self.processing)
+        self.registry.register(self.collector)
+
+    def bind(self, daemon: _Bindable) -> None:
+        """Read the model and readiness from ``daemon``."""
+        self._view = daemon.view
+        self._ready = daemon.ready.is_set
+
+    # -- observer callbacks (event-loop thread) --
+
+    def changes(self, changes: Sequence[Change], reason: str | None) -> None:
+        c = self._counters
+        with c.lock:
+            for ch in changes:
+                kind = ch.kind
+                if kind == "link":
+                    if ch.action == "removed":
+                        link = ch.old
+                        assert isinstance(link, Link)
+                        per_ns = self._removed_for(ch.inode, link.kind)
+                        key = (link.kind, ch.reason or "deleted")
+                        per_ns[key] = per_ns.get(key, 0) + 1
+                    elif isinstance(ch.new, Link):
+                        self._removed_for(ch.inode, ch.new.kind)
+                elif kind == "namespace":
+                    if ch.action in ("added", "removed"):
+                        c.namespace_events[ch.action] += 1
+                        if reason == "periodic":
+                            c.discrepancies["namespace"] += 1
+                    if ch.action == "removed":
+                        c.removed.pop(ch.inode, None)
+                    continue
+                if reason == "reconcile" and kind in ("link", "address", "route"):
+                    c.discrepancies[kind] += 1
+
+    def _removed_for(self, inode: int, kind: str) -> dict[tuple[str, str], int]:
+        """The removal counters of ``inode``, with ``kind``'s reasons initialised to 0."""
+        per_ns = self._counters.removed.setdefault(inode, {})
+        if (kind, REMOVAL_REASONS[0]) not in per_ns:
+            for r in REMOVAL_REASONS:
+                per_ns.setdefault((kind, r), 0)
+        return per_ns
+
+    def netlink_events(self, counts: Mapping[tuple[str, str], int]) -> None:
+        c = self._counters
+        with c.lock:
+            for key, n in counts.items():
+                c.netlink_events[key] = c.netlink_events.get(key, 0) + n
+
+    def overrun(self, netns: str) -> None:
+        with self._counters.lock:
+            self._counters.overruns += 1
+
+    def resync(self, netns: str, reason: str) -> None:
+        c = self._counters
+        with c.lock:
+            c.resyncs[reason] = c.resyncs.get(reason, 0) + 1
+
+    def processed(self, seconds: float, wall_time: float) -> None:
+        self.processing.observe(seconds)
+        with self._counters.lock:
+            self._counters.last_event = wall_time
+
+    # -- scraping (HTTP threads) --
+
+    def families(self) -> list[Family]:
+        """Every nswatch_* family but the histogram, from a fresh view of the model."""
+        model = self._view()
+        ready = self._ready()
+        return build_families(model, self._counters.snapshot(), ready)
+
+    def render(self, accept: str | None) -> tuple[bytes, str]:
+        """The body and content type of ``/metrics`` for this Accept header."""
+        encoder, ctype = choose_encoder(accept or "")
+        fast = fast_encoder(encoder)
+        if fast is None:
+            return encoder(self.registry), ctype
+        std = encoder(self._std)
+        om = fast.openmetrics
+        if om:
+            std = std.removesuffix(b"# EOF\n")
+        body = fast.encode(self.families())
+        return std + body + (b"# EOF\n" if om else b""), ctype
+
+
+class ModelCollector:
+    """prometheus-client collector of the model's families (the reference path)."""
+
+    def __init__(self, sink: MetricsSink) -> None:
+        self._sink = sink
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        for fam in self._sink.families():
+            yield fam.to_metric()
+
+
+def _ns_order(model: Model) -> list[Namespace]:
+    """Host first, then by name; a name already taken is skipped.
+
+    Two directories may hold the same name, and a namespace may be called
+    like the host label: one series each, never duplicates.
+    """
+    out: list[Namespace] = []
+    seen: set[str] = set()
+    for ns in sorted(model.namespaces.values(), key=lambda n: (not n.is_host, n.name, n.inode)):
+        if ns.name in seen:
+            continue
+        seen.add(ns.name)
+        out.append(ns)
+    return out
+
+
+def build_families(model: Model, c: _Counters, ready: bool) -> list[Family]:
+    """The model's series and the counters, as families (pure: no I/O, no locks)."""
+    build = Family(
+        "nswatch_build_info",
+        "nswatch's version and that of its main dependencies.",
+        "gauge",
+        ("version", "pyroute2_version", "python_version"),
+    )
+    build.add((__version__, str(_PYROUTE2_VERSION), platform.python_version()), 1)
+    synced = Family("nswatch_synced", "1 once every namespace had its first full sync.", "gauge")
+    synced.add((), 1 if (ready and model.synced) else 0)
+    namespaces = Family("nswatch_namespaces", "Network namespaces watched.", "gauge")
+    ns_info = Family(
+        "nswatch_namespace_info", "A watched network namespace.", "gauge", ("netns", "inode")
+    )
+    info = Family(
+        "nswatch_network_info",
+        "Non-numeric data about a network device.",
+        "gauge",
+        ("netns", "device", "kind", "address", "operstate", "master"),
+    )
+    up = Family(
+        "nswatch_network_up",
+        "1 when the device's operational state is up.",
+        "gauge",
+        ("netns", "device", "kind"),
+    )
+    admin_up = Family(
+        "nswatch_network_admin_up",
+        "1 when the device is administratively up (IFF_UP).",
+        "gauge",
+        ("netns", "device"),
+    )
+    mtu = Family("nswatch_network_mtu_bytes", "The device's MTU.", "gauge", ("netns", "device"))
+    stats = [
+        (
+            Family(
+                name,
+                f"Network device statistic {attr} (IFLA_STATS64).",
+                "counter",
+                ("netns", "device"),
+            ),
+            attr,
+        )
+        for name, attr in STAT_COUNTERS
+    ]
+    peer_info = Family(
+        "nswatch_veth_peer_info",
+        "Which veth end pairs with which (one series for each end).",
+        "gauge",
+        ("netns", "device", "peer_netns", "peer_device"),
+    )
+    unpaired = Family(
+        "nswatch_veth_unpaired",
+        "Veth ends whose peer is not resolved.",
+        "gauge",
+        ("netns",),
+    )
+    addresses = Family(
+        "nswatch_network_addresses",
+        "Addresses on a device, by family.",
+        "gauge",
+        ("netns", "device", "family"),
+    )
+    routes = Family(
+        "nswatch_routes", "Routes by table and family.", "gauge", ("netns", "table", "family")
+    )
+    default = Family(
+        "nswatch_default_route_info",
+        "A default route (one series per path).",
+        "gauge",
+        ("netns", "family", "table", "gateway", "device"),
+    )
+    removed = Family(
+        "nswatch_network_removed_total",
+        "Network devices removed, by kind and reason (deleted, namespace_deleted, moved).",
+        "counter",
+        ("netns", "kind", "reason"),
+    )
+
+    order = _ns_order(model)
+    namespaces.add((), len(order))
+    peers = model.peers
+    all_ns = model.namespaces
+    stat_rows = [(fam.rows, attr) for fam, attr in stats]
+    info_rows, up_rows, admin_rows, mtu_rows = info.rows, up.rows, admin_up.rows, mtu.rows
+    addr_rows, peer_rows = addresses.rows, peer_info.rows
+    for ns in order:
+        netns = sanitize(ns.name)
+        ns_info.add((netns, str(ns.inode)), 1)
+        links = ns.links
+        inode = ns.inode
+        # Address counts by (ifindex, family).
+        acount: dict[tuple[int, str], int] = {}
+        for a in ns.addresses.values():
+            k = (a.link, a.family)
+            acount[k] = acount.get(k, 0) + 1
+        n_unpaired = 0
+        kinds: set[str] = set()
+        devices: set[str] = set()
+        for index in sorted(links):
+            link = links[index]
+            device = link.name
+            if device in devices:
+                continue
+            devices.add(device)
+            kind = link.kind
+            kinds.add(kind)
+            key = (netns, device)
+            master = links.get(link.master) if link.master is not None else None
+            oper = link.oper_state.lower()
+            info_rows.append(
+                (
+                    (netns, device, kind, link.mac or "", oper, master.name if master else ""),
+                    1,
+                )
+            )
+            up_rows.append(((netns, device, kind), 1 if oper == "up" else 0))
+            admin_rows.append((key, 1 if link.admin_up else 0))
+            mtu_rows.append((key, link.mtu))
+            st = link.stats
+            if st is not None:
+                for rows, attr in stat_rows:
+                    rows.append((key, getattr(st, attr)))
+            for fam_name in FAMILIES:
+                addr_rows.append(((netns, device, fam_name), acount.get((index, fam_name), 0)))
+            if kind == "veth":
+                ref = peers.get((inode, index))
+                peer_ns = all_ns.get(ref[0]) if ref is not None else None
+                peer = peer_ns.links.get(ref[1]) if (peer_ns is not None and ref) else None
+                if peer_ns is None or peer is None:
+                    n_unpaired += 1
+                else:
+                    peer_rows.append(((netns, device, sanitize(peer_ns.name), peer.name), 1))
+        unpaired.add((netns,), n_unpaired)
+        # Routes by (table, family); the main table of both families always shows.
+        rcount: dict[tuple[int, str], int] = {(254, "inet"): 0, (254, "inet6"): 0}
+        defaults: set[tuple[str, str, str, str]] = set()
+        for r in ns.routes.values():
+            rk = (r.table, r.family)
+            rcount[rk] = rcount.get(rk, 0) + 1
+            if r.dst == "default" and r.type == "unicast":
+                table = table_name(r.table)
+                if r.nexthops:
+                    for nh in r.nexthops:
+                        dev = links.get(nh.dev) if nh.dev is not None else None
+                        defaults.add((r.family, table, nh.gateway or "", dev.name if dev else ""))
+                else:
+                    dev = links.get(r.dev) if r.dev is not None else None
+                    defaults.add((r.family, table, r.gateway or "", dev.name if dev else ""))
+        for (table_no, fam_name), n in sorted(rcount.items()):
+            routes.add((netns, table_name(table_no), fam_name), n)
+        for d in sorted(defaults):
+            default.add((netns, *d), 1)
+        # Removals: counted ones, plus 0 for every kind present now.
+        counted = c.removed.get(inode, {})
+        rkinds = {k for k, _ in counted} | kinds
+        for kind in sorted(rkinds):
+            for reason in REMOVAL_REASONS:
+                removed.add((netns, kind, reason), counted.get((kind, reason), 0))
+
+    ns_events = Family(
+        "nswatch_namespace_events_total",
+        "Namespaces that appeared or went away.",
+        "counter",
+        ("action",),
+    )
+    for action in sorted(c.namespace_events):
+        ns_events.add((action,), c.namespace_events[action])
+    nl_events = Family(
+        "nswatch_netlink_events_total",
+        "Netlink notifications read, by type and action.",
+        "counter",
+        ("type", "action"),
+    )
+    for (etype, eaction), n in sorted(c.netlink_events.items()):
+        nl_events.add((etype, eaction), n)
+    overruns = Family(
+        "nswatch_netlink_overruns_total",
+        "Times the kernel dropped notifications (ENOBUFS); each forces a resync.",
+        "counter",
+    )
+    overruns.add((), c.overruns)
+    resyncs = Family(
+        "nswatch_resyncs_total", "Full re-dumps of a namespace, by reason.", "counter", ("reason",)
+    )
+    for reason, n in sorted(c.resyncs.items()):
+        resyncs.add((reason,), n)
+    disc = Family(
+        "nswatch_reconcile_discrepancies_total",
+        "Differences found between the model and the kernel by a periodic check.",
+        "counter",
+        ("kind",),
+    )
+    for dkind, n in sorted(c.discrepancies.items()):
+        disc.add((dkind,), n)
+    last = Family(
+        "nswatch_last_event_timestamp_seconds",
+        "Unix time the model was last updated from netlink (0: never).",
+        "gauge",
+    )
+    last.add((), c.last_event)
+    return [
+        build,
+        synced,
+        namespaces,
+        ns_info,
+        info,
+        up,
+        admin_up,
+        mtu,
+        *(fam for fam, _ in stats),
+        peer_info,
+        unpaired,
+        addresses,
+        routes,
+        default,
+        removed,
+        ns_events,
+        nl_events,
+        overruns,
+        resyncs,
+        disc,
+        last,
+    ]
+
+
+# --- the fast encoder -----------------------------------------------------------
+
+
+def _escape_value(v: str) -> str:
+    if "\\" in v or "\n" in v or '"' in v:
+        return v.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+    return v
+
+
+@dataclass(frozen=True)
+class FastEncoder:
+    """Formats families exactly as prometheus-client's encoder for one format and escaping."""
+
+    openmetrics: bool
+    escaping: str
+
+    def _sample_name(self, fam: Family) -> str:
+        name = fam.sample_name
+        if self.openmetrics:
+            return _om._escape(name, self.escaping, _om._is_legacy_labelname_rune)
+        return _om.escape_metric_name(name, self.escaping)
+
+    def _header(self, fam: Family) -> str:
+        esc = self.escaping
+        if self.openmetrics:
+            name = _om.escape_metric_name(fam.base, esc)
+            doc = _om._escape(fam.doc, _om.ALLOWUTF8, _om._is_legacy_labelname_rune)
+            return f"# HELP {name} {doc}\n# TYPE {name} {fam.type}\n"
+        name = _om.escape_metric_name(fam.sample_name, esc)
+        doc = fam.doc.replace("\\", r"\\").replace("\n", r"\n")
+        return f"# HELP {name} {doc}\n# TYPE {name} {fam.type}\n"
+
+    def encode(self, families: Iterable[Family]) -> bytes:
+        out: list[str] = []
+        esc = self.escaping
+        # Whole label sets repeat (a device's netns and name label 12
+        # families), and so do values (0, 1, an MTU): render each once.
+        labelsets: dict[tuple[str, ...], dict[Labels, str]] = {}
+        numbers: dict[float, str] = {}
+
+        def number(v: float) -> str:
+            s: str = floatToGoString(v)  # type: ignore[no-untyped-call]
+            numbers[v] = s
+            return s
+
+        for fam in families:
+            out.append(self._header(fam))
+            sname = self._sample_name(fam)
+            rows = fam.rows
+            if not fam.labels:
+                out.extend([f"{sname} {numbers.get(v) or number(v)}\n" for _, v in rows])
+                continue
+            # prometheus-client sorts the labels by name.
+            order = sorted(range(len(fam.labels)), key=lambda i: fam.labels[i])
+            keys = tuple(f'{_om.escape_label_name(fam.labels[i], esc)}="' for i in order)
+            cache = labelsets.setdefault(keys, {})
+            pairs = tuple(zip(keys, order, strict=True))
+
+            def labelset(
+                lv: Labels,
+                pairs: tuple[tuple[str, int], ...] = pairs,
+                cache: dict[Labels, str] = cache,
+            ) -> str:
+                ls = "{" + '",'.join([k + _escape_value(lv[i]) for k, i in pairs]) + '"} '
+                cache[lv] = ls
+                return ls
+
+            out.extend(
+                [
+                    f"{sname}{cache.get(lv) or labelset(lv)}{numbers.get(v) or number(v)}\n"
+                    for lv, v in rows
+                ]
+            )
+        return "".join(out).encode("utf-8")
+
+
+_KNOWN_ESCAPINGS = (_om.UNDERSCORES, _om.DOTS, _om.VALUES, _om.ALLOWUTF8)
+
+
+def fast_encoder(encoder: Callable[..., Any]) -> FastEncoder | None:
+    """The fast equivalent of an encoder returned by ``choose_encoder`` (None: none known)."""
+    func: Any = encoder
+    kw: dict[str, Any] = {}
+    if isinstance(encoder, functools.partial):
+        func, kw = encoder.func, dict(encoder.keywords)
+        if encoder.args:
+            return None
+    escaping = kw.pop("escaping", _om.UNDERSCORES)
+    kw.pop("version", None)
+    if kw or escaping not in _KNOWN_ESCAPINGS:
+        return None
+    if func is _text_latest:
+        return FastEncoder(openmetrics=False, escaping=escaping)
+    if func is _om.generate_latest:
+        return FastEncoder(openmetrics=True, escaping=escaping)
+    return None
+
+
+__all__ = ["Family", "MetricsSink", "ModelCollector", "build_families"]
