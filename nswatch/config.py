@@ -3,6 +3,8 @@
 Everything here is pure except :func:`load_config` (reads one file) and
 :func:`check_config_main` (prints).  Validation collects every problem it can
 find, each with the file, the line of the offending key and its key path.
+Top-level keys starting with ``x-`` are ignored, so they can hold YAML
+anchors; ``<<`` merge keys work.
 """
 
 from __future__ import annotations
@@ -780,6 +782,8 @@ class _Walker:
         for key, entry in m.items():
             sub = f"{path}.{key}" if path else key
             self.lines[sub] = entry.line
+            if not path and key.startswith("x-"):
+                continue  # top-level x-* keys hold YAML anchors, as in Compose files
             if key not in allowed:
                 close = difflib.get_close_matches(key, allowed, n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -1022,21 +1026,24 @@ def _check_profiles(w: _Walker, profiles: list[tuple[int, Profile]]) -> None:
         return f"profiles[{index[k]}]" + path[path.index("]") + 1 :]
 
     nets = [(real(path), net, p) for path, net, p in _networks(cfg)]
-    for j, (path, net, p) in enumerate(nets):
-        for opath, onet, op in nets[:j]:
-            pb = p.veth.bridge if p.veth is not None else None
-            ob = op.veth.bridge if op.veth is not None else None
-            if pb is not None and ob is not None and pb.name == ob.name:
-                # A bridge shared by profiles: fine when they agree on it.
-                if pb.address != ob.address:
-                    w.add(
-                        path,
-                        w.lines.get(path),
-                        f"bridge {pb.name} has address {ob.address} in {opath}",
-                    )
-                continue
+    bridges: dict[str, tuple[str, IPInterface]] = {}
+    seen: list[tuple[str, IPNetwork]] = []
+    for path, net, p in nets:
+        pb = p.veth.bridge if p.veth is not None else None
+        if pb is not None and pb.name in bridges:
+            # A bridge shared by profiles must agree with its first
+            # definition, which alone takes part in the overlap checks.
+            first_path, first_address = bridges[pb.name]
+            if first_address != pb.address:
+                msg = f"bridge {pb.name} already has address {first_address} ({first_path})"
+                w.add(path, w.lines.get(path), msg)
+            continue
+        if pb is not None:
+            bridges[pb.name] = (path, pb.address)
+        for opath, onet in seen:
             if net.version == onet.version and net.overlaps(onet):
                 w.add(path, w.lines.get(path), f"{net} overlaps {onet} ({opath})")
+        seen.append((path, net))
 
 
 def _parse_root(w: _Walker, root: yaml.Node, source: str) -> Config:
