@@ -1088,7 +1088,7 @@ def parse_config(text: str, *, source: str = "<string>") -> Config:
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = int(mark.line) + 1 if mark is not None else None
-        what = " ".join(s for s in (e.context, e.problem) if s)
+        what = ": ".join(s for s in (e.context, e.problem) if s)
         raise ConfigError([Problem(source, line, "", f"invalid YAML: {what}")]) from None
     except yaml.YAMLError as e:
         raise ConfigError([Problem(source, None, "", f"invalid YAML: {e}")]) from None
