@@ -18,7 +18,7 @@ from nswatch import __version__, logs
 from nswatch.config import Config, ConfigError, check_config_main, load_config
 from nswatch.daemon import Daemon, Settings
 from nswatch.dirwatch import DirWatcher
-from nswatch.http import Api, HttpServer, MetricsRenderer
+from nswatch.http import Api, HttpServer
 from nswatch.model import Model
 from nswatch.observer import Observer
 from nswatch.state import state_json, table_name
@@ -69,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     chk = sub.add_parser("check-config", help="validate a config file")
     chk.add_argument("file", nargs="?", default=None)
+
+    app = sub.add_parser("apply", help="apply the profiles once, without the daemon")
+    common(app)
+    app.add_argument("--netns", metavar="NAME", help="only this namespace")
+    app.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
     return p
 
 
@@ -106,56 +111,107 @@ def settings_from(config: Config) -> Settings:
     )
 
 
-def make_observers(config: Config) -> tuple[list[Observer], MetricsRenderer | None]:
-    """The sinks for ``run``: logs, metrics, systemd (when present)."""
-    observers: list[Observer] = [logs.LogObserver()]
-    renderer: MetricsRenderer | None = None
-    from nswatch import metrics
-
-    sink = metrics.MetricsSink()
-    observers.append(sink)
-    renderer = sink.render
-    return observers, renderer
-
-
 def cmd_run(args: argparse.Namespace) -> int:
-    """Run the daemon until SIGTERM/SIGINT."""
+    """Run the daemon until SIGTERM/SIGINT; SIGHUP reloads the config."""
+    from nswatch import metrics
+    from nswatch.apply import Applier, ApplyEngine
+
     config = load(args)
     logs.configure(config.log_format, config.log_level)
     log = structlog.get_logger("nswatch")
-    observers, renderer = make_observers(config)
-    daemon = Daemon(settings_from(config), observers=observers, dirwatch_factory=DirWatcher)
-    for o in observers:
-        bind = getattr(o, "bind", None)
-        if bind is not None:
-            bind(daemon)
+    sink = metrics.MetricsSink()
+    daemon = Daemon(
+        settings_from(config),
+        observers=[logs.LogObserver(), sink],
+        dirwatch_factory=DirWatcher,
+    )
+    sink.bind(daemon)
+    engine = ApplyEngine(
+        config, daemon.view, Applier(daemon.enterer, daemon.path_of, config.host_label)
+    )
+    daemon.observers.append(engine)
+    sink.bind_apply(engine)
+    for extra in _service_observers(daemon):
+        daemon.observers.append(extra)
     api = Api(
         view=daemon.view,
         alive=lambda: time.monotonic() - daemon.last_tick < STALL_AFTER,
         ready=daemon.ready.is_set,
-        metrics=renderer,
+        metrics=sink.render,
     )
     server = HttpServer(config.listen, api)
     stop = threading.Event()
+    reload = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGHUP:
+            reload.set()
+            return
         stop.set()
         daemon.request_stop()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, on_signal)
     log.info("starting", version=__version__, listen=f"{config.listen[0]}:{config.listen[1]}")
     server.start()
+    engine.start()
     thread = daemon.start()
     try:
         while thread.is_alive() and not stop.is_set():
-            stop.wait(0.5)
+            if reload.wait(0.5):
+                reload.clear()
+                config = _reload(args, config, daemon, engine, sink, log)
     finally:
         daemon.request_stop()
         thread.join(STOP_TIMEOUT)
+        engine.stop()
         server.stop()
     log.info("stopped")
     return 0
+
+
+def _reload(
+    args: argparse.Namespace,
+    config: Config,
+    daemon: Daemon,
+    engine: Any,
+    sink: Any,
+    log: Any,
+) -> Config:
+    """Re-read the config; keep the old one (and say why) when the new one is bad."""
+    for o in daemon.observers:
+        hook = getattr(o, "reloading", None)
+        if hook is not None:
+            hook()
+    try:
+        new = load(args)
+    except ConfigError as e:
+        log.error("config_reload_failed", problems=[str(p) for p in e.problems])
+        sink.config_reloaded(False)
+        new = config
+    else:
+        if new.listen != config.listen:
+            log.warning("listen_change_needs_restart", listen=f"{new.listen[0]}:{new.listen[1]}")
+        logs.configure(new.log_format, new.log_level)
+        daemon.reconfigure(settings_from(new))
+        engine.reload(new)
+        sink.config_reloaded(True)
+        log.info("config_reloaded", profiles=len(new.profiles), source=new.source)
+    for o in daemon.observers:
+        hook = getattr(o, "reloaded", None)
+        if hook is not None:
+            hook()
+    return new
+
+
+def _service_observers(daemon: Daemon) -> list[Observer]:
+    """systemd's notify protocol, when run under systemd."""
+    try:
+        from nswatch import systemd
+    except ImportError:
+        return []
+    make = getattr(systemd, "observer_for", None)
+    return [make(daemon)] if make is not None else []
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
@@ -174,6 +230,68 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     finally:
         daemon.close()
     return 0 if complete else 1
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    """Plan (and unless --dry-run, apply) every matching namespace once."""
+    from nswatch.apply import Applier, StepFailed
+    from nswatch.plan import Addressing, AllocationError, addressing, plan
+
+    config = load(args)
+    logs.configure("console", "warning")
+    daemon = Daemon(settings_from(config))
+    status = 0
+    try:
+        if not daemon.sync_once():
+            print("could not read every namespace", file=sys.stderr)
+            return 1
+        model = daemon.model
+        names = sorted(ns.name for ns in model.namespaces.values() if not ns.is_host)
+        if args.netns:
+            if model.get(args.netns) is None:
+                print(f"{args.netns}: no such namespace", file=sys.stderr)
+                return 1
+            names = [args.netns]
+        applier = Applier(
+            daemon.enterer,
+            lambda name: daemon.paths.get(model.by_name.get(name, -1)),
+            config.host_label,
+        )
+        taken: list[Addressing] = []
+        for name in names:
+            profile = config.profile_for(name)
+            if profile is None:
+                if args.netns:
+                    print(f"{name}: no profile matches")
+                continue
+            try:
+                addr = addressing(
+                    profile,
+                    name,
+                    model,
+                    config.host_label,
+                    reserved=[a.host.network for a in taken if a.host is not None],
+                    reserved_ips=[str(a.netns.ip) for a in taken if a.netns is not None],
+                )
+            except AllocationError as e:
+                print(f"{name}: {e}", file=sys.stderr)
+                status = 1
+                continue
+            taken.append(addr)
+            steps = applier.pending(plan(profile, name, model, config.host_label, addr))
+            print(f"# {name} (profile {profile.name}): {len(steps)} step(s)")
+            for step in steps:
+                print(f"  {step}")
+            if args.dry_run or not steps:
+                continue
+            try:
+                applier.run(steps)
+            except StepFailed as e:
+                print(f"{name}: failed: {e}", file=sys.stderr)
+                status = 1
+    finally:
+        daemon.close()
+    return status
 
 
 def render_table(model: Model) -> str:
@@ -225,6 +343,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_run(args)
         if args.command == "snapshot":
             return cmd_snapshot(args)
+        if args.command == "apply":
+            return cmd_apply(args)
         if args.command == "check-config":
             return check_config_main(args.file or DEFAULT_CONFIG)
     except ConfigError as e:

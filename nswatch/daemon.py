@@ -157,6 +157,11 @@ class Daemon:
         # take effect with this rescan (namespaces now filtered out are let go).
         self._rescan("reload")
 
+    def path_of(self, name: str) -> str | None:
+        """The file a namespace is mounted on, by any of its names (any thread)."""
+        inode = self.model.by_name.get(name)
+        return self.paths.get(inode) if inode is not None else None
+
     def view(self) -> Model:
         """A consistent copy of the model, for readers on other threads."""
         with self.lock:

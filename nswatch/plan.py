@@ -1,0 +1,360 @@
+"""Profile + model -> the steps that would make a namespace match its profile.
+
+Pure: no I/O. The same function answers "what would apply do" (``nswatch
+apply --dry-run``), "what is missing" (drift, reported as metrics and logs)
+and "what to repair" (``enforce: true``). The kernel is the only state:
+a namespace's subnet is found again from the addresses already on its veth,
+so restarts and second instances never hand out a subnet twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+from nswatch.config import Profile, RouteSpec, render_host_name
+from nswatch.model import Model, Namespace
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Interface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+
+StepOp = Literal[
+    "create_bridge",
+    "create_veth",
+    "set_mtu",
+    "set_master",
+    "link_up",
+    "add_address",
+    "add_route",
+    "set_sysctl",
+]
+DriftKind = Literal["link", "address", "route", "sysctl"]
+
+STEP_KIND: dict[str, DriftKind] = {
+    "create_bridge": "link",
+    "create_veth": "link",
+    "set_mtu": "link",
+    "set_master": "link",
+    "link_up": "link",
+    "add_address": "address",
+    "add_route": "route",
+    "set_sysctl": "sysctl",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One change, in the namespace ``netns`` (the host's label for the host)."""
+
+    op: StepOp
+    netns: str
+    link: str = ""
+    value: str = ""
+    peer: str = ""
+    peer_netns: str = ""
+    via: str | None = None
+    metric: int | None = None
+    table: int | None = None
+
+    @property
+    def kind(self) -> DriftKind:
+        """What sort of object the step creates or fixes."""
+        return STEP_KIND[self.op]
+
+    def __str__(self) -> str:
+        """The step as the equivalent `ip` / `sysctl` command."""
+        if self.op == "create_bridge":
+            return f"{self.netns}: ip link add {self.link} type bridge"
+        if self.op == "create_veth":
+            mtu = f" mtu {self.value}" if self.value else ""
+            return (
+                f"{self.netns}: ip link add {self.link}{mtu} type veth peer name {self.peer}"
+                f"{mtu} netns {self.peer_netns}"
+            )
+        if self.op == "set_mtu":
+            return f"{self.netns}: ip link set {self.link} mtu {self.value}"
+        if self.op == "set_master":
+            return f"{self.netns}: ip link set {self.link} master {self.value}"
+        if self.op == "link_up":
+            return f"{self.netns}: ip link set {self.link} up"
+        if self.op == "add_address":
+            return f"{self.netns}: ip addr add {self.value} dev {self.link}"
+        if self.op == "add_route":
+            parts = [f"{self.netns}: ip route add {self.value}"]
+            if self.via:
+                parts.append(f"via {self.via}")
+            if self.link:
+                parts.append(f"dev {self.link}")
+            if self.metric is not None:
+                parts.append(f"metric {self.metric}")
+            if self.table is not None:
+                parts.append(f"table {self.table}")
+            return " ".join(parts)
+        return f"{self.netns}: sysctl -w {self.link}={self.value}"
+
+
+@dataclass(frozen=True, slots=True)
+class Addressing:
+    """The addresses chosen for one namespace's veth."""
+
+    host: Interface | None
+    netns: Interface | None
+    gateway: str | None
+
+
+class AllocationError(Exception):
+    """The pool or bridge subnet has no free subnet/address left."""
+
+
+def _start(name: str, count: int) -> int:
+    # Start the search at a stable, name-derived offset: two daemons (or a
+    # restart) looking for different namespaces rarely probe the same slot.
+    digest = hashlib.blake2b(name.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % max(count, 1)
+
+
+def _addresses(model: Model) -> Iterable[tuple[Namespace, str, Interface]]:
+    for ns in model.namespaces.values():
+        for a in ns.addresses.values():
+            link = ns.links.get(a.link)
+            yield (
+                ns,
+                link.name if link else "",
+                ipaddress.ip_interface(f"{a.address}/{a.prefixlen}"),
+            )
+
+
+def existing_subnet(profile: Profile, netns: str, model: Model, host_label: str) -> Network | None:
+    """The subnet this namespace already uses from the pool, found on its veth ends."""
+    veth = profile.veth
+    if veth is None or veth.pool is None:
+        return None
+    host_name = render_host_name(veth.host_name, netns)
+    for ns, link, iface in _addresses(model):
+        mine = (ns.name == host_label and link == host_name) or (
+            ns.name == netns and link == veth.netns_name
+        )
+        if mine and iface.version == veth.pool.version and iface.ip in veth.pool:
+            return iface.network
+    return None
+
+
+def allocate_subnet(
+    profile: Profile,
+    netns: str,
+    model: Model,
+    host_label: str,
+    reserved: Iterable[Network] = (),
+) -> Network:
+    """The namespace's subnet: the one it has, else the first free one in the pool.
+
+    Free means no address of any watched namespace lies in it and no other
+    allocation in flight (``reserved``) holds it.
+    """
+    veth = profile.veth
+    assert veth is not None and veth.pool is not None and veth.prefix is not None
+    have = existing_subnet(profile, netns, model, host_label)
+    if have is not None:
+        return have
+    pool = veth.pool
+    used: set[Network] = set(reserved)
+    for _ns, _link, iface in _addresses(model):
+        if iface.version == pool.version and iface.ip in pool:
+            used.add(ipaddress.ip_network(f"{iface.ip}/{veth.prefix}", strict=False))
+    count = 1 << (veth.prefix - pool.prefixlen)
+    start = _start(netns, count)
+    step = 1 << (pool.max_prefixlen - veth.prefix)
+    base = int(pool.network_address)
+    for i in range(count):
+        slot = (start + i) % count
+        net = ipaddress.ip_network((base + slot * step, veth.prefix))
+        if net not in used:
+            return net
+    raise AllocationError(f"pool {pool} has no free /{veth.prefix} for {netns}")
+
+
+def allocate_bridge_address(
+    profile: Profile, netns: str, model: Model, reserved: Iterable[str] = ()
+) -> Interface:
+    """The namespace end's address in the bridge subnet: the one it has, else a free one."""
+    veth = profile.veth
+    assert veth is not None and veth.bridge is not None
+    subnet = veth.bridge.address.network
+    taken = {str(veth.bridge.address.ip), *reserved}
+    for ns, link, iface in _addresses(model):
+        if iface.ip in subnet:
+            if ns.name == netns and link == veth.netns_name:
+                return ipaddress.ip_interface(f"{iface.ip}/{subnet.prefixlen}")
+            taken.add(str(iface.ip))
+    hosts = subnet.num_addresses - 2 if subnet.version == 4 else subnet.num_addresses - 1
+    start = _start(netns, hosts)
+    for i in range(hosts):
+        ip = subnet.network_address + 1 + (start + i) % hosts
+        if str(ip) not in taken:
+            return ipaddress.ip_interface(f"{ip}/{subnet.prefixlen}")
+    raise AllocationError(f"bridge subnet {subnet} is full")
+
+
+def addressing(
+    profile: Profile,
+    netns: str,
+    model: Model,
+    host_label: str,
+    reserved: Iterable[Network] = (),
+    reserved_ips: Iterable[str] = (),
+) -> Addressing:
+    """Where the veth ends' addresses and the default gateway come from."""
+    veth = profile.veth
+    if veth is None:
+        return Addressing(None, None, None)
+    if veth.bridge is not None:
+        ns_if = allocate_bridge_address(profile, netns, model, reserved_ips)
+        return Addressing(None, ns_if, str(veth.bridge.address.ip))
+    if veth.pool is None:
+        return Addressing(None, None, None)
+    net = allocate_subnet(profile, netns, model, host_label, reserved)
+    first = net.network_address + (0 if net.prefixlen >= net.max_prefixlen - 1 else 1)
+    host_if = ipaddress.ip_interface(f"{first}/{net.prefixlen}")
+    ns_if = ipaddress.ip_interface(f"{first + 1}/{net.prefixlen}")
+    return Addressing(host_if, ns_if, str(host_if.ip))
+
+
+def _has_address(ns: Namespace | None, link: str, iface: Interface) -> bool:
+    if ns is None:
+        return False
+    target = ns.link_by_name(link)
+    if target is None:
+        return False
+    want = (target.index, str(iface.ip), iface.network.prefixlen)
+    return any((a.link, a.address, a.prefixlen) == want for a in ns.addresses.values())
+
+
+def _has_route(
+    ns: Namespace | None, dst: str, via: str | None, dev: str | None, r: RouteSpec | None
+) -> bool:
+    if ns is None:
+        return False
+    table = r.table if r and r.table is not None else 254
+    metric = r.metric if r else None
+    for route in ns.routes.values():
+        if route.table != table or route.dst != dst:
+            continue
+        if (
+            via is not None
+            and route.gateway != via
+            and all(nh.gateway != via for nh in route.nexthops)
+        ):
+            continue
+        if dev is not None and ns.link_name(route.dev) != dev:
+            continue
+        if metric is not None and (route.priority or 0) != metric:
+            continue
+        return True
+    return False
+
+
+def _normal_dst(dst: str) -> str:
+    if dst == "default":
+        return dst
+    return str(ipaddress.ip_network(dst, strict=False))
+
+
+def plan(
+    profile: Profile,
+    netns: str,
+    model: Model,
+    host_label: str = "host",
+    addr: Addressing | None = None,
+) -> list[Step]:
+    """The steps, in order, that bring ``netns`` to what ``profile`` says; [] when it matches.
+
+    sysctls are always listed (the model cannot see them): the applier
+    skips the ones already set.
+    """
+    ns = model.get(netns)
+    host = model.get(host_label)
+    addr = addr or addressing(profile, netns, model, host_label)
+    steps: list[Step] = []
+    veth = profile.veth
+    if veth is not None:
+        hname = render_host_name(veth.host_name, netns)
+        if veth.bridge is not None:
+            br = veth.bridge
+            blink = host.link_by_name(br.name) if host else None
+            if blink is None:
+                steps.append(Step("create_bridge", host_label, br.name))
+            if not _has_address(host, br.name, br.address):
+                steps.append(Step("add_address", host_label, br.name, str(br.address)))
+            if blink is None or not blink.admin_up:
+                steps.append(Step("link_up", host_label, br.name))
+        hlink = host.link_by_name(hname) if host else None
+        nlink = ns.link_by_name(veth.netns_name) if ns else None
+        paired = (
+            hlink is not None
+            and nlink is not None
+            and host is not None
+            and ns is not None
+            and model.peers.get((host.inode, hlink.index)) == (ns.inode, nlink.index)
+        )
+        if not paired:
+            mtu = str(veth.mtu) if veth.mtu is not None else ""
+            steps.append(
+                Step("create_veth", host_label, hname, mtu, peer=veth.netns_name, peer_netns=netns)
+            )
+        elif veth.mtu is not None:
+            if hlink is None or hlink.mtu != veth.mtu:
+                steps.append(Step("set_mtu", host_label, hname, str(veth.mtu)))
+            if nlink is None or nlink.mtu != veth.mtu:
+                steps.append(Step("set_mtu", netns, veth.netns_name, str(veth.mtu)))
+        if veth.bridge is not None and (
+            hlink is None or host is None or host.link_name(hlink.master) != veth.bridge.name
+        ):
+            steps.append(Step("set_master", host_label, hname, veth.bridge.name))
+        if addr.host is not None and not _has_address(host, hname, addr.host):
+            steps.append(Step("add_address", host_label, hname, str(addr.host)))
+        if hlink is None or not hlink.admin_up:
+            steps.append(Step("link_up", host_label, hname))
+        if addr.netns is not None and not _has_address(ns, veth.netns_name, addr.netns):
+            steps.append(Step("add_address", netns, veth.netns_name, str(addr.netns)))
+        if nlink is None or not nlink.admin_up:
+            steps.append(Step("link_up", netns, veth.netns_name))
+    if profile.loopback:
+        lo = ns.link_by_name("lo") if ns else None
+        if lo is None or not lo.admin_up:
+            steps.append(Step("link_up", netns, "lo"))
+    for key, value in profile.sysctls:
+        steps.append(Step("set_sysctl", netns, key, str(value)))
+    for aspec in profile.addresses:
+        if not _has_address(ns, aspec.dev, aspec.address):
+            steps.append(Step("add_address", netns, aspec.dev, str(aspec.address)))
+    if veth is not None and veth.default_route and addr.gateway is not None:
+        dev = veth.netns_name
+        if not _has_route(ns, "default", addr.gateway, dev, None):
+            steps.append(Step("add_route", netns, dev, "default", via=addr.gateway))
+    for spec in profile.routes:
+        via = addr.gateway if spec.via == "host_end" else spec.via
+        dst = _normal_dst(spec.dst)
+        if not _has_route(ns, dst, via, spec.dev, spec):
+            steps.append(
+                Step(
+                    "add_route",
+                    netns,
+                    spec.dev or "",
+                    dst,
+                    via=via,
+                    metric=spec.metric,
+                    table=spec.table,
+                )
+            )
+    return steps
+
+
+def drift(steps: Iterable[Step]) -> dict[DriftKind, int]:
+    """Missing or wrong objects by kind, counting the steps that would fix them."""
+    out: dict[DriftKind, int] = {"link": 0, "address": 0, "route": 0, "sysctl": 0}
+    for s in steps:
+        out[s.kind] += 1
+    return out
