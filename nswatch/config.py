@@ -385,7 +385,14 @@ def validate_against_host(config: Config, host_networks: Iterable[IPNetwork]) ->
     host = sorted(set(host_networks), key=lambda n: (n.version, n))
     problems: list[Problem] = []
     file = config.source or "<config>"
-    for path, net, _ in _networks(config):
+    bridges: set[str] = set()
+    for path, net, profile in _networks(config):
+        bridge = profile.veth.bridge if profile.veth is not None else None
+        if bridge is not None:
+            # A bridge shared by several profiles is one subnet: report it once.
+            if bridge.name in bridges:
+                continue
+            bridges.add(bridge.name)
         for other in host:
             if other.version == net.version and net.overlaps(other):
                 problems.append(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -726,6 +727,8 @@ def test_pools_overlapping_host_addresses() -> None:
         " 198.18.128.0/20, already on the host",
     ]
     assert validate_against_host(config, [ipaddress.ip_network("10.0.0.0/8")]) == []
+    shared = replace(config, profiles=(*config.profiles, replace(config.profiles[1], name="x")))
+    assert len(validate_against_host(shared, host)) == 2
 
 
 def test_own_networks_are_recognised() -> None:
