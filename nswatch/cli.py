@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import signal
 import sys
@@ -15,7 +16,14 @@ from typing import Any
 import structlog
 
 from nswatch import __version__, logs
-from nswatch.config import Config, ConfigError, check_config_main, load_config
+from nswatch.config import (
+    DEFAULT_CONFIG_PATH,
+    Config,
+    ConfigError,
+    check_config_main,
+    is_own_network,
+    load_config,
+)
 from nswatch.daemon import Daemon, Settings
 from nswatch.dirwatch import DirWatcher
 from nswatch.http import Api, HttpServer
@@ -23,18 +31,10 @@ from nswatch.model import Model
 from nswatch.observer import Observer
 from nswatch.state import state_json, table_name
 
-DEFAULT_CONFIG = "/etc/nswatch/nswatch.yaml"
 STOP_TIMEOUT = 2.0
 # /healthz turns 503 when the loop has not turned for this long (it turns
 # at least twice a second when idle).
 STALL_AFTER = 10.0
-
-
-def _listen(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit():
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
-    return host.strip("[]") or "0.0.0.0", int(port)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--config", help=f"config file (default {DEFAULT_CONFIG} if present)")
+        sp.add_argument("--config", help=f"config file (default {DEFAULT_CONFIG_PATH} if present)")
         sp.add_argument(
             "--netns-dir",
             action="append",
@@ -57,9 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the daemon")
     common(run)
-    run.add_argument("--listen", type=_listen, metavar="HOST:PORT", help="default 127.0.0.1:9442")
+    run.add_argument("--listen", metavar="HOST:PORT", help="default 127.0.0.1:9442")
     run.add_argument("--log-format", choices=("json", "console"))
-    run.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    run.add_argument("--log-level", choices=("debug", "info", "warning", "error", "critical"))
     run.add_argument("--netlink-rcvbuf", type=int, metavar="BYTES")
     run.add_argument("--reconcile-interval", type=float, metavar="SECONDS")
 
@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 def load(args: argparse.Namespace) -> Config:
     """The config file (if any) with command-line flags on top."""
     path = args.config
-    config = load_config(path or DEFAULT_CONFIG, required=path is not None)
+    config = load_config(path or DEFAULT_CONFIG_PATH, required=path is not None)
     overrides: dict[str, Any] = {}
     for key in (
         "netns_dirs",
@@ -212,6 +212,29 @@ def _service_observers(daemon: Daemon) -> list[Observer]:
         return []
     make = getattr(systemd, "observer_for", None)
     return [make(daemon)] if make is not None else []
+
+
+def cmd_check_config(path: str) -> int:
+    """Validate a config file, including its pools against the host's addresses."""
+    nets = []
+    try:
+        config: Config | None = load_config(path, required=True)
+    except ConfigError:
+        config = None  # check_config_main reports the problems
+    if config is not None and config.profiles:
+        daemon = Daemon(Settings(netns_dirs=(), reconcile_interval=0, stats_interval=0))
+        try:
+            daemon.sync_once()
+            host = daemon.model.get("host")
+            for a in host.addresses.values() if host else ():
+                ifname = host.link_name(a.link) if host else None
+                net = ipaddress.ip_network(f"{a.address}/{a.prefixlen}", strict=False)
+                # Addresses nswatch itself gave out of a pool are not a clash.
+                if ifname is None or not is_own_network(config, ifname, net):
+                    nets.append(net)
+        finally:
+            daemon.close()
+    return check_config_main(path, nets)
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
@@ -346,7 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "apply":
             return cmd_apply(args)
         if args.command == "check-config":
-            return check_config_main(args.file or DEFAULT_CONFIG)
+            return cmd_check_config(args.file or DEFAULT_CONFIG_PATH)
     except ConfigError as e:
         for problem in e.problems:
             print(problem, file=sys.stderr)
