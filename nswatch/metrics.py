@@ -85,13 +85,18 @@ Labels = tuple[str, ...]
 
 @dataclass(slots=True)
 class Family:
-    """One metric family: its rows are (label values in ``labels`` order, value)."""
+    """One metric family: row i has label values ``keys[i]`` (``labels`` order), ``values[i]``.
+
+    Two flat lists rather than a list of pairs: a scrape makes ~60 000 rows,
+    and pairs are containers the garbage collector would have to track.
+    """
 
     name: str
     doc: str
     type: str  # "gauge" or "counter"
     labels: tuple[str, ...] = ()
-    rows: list[tuple[Labels, float]] = field(default_factory=list)
+    keys: list[Labels] = field(default_factory=list)
+    values: list[float] = field(default_factory=list)
 
     @property
     def base(self) -> str:
@@ -105,7 +110,8 @@ class Family:
         return self.base + "_total" if self.type == "counter" else self.name
 
     def add(self, labels: Labels, value: float) -> None:
-        self.rows.append((labels, value))
+        self.keys.append(labels)
+        self.values.append(value)
 
     def to_metric(self) -> Metric:
         """The same family as a prometheus-client metric (for its encoders and registries)."""
@@ -117,7 +123,8 @@ class Family:
         sname = self.sample_name
         names = self.labels
         metric.samples = [
-            Sample(sname, dict(zip(names, lv, strict=True)), v) for lv, v in self.rows
+            Sample(sname, dict(zip(names, lv, strict=True)), v)
+            for lv, v in zip(self.keys, self.values, strict=True)
         ]
         return metric
 
@@ -184,6 +191,9 @@ class MetricsSink(BaseObserver):
         self._view: Callable[[], Model] = view or _empty_model
         self._ready: Callable[[], bool] = ready or (lambda: False)
         self._counters = _Counters()
+        # One scrape renders at a time: concurrent renders would only compete
+        # with each other and with the event loop for the GIL.
+        self._render_lock = threading.Lock()
         self.collector = ModelCollector(self)
         # Our own registries, never the global one: a process may run several
         # daemons (the tests do). ``registry`` holds everything and is what
@@ -277,13 +287,14 @@ class MetricsSink(BaseObserver):
         """The body and content type of ``/metrics`` for this Accept header."""
         encoder, ctype = choose_encoder(accept or "")
         fast = fast_encoder(encoder)
-        if fast is None:
-            return encoder(self.registry), ctype
-        std = encoder(self._std)
-        om = fast.openmetrics
-        if om:
-            std = std.removesuffix(b"# EOF\n")
-        body = fast.encode(self.families())
+        with self._render_lock:
+            if fast is None:
+                return encoder(self.registry), ctype
+            std = encoder(self._std)
+            om = fast.openmetrics
+            if om:
+                std = std.removesuffix(b"# EOF\n")
+            body = fast.encode(self.families())
         return std + body + (b"# EOF\n" if om else b""), ctype
 
 
@@ -401,9 +412,12 @@ def build_families(model: Model, c: _Counters, ready: bool) -> list[Family]:
     namespaces.add((), len(order))
     peers = model.peers
     all_ns = model.namespaces
-    stat_rows = [(fam.rows, attr) for fam, attr in stats]
-    info_rows, up_rows, admin_rows, mtu_rows = info.rows, up.rows, admin_up.rows, mtu.rows
-    addr_rows, peer_rows = addresses.rows, peer_info.rows
+    stat_rows = [(fam.keys.append, fam.values.append, attr) for fam, attr in stats]
+    info_k, info_v = info.keys.append, info.values.append
+    up_k, up_v = up.keys.append, up.values.append
+    admin_k, admin_v = admin_up.keys.append, admin_up.values.append
+    mtu_k, mtu_v = mtu.keys.append, mtu.values.append
+    addr_k, addr_v = addresses.keys.append, addresses.values.append
     for ns in order:
         netns = sanitize(ns.name)
         ns_info.add((netns, str(ns.inode)), 1)
@@ -428,21 +442,22 @@ def build_families(model: Model, c: _Counters, ready: bool) -> list[Family]:
             key = (netns, device)
             master = links.get(link.master) if link.master is not None else None
             oper = link.oper_state.lower()
-            info_rows.append(
-                (
-                    (netns, device, kind, link.mac or "", oper, master.name if master else ""),
-                    1,
-                )
-            )
-            up_rows.append(((netns, device, kind), 1 if oper == "up" else 0))
-            admin_rows.append((key, 1 if link.admin_up else 0))
-            mtu_rows.append((key, link.mtu))
+            info_k((netns, device, kind, link.mac or "", oper, master.name if master else ""))
+            info_v(1)
+            up_k((netns, device, kind))
+            up_v(1 if oper == "up" else 0)
+            admin_k(key)
+            admin_v(1 if link.admin_up else 0)
+            mtu_k(key)
+            mtu_v(link.mtu)
             st = link.stats
             if st is not None:
-                for rows, attr in stat_rows:
-                    rows.append((key, getattr(st, attr)))
+                for add_k, add_v, attr in stat_rows:
+                    add_k(key)
+                    add_v(getattr(st, attr))
             for fam_name in FAMILIES:
-                addr_rows.append(((netns, device, fam_name), acount.get((index, fam_name), 0)))
+                addr_k((netns, device, fam_name))
+                addr_v(acount.get((index, fam_name), 0))
             if kind == "veth":
                 ref = peers.get((inode, index))
                 peer_ns = all_ns.get(ref[0]) if ref is not None else None
@@ -450,7 +465,7 @@ def build_families(model: Model, c: _Counters, ready: bool) -> list[Family]:
                 if peer_ns is None or peer is None:
                     n_unpaired += 1
                 else:
-                    peer_rows.append(((netns, device, sanitize(peer_ns.name), peer.name), 1))
+                    peer_info.add((netns, device, sanitize(peer_ns.name), peer.name), 1)
         unpaired.add((netns,), n_unpaired)
         # Routes by (table, family); the main table of both families always shows.
         rcount: dict[tuple[int, str], int] = {(254, "inet"): 0, (254, "inet6"): 0}
@@ -592,9 +607,8 @@ class FastEncoder:
         for fam in families:
             out.append(self._header(fam))
             sname = self._sample_name(fam)
-            rows = fam.rows
             if not fam.labels:
-                out.extend([f"{sname} {numbers.get(v) or number(v)}\n" for _, v in rows])
+                out.extend([f"{sname} {numbers.get(v) or number(v)}\n" for v in fam.values])
                 continue
             # prometheus-client sorts the labels by name.
             order = sorted(range(len(fam.labels)), key=lambda i: fam.labels[i])
@@ -614,7 +628,7 @@ class FastEncoder:
             out.extend(
                 [
                     f"{sname}{cache.get(lv) or labelset(lv)}{numbers.get(v) or number(v)}\n"
-                    for lv, v in rows
+                    for lv, v in zip(fam.keys, fam.values, strict=True)
                 ]
             )
         return "".join(out).encode("utf-8")
