@@ -49,6 +49,7 @@ DISCREPANCY_KINDS = ("link", "address", "route", "namespace")
 # Resync reasons the daemon reports (Observer.resync); others appear when first seen.
 RESYNC_REASONS = ("overrun", "reconcile", "stalled")
 FAMILIES = ("inet", "inet6")
+RELOAD_RESULTS = ("success", "failure")
 # Socket read -> model updated: usually well under a millisecond.
 PROCESSING_BUCKETS = (
     0.0001,
@@ -150,6 +151,7 @@ class _Counters:
         self.resyncs = dict.fromkeys(RESYNC_REASONS, 0)
         self.discrepancies = dict.fromkeys(DISCREPANCY_KINDS, 0)
         self.last_event = 0.0
+        self.config_reloads = dict.fromkeys(RELOAD_RESULTS, 0)
 
     def snapshot(self) -> _Counters:
         out = _Counters()
@@ -161,7 +163,20 @@ class _Counters:
             out.resyncs = dict(self.resyncs)
             out.discrepancies = dict(self.discrepancies)
             out.last_event = self.last_event
+            out.config_reloads = dict(self.config_reloads)
         return out
+
+
+class _ApplyStats(Protocol):
+    """What :class:`nswatch.apply.ApplyStats` holds (duck-typed: no import cycle)."""
+
+    applied: dict[tuple[str, str], int]  # (profile, result) -> n
+    drift: dict[tuple[str, str, str], int]  # (netns, profile, kind) -> missing objects
+    last_error: dict[str, str]  # netns -> error
+
+
+class _ApplySource(Protocol):
+    def snapshot(self) -> _ApplyStats: ...
 
 
 class _Bindable(Protocol):
@@ -190,6 +205,7 @@ class MetricsSink(BaseObserver):
     ) -> None:
         self._view: Callable[[], Model] = view or _empty_model
         self._ready: Callable[[], bool] = ready or (lambda: False)
+        self._apply: _ApplySource | None = None
         self._counters = _Counters()
         # One scrape renders at a time: concurrent renders would only compete
         # with each other and with the event loop for the GIL.
@@ -219,6 +235,16 @@ class MetricsSink(BaseObserver):
         """Read the model and readiness from ``daemon``."""
         self._view = daemon.view
         self._ready = daemon.ready.is_set
+
+    def bind_apply(self, engine: _ApplySource) -> None:
+        """Export what the apply engine did (``engine.snapshot()``: an ``ApplyStats``)."""
+        self._apply = engine
+
+    def config_reloaded(self, ok: bool) -> None:
+        """A config reload (SIGHUP) succeeded or was refused."""
+        c = self._counters
+        with c.lock:
+            c.config_reloads["success" if ok else "failure"] += 1
 
     # -- observer callbacks (event-loop thread) --
 
@@ -281,7 +307,10 @@ class MetricsSink(BaseObserver):
         """Every nswatch_* family but the histogram, from a fresh view of the model."""
         model = self._view()
         ready = self._ready()
-        return build_families(model, self._counters.snapshot(), ready)
+        families = build_families(model, self._counters.snapshot(), ready)
+        if self._apply is not None:
+            families += apply_families(self._apply.snapshot())
+        return families
 
     def render(self, accept: str | None) -> tuple[bytes, str]:
         """The body and content type of ``/metrics`` for this Accept header."""
@@ -534,6 +563,14 @@ def build_families(model: Model, c: _Counters, ready: bool) -> list[Family]:
         "gauge",
     )
     last.add((), c.last_event)
+    reloads = Family(
+        "nswatch_config_reload_total",
+        "Config reloads (SIGHUP), by result: success, or failure (the old config stays).",
+        "counter",
+        ("result",),
+    )
+    for result in RELOAD_RESULTS:
+        reloads.add((result,), c.config_reloads[result])
     return [
         build,
         synced,
@@ -556,7 +593,37 @@ def build_families(model: Model, c: _Counters, ready: bool) -> list[Family]:
         resyncs,
         disc,
         last,
+        reloads,
     ]
+
+
+def apply_families(stats: _ApplyStats) -> list[Family]:
+    """The apply engine's counters and drift gauges."""
+    applied = Family(
+        "nswatch_apply_total",
+        "Profile applications (setup or repair), by profile and result.",
+        "counter",
+        ("profile", "result"),
+    )
+    for (profile, result), n in sorted(stats.applied.items()):
+        applied.add((sanitize(profile), result), n)
+    drift = Family(
+        "nswatch_apply_drift",
+        "Objects a namespace's profile wants that are missing or wrong, by kind.",
+        "gauge",
+        ("netns", "profile", "kind"),
+    )
+    for (netns, profile, kind), n in sorted(stats.drift.items()):
+        drift.add((sanitize(netns), sanitize(profile), kind), n)
+    failing = Family(
+        "nswatch_apply_failing",
+        "1 for a namespace whose last application of its profile failed.",
+        "gauge",
+        ("netns",),
+    )
+    for netns in sorted(stats.last_error):
+        failing.add((sanitize(netns),), 1)
+    return [applied, drift, failing]
 
 
 # --- the fast encoder -----------------------------------------------------------

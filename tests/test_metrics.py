@@ -635,3 +635,38 @@ def test_every_namespace_reports_unpaired(n: int) -> None:
     s = Harness(events).scrape()
     assert len(pick(s, "nswatch_veth_unpaired")) == n + 1
     assert one(s, "nswatch_namespaces") == n + 1
+
+
+class _FakeApply:
+    """Stands in for the apply engine: ``snapshot()`` returns its stats."""
+
+    def __init__(self) -> None:
+        self.applied = {("web", "success"): 3, ("web", "failure"): 1}
+        self.drift = {("nswM-a.b", "web", "route"): 2, ("nswM-a.b", "web", "link"): 0}
+        self.last_error = {"nswM-a.b": "RTNETLINK answers: File exists"}
+
+    def snapshot(self) -> _FakeApply:
+        return self
+
+
+def test_config_reloads_and_apply_engine() -> None:
+    """Config reloads count by result from 0, and the apply engine's counts, drift and failures are exported."""
+    h = Harness(base_events())
+    s = h.scrape()
+    assert one(s, "nswatch_config_reload_total", result="success") == 0
+    assert one(s, "nswatch_config_reload_total", result="failure") == 0
+    assert not pick(s, "nswatch_apply_total")
+    h.sink.config_reloaded(False)
+    h.sink.config_reloaded(True)
+    h.sink.config_reloaded(True)
+    h.sink.bind_apply(_FakeApply())
+    for accept in (None, OM):
+        s = h.scrape(accept)
+        assert one(s, "nswatch_config_reload_total", result="success") == 2
+        assert one(s, "nswatch_config_reload_total", result="failure") == 1
+        assert one(s, "nswatch_apply_total", profile="web", result="success") == 3
+        assert one(s, "nswatch_apply_total", profile="web", result="failure") == 1
+        assert one(s, "nswatch_apply_drift", netns="nswM-a.b", profile="web", kind="route") == 2
+        assert one(s, "nswatch_apply_drift", netns="nswM-a.b", profile="web", kind="link") == 0
+        assert one(s, "nswatch_apply_failing", netns="nswM-a.b") == 1
+    assert_same_bytes(h.sink.families())
