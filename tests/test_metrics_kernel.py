@@ -272,6 +272,26 @@ def test_veth_pair_exact_series(watched: Watched) -> None:
     assert body.endswith(b"# EOF\n")
     om = parse(body, openmetrics=True)
     assert netns_series(om, ns) == netns_series(s, ns)
+    # Nothing else names the namespace: the complete list, by metric.
+    per_metric: dict[str, int] = {}
+    for name, _ in netns_series(s, ns):
+        per_metric[name] = per_metric.get(name, 0) + 1
+    routes_n = len(want)
+    assert per_metric == {
+        "nswatch_namespace_info": 1,
+        "nswatch_network_info": 2,
+        "nswatch_network_up": 2,
+        "nswatch_network_admin_up": 2,
+        "nswatch_network_mtu_bytes": 2,
+        # lo's link messages carry stats too.
+        **{n: 2 for n in STAT_NAMES},
+        "nswatch_veth_peer_info": 2,  # its own end, and the host end's peer_netns
+        "nswatch_veth_unpaired": 1,
+        "nswatch_network_addresses": 4,
+        "nswatch_routes": routes_n,
+        "nswatch_default_route_info": 1,
+        "nswatch_network_removed_total": 6,
+    }
 
 
 def test_deleted_veth_counts_and_vanishes(watched: Watched) -> None:
