@@ -662,20 +662,28 @@ class FastEncoder:
         out: list[str] = []
         esc = self.escaping
         # Whole label sets repeat (a device's netns and name label 12
-        # families), and so do values (0, 1, an MTU): render each once.
+        # families), and so do integer values (0, 1, an MTU): render each
+        # once. Only ints are memoised: 0.0 == -0.0 but they print apart.
         labelsets: dict[tuple[str, ...], dict[Labels, str]] = {}
-        numbers: dict[float, str] = {}
+        ints: dict[int, str] = {}
+        go: Callable[[float], str] = floatToGoString
 
-        def number(v: float) -> str:
-            s: str = floatToGoString(v)  # type: ignore[no-untyped-call]
-            numbers[v] = s
+        def value(v: object) -> str:
+            s = go(v)  # type: ignore[arg-type]
+            if isinstance(v, int):
+                ints[v] = s
             return s
 
         for fam in families:
             out.append(self._header(fam))
             sname = self._sample_name(fam)
             if not fam.labels:
-                out.extend([f"{sname} {numbers.get(v) or number(v)}\n" for v in fam.values])
+                out.extend(
+                    [
+                        f"{sname} {(ints.get(v) if isinstance(v, int) else None) or value(v)}\n"
+                        for v in fam.values
+                    ]
+                )
                 continue
             # prometheus-client sorts the labels by name.
             order = sorted(range(len(fam.labels)), key=lambda i: fam.labels[i])
@@ -694,7 +702,10 @@ class FastEncoder:
 
             out.extend(
                 [
-                    f"{sname}{cache.get(lv) or labelset(lv)}{numbers.get(v) or number(v)}\n"
+                    sname
+                    + (cache.get(lv) or labelset(lv))
+                    + ((ints.get(v) if isinstance(v, int) else None) or value(v))
+                    + "\n"
                     for lv, v in zip(fam.keys, fam.values, strict=True)
                 ]
             )

@@ -546,7 +546,7 @@ label_text = st.text(
 values = st.one_of(
     st.integers(min_value=0, max_value=2**64 - 1),
     st.floats(allow_nan=False, allow_infinity=True),
-    st.sampled_from([0, 1, 0.5, 1e-7, 1e22, 123456789.0, 9999999, 10000000]),
+    st.sampled_from([0, 1, -0.0, 0.0, True, 0.5, 1e-7, 1e22, 123456789.0, 9999999, 10000000]),
 )
 
 
