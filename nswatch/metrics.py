@@ -152,6 +152,8 @@ class _Counters:
         self.discrepancies = dict.fromkeys(DISCREPANCY_KINDS, 0)
         self.last_event = 0.0
         self.config_reloads = dict.fromkeys(RELOAD_RESULTS, 0)
+        # The daemon only starts with a valid config: 1 until a reload fails.
+        self.last_reload_ok = True
 
     def snapshot(self) -> _Counters:
         out = _Counters()
@@ -164,6 +166,7 @@ class _Counters:
             out.discrepancies = dict(self.discrepancies)
             out.last_event = self.last_event
             out.config_reloads = dict(self.config_reloads)
+            out.last_reload_ok = self.last_reload_ok
         return out
 
 
@@ -245,6 +248,7 @@ class MetricsSink(BaseObserver):
         c = self._counters
         with c.lock:
             c.config_reloads["success" if ok else "failure"] += 1
+            c.last_reload_ok = ok
 
     # -- observer callbacks (event-loop thread) --
 
@@ -571,6 +575,12 @@ def build_families(model: Model, c: _Counters, ready: bool) -> list[Family]:
     )
     for result in RELOAD_RESULTS:
         reloads.add((result,), c.config_reloads[result])
+    reload_ok = Family(
+        "nswatch_config_last_reload_success",
+        "1 when the config in use came from the last load or reload; 0 after a failed reload.",
+        "gauge",
+    )
+    reload_ok.add((), 1 if c.last_reload_ok else 0)
     return [
         build,
         synced,
@@ -594,6 +604,7 @@ def build_families(model: Model, c: _Counters, ready: bool) -> list[Family]:
         disc,
         last,
         reloads,
+        reload_ok,
     ]
 
 
@@ -608,7 +619,7 @@ def apply_families(stats: _ApplyStats) -> list[Family]:
     for (profile, result), n in sorted(stats.applied.items()):
         applied.add((sanitize(profile), result), n)
     drift = Family(
-        "nswatch_apply_drift",
+        "nswatch_drift_objects",
         "Objects a namespace's profile wants that are missing or wrong, by kind.",
         "gauge",
         ("netns", "profile", "kind"),

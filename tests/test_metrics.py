@@ -656,7 +656,9 @@ def test_config_reloads_and_apply_engine() -> None:
     assert one(s, "nswatch_config_reload_total", result="success") == 0
     assert one(s, "nswatch_config_reload_total", result="failure") == 0
     assert not pick(s, "nswatch_apply_total")
+    assert one(s, "nswatch_config_last_reload_success") == 1
     h.sink.config_reloaded(False)
+    assert one(h.scrape(), "nswatch_config_last_reload_success") == 0
     h.sink.config_reloaded(True)
     h.sink.config_reloaded(True)
     h.sink.bind_apply(_FakeApply())
@@ -664,9 +666,10 @@ def test_config_reloads_and_apply_engine() -> None:
         s = h.scrape(accept)
         assert one(s, "nswatch_config_reload_total", result="success") == 2
         assert one(s, "nswatch_config_reload_total", result="failure") == 1
+        assert one(s, "nswatch_config_last_reload_success") == 1
         assert one(s, "nswatch_apply_total", profile="web", result="success") == 3
         assert one(s, "nswatch_apply_total", profile="web", result="failure") == 1
-        assert one(s, "nswatch_apply_drift", netns="nswM-a.b", profile="web", kind="route") == 2
-        assert one(s, "nswatch_apply_drift", netns="nswM-a.b", profile="web", kind="link") == 0
+        assert one(s, "nswatch_drift_objects", netns="nswM-a.b", profile="web", kind="route") == 2
+        assert one(s, "nswatch_drift_objects", netns="nswM-a.b", profile="web", kind="link") == 0
         assert one(s, "nswatch_apply_failing", netns="nswM-a.b") == 1
     assert_same_bytes(h.sink.families())
