@@ -205,13 +205,10 @@ def _reload(
 
 
 def _service_observers(daemon: Daemon) -> list[Observer]:
-    """systemd's notify protocol, when run under systemd."""
-    try:
-        from nswatch import systemd
-    except ImportError:
-        return []
-    make = getattr(systemd, "observer_for", None)
-    return [make(daemon)] if make is not None else []
+    """systemd's notify protocol (a no-op outside systemd)."""
+    from nswatch import systemd
+
+    return [systemd.observer_for(daemon)]
 
 
 def cmd_check_config(path: str) -> int:
