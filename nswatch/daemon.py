@@ -31,6 +31,7 @@ from nswatch.model import (
     NamespaceSeen,
     RouteDel,
     RouteNew,
+    VethPair,
 )
 from nswatch.netlink import Session, ipv4_routes_stale, make_socket
 from nswatch.netns import NameFilter, NetnsEnterer, scan
@@ -491,8 +492,8 @@ class Daemon:
         # ifindex changed) are now stale: re-dump the other end's links.
         for ch in changes:
             if ch.kind == "veth_peer" and ch.action == "lost" and ch.reason == "moved":
-                assert isinstance(ch.old, tuple)
-                partner = self.sessions.get(ch.old[1][0])
+                assert isinstance(ch.old, VethPair)
+                partner = self.sessions.get(ch.old.b[0])
                 if partner is not None:
                     partner.resync("peer_moved", kinds=("link",))
         for ev in events:

@@ -110,10 +110,19 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(404, {"error": "not found", "path": path}, head)
 
     def do_GET(self) -> None:
-        self._route(head=False)
+        self._guarded(head=False)
 
     def do_HEAD(self) -> None:
-        self._route(head=True)
+        self._guarded(head=True)
+
+    def _guarded(self, head: bool) -> None:
+        try:
+            self._route(head)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        except Exception as e:  # a bug in one handler must not look like a dead server
+            self.close_connection = True
+            self._json(500, {"error": "internal error", "detail": type(e).__name__}, head)
 
     def _not_allowed(self) -> None:
         path = urlsplit(self.path).path

@@ -9,7 +9,7 @@ from typing import Any, TextIO
 
 import structlog
 
-from nswatch.model import Address, Change, Link, Model, Route
+from nswatch.model import Address, Change, Link, Model, Route, VethPair
 from nswatch.observer import BaseObserver
 from nswatch.state import table_name
 
@@ -107,14 +107,15 @@ class LogObserver(BaseObserver):
                 self.log.info("namespace_renamed", old=ch.old, new=ch.new, **fields)
             return
         if ch.kind == "veth_peer":
-            refs = ch.new if ch.action == "resolved" else ch.old
-            assert isinstance(refs, tuple)
-            a, b = refs
+            pair = ch.new if ch.action == "resolved" else ch.old
+            assert isinstance(pair, VethPair)
+            if ch.reason:
+                fields["reason"] = ch.reason
             self.log.info(
                 f"veth_peer_{ch.action}",
-                link_ifindex=a[1],
-                peer_inode=b[0],
-                peer_ifindex=b[1],
+                link=pair.a_link,
+                peer_netns=pair.b_netns,
+                peer_link=pair.b_link,
                 **fields,
             )
             return

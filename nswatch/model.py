@@ -306,6 +306,17 @@ class PeerRef:
     name: str
 
 
+@dataclass(frozen=True, slots=True)
+class VethPair:
+    """A veth pair as a change reports it: both ends, with the names they had."""
+
+    a: LinkRef
+    b: LinkRef
+    a_link: str
+    b_netns: str
+    b_link: str
+
+
 class Model:
     """All watched namespaces and the veth pairs between them.
 
@@ -524,7 +535,7 @@ class Model:
             if reason == "deleted":
                 reason = "namespace_deleted"
         partner = self.peers.get(ref)
-        self._unpeer(ns.inode, index, out, from_dump, reason=reason)
+        self._unpeer(ns.inode, index, out, from_dump, reason=reason, name=link.name)
         if reason == "namespace_deleted" and partner is not None and partner[0] != ns.inode:
             self.doomed.add(partner)
         # The kernel drops the link's addresses and every route through it;
@@ -559,6 +570,7 @@ class Model:
         out: list[Change],
         from_dump: bool,
         reason: str | None = None,
+        name: str | None = None,
     ) -> None:
         ref = (inode, index)
         partner = self.peers.pop(ref, None)
@@ -566,16 +578,23 @@ class Model:
             return
         self.peers.pop(partner, None)
         ns = self.namespaces[inode]
+        pair = self._pair(ref, partner, name)
         out.append(
             Change(
-                "veth_peer",
-                "lost",
-                ns.name,
-                inode,
-                old=(ref, partner),
-                reason=reason,
-                from_dump=from_dump,
+                "veth_peer", "lost", ns.name, inode, old=pair, reason=reason, from_dump=from_dump
             )
+        )
+
+    def _pair(self, a: LinkRef, b: LinkRef, a_name: str | None = None) -> VethPair:
+        ns_a, ns_b = self.namespaces.get(a[0]), self.namespaces.get(b[0])
+        link_a = ns_a.links.get(a[1]) if ns_a else None
+        link_b = ns_b.links.get(b[1]) if ns_b else None
+        return VethPair(
+            a,
+            b,
+            a_name or (link_a.name if link_a else f"if{a[1]}"),
+            ns_b.name if ns_b else str(b[0]),
+            link_b.name if link_b else f"if{b[1]}",
         )
 
     def _target_inode(self, ns: Namespace, link: Link) -> int | None:
@@ -608,9 +627,9 @@ class Model:
         self._emit_peer(ref, "resolved", out, from_dump)
 
     def _emit_peer(self, ref: LinkRef, action: ChangeAction, out: list[Change], dump: bool) -> None:
-        partner = self.peers[ref]
+        pair = self._pair(ref, self.peers[ref])
         ns = self.namespaces[ref[0]]
-        out.append(Change("veth_peer", action, ns.name, ref[0], new=(ref, partner), from_dump=dump))
+        out.append(Change("veth_peer", action, ns.name, ref[0], new=pair, from_dump=dump))
 
     def _nsid_learned(self, ev: NsidLearned, out: list[Change]) -> None:
         ns = self.namespaces.get(ev.inode)
