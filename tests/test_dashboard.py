@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -80,9 +81,14 @@ def expand(expr: str, values: dict[str, str] | None = None, interval: str = "1m"
     out = expr.replace("$__rate_interval", interval).replace("$__interval", interval)
     out = out.replace("$__range", "1h")
     for name, value in values.items():
-        out = re.sub(rf"\$(?:{name}\b|\{{{name}\}})", value, out)
+        # A function, so that backslashes in the value stay as they are.
+        out = re.sub(rf"\$(?:{name}\b|\{{{name}\}})", _literal(value), out)
     assert "$" not in out.replace('"$1"', ""), f"unexpanded variable in {out}"
     return out
+
+
+def _literal(value: str) -> Callable[[re.Match[str]], str]:
+    return lambda _: value
 
 
 def metric_names(expr: str) -> set[str]:
@@ -245,3 +251,5 @@ def test_expand() -> None:
         expand('rate(x{netns=~"$netns", device=~"${device}"}[$__rate_interval])', {"netns": "a|b"})
         == 'rate(x{netns=~"a|b", device=~".*"}[1m])'
     )
+    # Values go in literally (a regex escaped for a PromQL string keeps its backslashes).
+    assert expand('x{instance=~"$instance"}', {"instance": r"a\\.b"}) == r'x{instance=~"a\\.b"}'
