@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import array
 import os
+import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -426,3 +430,64 @@ def _collect(listener: Listener, seconds: float) -> list[Message]:
         except TimeoutError:
             break
     return out
+
+
+# --- nswatch run, as systemd would start it ------------------------------------------
+
+
+def test_nswatch_run_speaks_sd_notify(tmp_path: Path, listener: Listener) -> None:
+    """`nswatch run` with NOTIFY_SOCKET: READY=1 once ready, pings, RELOADING=1/READY=1 on SIGHUP, STOPPING=1."""
+    require_root()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        **os.environ,
+        "NOTIFY_SOCKET": listener.env_value,
+        "WATCHDOG_USEC": "1000000",  # pings every 0.5 s
+    }
+    env.pop("WATCHDOG_PID", None)
+    log = open(tmp_path / "nswatch.log", "wb")  # noqa: SIM115 (the child keeps it)
+    with log:
+        proc = subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "nswatch"),
+                "run",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--include",
+                "^nswA-no-such-namespace$",
+            ],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        ready, before = listener.next_with("READY", timeout=30)
+        assert ready.pid == proc.pid
+        assert ready.fields["STATUS"].startswith("watching 1 namespace, ")
+        assert all(m.fields.keys() <= {"WATCHDOG", "STATUS"} for m in before)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as r:
+            assert r.status == 200  # READY=1 came after readiness, never before
+
+        pings = [m for m in _collect(listener, 1.6) if "WATCHDOG" in m.fields]
+        assert 2 <= len(pings) <= 5
+        assert all(m.pid == proc.pid for m in pings)
+
+        sent = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        proc.send_signal(signal.SIGHUP)
+        reloading, _ = listener.next_with("RELOADING", timeout=10)
+        assert int(reloading.fields["MONOTONIC_USEC"]) >= sent
+        again, between = listener.next_with("READY", timeout=10)
+        assert again.fields["STATUS"].startswith("watching 1 namespace, ")
+        assert all("READY" not in m.fields for m in between)
+
+        proc.send_signal(signal.SIGTERM)
+        stopping, _ = listener.next_with("STOPPING", timeout=10)
+        assert stopping.pid == proc.pid
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
