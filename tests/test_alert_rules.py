@@ -79,7 +79,7 @@ def test_alert_names_labels_annotations() -> None:
         assert "$labels.device" in description, name
     assert "$labels.peer_netns" in got["VethDisappeared"]["annotations"]["description"]
     assert "$labels.peer_device" in got["VethDisappeared"]["annotations"]["description"]
-    for name in ("RouteCountDropped", "ExpectedObjectMissing"):
+    for name in ("RouteCountDropped", "ExpectedObjectMissing", "ApplyFailing"):
         assert "$labels.netns" in got[name]["annotations"]["summary"], name
 
 
@@ -136,6 +136,10 @@ MUTATIONS = {
     "critical alerts wait no minute (a teardown would fire them)": (
         "        for: 1m\n        labels:\n          severity: critical\n",
         "        labels:\n          severity: critical\n",
+    ),
+    "ApplyFailing fires for a failure that was repaired": (
+        "(nswatch_apply_failing) == 1\n        for: 1m\n",
+        "(nswatch_apply_failing) == 1\n",
     ),
     "ConfigReloadFailed ignores the gauge": (
         "unless on (instance, job) nswatch_config_last_reload_success",

@@ -48,6 +48,7 @@ METRICS = {
     "nswatch_drift_objects",
     "nswatch_config_reload_total",
     "nswatch_config_last_reload_success",
+    "nswatch_apply_failing",
 }
 
 # What Grafana puts in place of its variables when every value is selected.
