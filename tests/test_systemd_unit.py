@@ -368,9 +368,14 @@ def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
 
 
 def test_verify_inside(box: Container) -> None:
-    """With nswatch installed at /usr/local/bin, the unit as shipped verifies cleanly."""
+    """With nswatch installed at /usr/local/bin, the unit as shipped verifies cleanly and rates <= 3.0."""
     p = box.run("systemd-analyze", "verify", "/etc/systemd/system/nswatch.service", check=False)
     assert p.returncode == 0 and p.stderr.strip() == "", p.stderr
+    # The loaded unit, as the running manager sees it, rates as well as offline.
+    p = box.run("systemd-analyze", "security", "nswatch.service", check=False)
+    m = re.search(r"Overall exposure level for nswatch\.service: (\d+\.\d+)", p.stdout)
+    assert m is not None, p.stdout + p.stderr
+    assert float(m.group(1)) <= MAX_EXPOSURE
 
 
 # Samples (ActiveState, /readyz status) as fast as possible while starting.
