@@ -923,9 +923,10 @@ def table(results: dict[str, Any]) -> str:
             if rss_ndb
             else "–"
         )
+        whole = nw.get("peak_rss_mb_whole_run")
+        rss_cell = fmt(rss, " MB", 0) + (f" ({whole:.0f} MB by the end)" if whole else "")
         rows.append(
-            f"| peak RSS (VmHWM) at ready | {n} | {fmt(rss, ' MB', 0)} | {ndb_rss} | – "
-            f"| {target} | {cell} |"
+            f"| peak RSS (VmHWM) at ready | {n} | {rss_cell} | {ndb_rss} | – | {target} | {cell} |"
         )
     for r in results["sizes"]:
         if r["n"] != big:
