@@ -33,7 +33,7 @@ from nswatch.model import (
     RouteNew,
     VethPair,
 )
-from nswatch.netlink import Session, ipv4_routes_stale, make_socket
+from nswatch.netlink import Session, ipv4_stale_links, make_socket
 from nswatch.netns import NameFilter, NetnsEnterer, scan
 from nswatch.observer import BaseObserver, Observer
 
@@ -108,7 +108,7 @@ class Daemon:
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._timers: list[tuple[float, int, str, Callable[[], None]]] = []
         self._pending_timer = False
-        self._route_dumps_due: set[tuple[int, str, float]] = set()
+        self._route_dumps_due: set[tuple[int, str, float, int | None]] = set()
         self._timer_seq = 0
         self._rescan_wanted = True
         self._pending_try = 0
@@ -280,7 +280,7 @@ class Daemon:
         for _ in range(min(STATS_PER_TURN, len(self._stats_due))):
             s = self.sessions.get(self._stats_due.popleft())
             if s is not None and s.synced:
-                s.resync("stats", kinds=("link",))
+                s.refresh_stats()
 
     def _pending_rescan(self) -> None:
         self._pending_timer = False
@@ -468,13 +468,13 @@ class Daemon:
         self, session: Session, events: Sequence[Event], changes: Sequence[Change]
     ) -> None:
         """Re-dump what the kernel changed without a precise notification."""
-        if ipv4_routes_stale(changes):
-            # The notification can reach us while the kernel is still inside
-            # the same operation, before it flushes the dependent routes; a
-            # dump now could see them. Dump a little later, and once more
-            # later still in case this machine is slow.
+        # The notification can reach us while the kernel is still inside the
+        # same operation, before it flushes the dependent routes; a dump now
+        # could still see them. Dump a little later, and once more later
+        # still in case this machine is slow.
+        for index in ipv4_stale_links(changes):
             for delay in ROUTE_FOLLOWUP_DELAYS:
-                self._later_route_dump(session.inode, "inet", delay)
+                self._later_route_dump(session.inode, "inet", delay, index)
         # A veth created with its peer in another namespace is announced
         # before the peer is attached (IFLA_LINK 0), and no message follows
         # once it is: only a fresh dump shows the peer.
@@ -503,8 +503,10 @@ class Daemon:
                 self._later_route_dump(session.inode, "inet6", ROUTE_FOLLOWUP_DELAYS[0])
                 break
 
-    def _later_route_dump(self, inode: int, family: Family, delay: float) -> None:
-        key = (inode, family, delay)
+    def _later_route_dump(
+        self, inode: int, family: Family, delay: float, dev: int | None = None
+    ) -> None:
+        key = (inode, family, delay, dev)
         if key in self._route_dumps_due:
             return
         self._route_dumps_due.add(key)
@@ -513,7 +515,7 @@ class Daemon:
             self._route_dumps_due.discard(key)
             session = self.sessions.get(inode)
             if session is not None:
-                session.redump_routes(family, "route_followup")
+                session.redump_routes(family, "route_followup", dev)
 
         self._schedule(delay, "route_followup", fire)
 

@@ -361,8 +361,12 @@ NETNSA_FD = 3
 DumpWhat = Literal["link", "address", "route"]
 
 
-def dump_request(what: DumpWhat, family: int, seq: int) -> bytes:
-    """An RTM_GET* dump request for links, addresses or routes of ``family`` (0: all)."""
+def dump_request(what: DumpWhat, family: int, seq: int, dev: int | None = None) -> bytes:
+    """An RTM_GET* dump request for links, addresses or routes of ``family`` (0: all).
+
+    ``dev`` limits a route dump to routes through that link; the kernel only
+    honours it on a socket with NETLINK_GET_STRICT_CHK set.
+    """
     if what == "link":
         body = IFINFOMSG.pack(family, 0, 0, 0, 0)
         mtype = RTM_GETLINK
@@ -371,6 +375,8 @@ def dump_request(what: DumpWhat, family: int, seq: int) -> bytes:
         mtype = RTM_GETADDR
     else:
         body = RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0)
+        if dev is not None:
+            body += NLATTR.pack(8, RTA_OIF) + U32.pack(dev)
         mtype = RTM_GETROUTE
     return NLMSG_HDR.pack(16 + len(body), mtype, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body
 

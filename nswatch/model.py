@@ -9,7 +9,7 @@ plain data; sources and sinks import this module, never the reverse.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, TypeAlias
 
 Family = Literal["inet", "inet6"]
@@ -252,6 +252,16 @@ class Dump:
     # "initial" for a namespace's first sync; otherwise why it was re-dumped
     # ("overrun", "reconcile", "route_followup", ...).
     reason: str = "initial"
+    # A route dump limited to the routes through this link.
+    dev: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StatsUpdate:
+    """Fresh counters for links of one namespace (from a link dump that changes nothing else)."""
+
+    inode: int
+    stats: tuple[tuple[int, LinkStats], ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,6 +282,7 @@ Event = (
     | RouteDel
     | NsidLearned
     | Dump
+    | StatsUpdate
     | Synced
 )
 
@@ -446,6 +457,13 @@ class Model:
                 ns = self.namespaces.get(event.inode)
                 if ns is not None:
                     self._dump(ns, event, out)
+            case StatsUpdate():
+                ns = self.namespaces.get(event.inode)
+                if ns is not None:
+                    for index, stats in event.stats:
+                        link = ns.links.get(index)
+                        if link is not None:
+                            ns.links[index] = replace(link, stats=stats)
             case Synced():
                 ns = self.namespaces.get(event.inode)
                 if ns is not None:
@@ -727,7 +745,11 @@ class Model:
         else:
             routes = {r.key: r for r in ev.items if isinstance(r, Route)}
             for rkey, rold in list(ns.routes.items()):
-                if rkey not in routes and (ev.family is None or rold.family == ev.family):
+                if (
+                    rkey not in routes
+                    and (ev.family is None or rold.family == ev.family)
+                    and (ev.dev is None or rold.uses_link(ev.dev))
+                ):
                     del ns.routes[rkey]
                     out.append(
                         Change("route", "removed", ns.name, ns.inode, old=rold, from_dump=from_dump)

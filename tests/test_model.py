@@ -284,3 +284,32 @@ def test_model_follows_fake_kernel(ops: list[tuple[str, int, int]]) -> None:
     assert set(m.peers.items()) == want
     for a, b in m.peers.items():
         assert m.peers[b] == a
+
+
+def test_route_dump_limited_to_a_link_leaves_the_others() -> None:
+    """A route re-dump through one link replaces only that link's routes of that family."""
+    from nswatch.model import Dump
+
+    m = base()
+    m.apply(RouteNew(A, Route(254, "inet", "unicast", "198.18.1.0/24", dev=3)))
+    m.apply(RouteNew(A, Route(254, "inet", "unicast", "198.18.2.0/24", dev=4)))
+    m.apply(RouteNew(A, Route(254, "inet6", "unicast", "2001:db8::/64", dev=3)))
+    out = m.apply(Dump(A, "route", (), family="inet", reason="route_followup", dev=3))
+    assert [c.old.dst for c in out if isinstance(c.old, Route)] == ["198.18.1.0/24"]
+    assert sorted(r.dst for r in m.namespaces[A].routes.values()) == [
+        "198.18.2.0/24",
+        "2001:db8::/64",
+    ]
+
+
+def test_stats_update_changes_counters_only() -> None:
+    """A counter refresh replaces stats on known links and reports no change."""
+    from nswatch.model import LinkStats, StatsUpdate
+
+    m = base()
+    m.apply(LinkNew(A, Link(index=3, name="e", kind="device")))
+    out = m.apply(StatsUpdate(A, ((3, LinkStats(rx_bytes=7)), (9, LinkStats(rx_bytes=1)))))
+    assert out == []
+    stats = m.namespaces[A].links[3].stats
+    assert stats is not None and stats.rx_bytes == 7
+    assert 9 not in m.namespaces[A].links
