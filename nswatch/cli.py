@@ -109,6 +109,7 @@ def settings_from(config: Config) -> Settings:
         netlink_rcvbuf=config.netlink_rcvbuf,
         reconcile_interval=config.reconcile_interval,
         rescan_interval=config.rescan_interval,
+        stats_interval=config.stats_interval,
     )
 
 

@@ -180,6 +180,8 @@ class Config:
     netlink_rcvbuf: int = 4 * 1024 * 1024
     reconcile_interval: float = 300.0
     rescan_interval: float = 30.0
+    # Link counters are refreshed by a link dump this often (0: never).
+    stats_interval: float = 15.0
     profiles: tuple[Profile, ...] = ()
     source: str | None = None
     # Line of each key path in the source, so later checks (against the
@@ -575,6 +577,7 @@ _CONVERTERS: dict[str, Callable[[object], object]] = {
     "netlink_rcvbuf": lambda v: _int(v, 1, 2**31 - 1),
     "reconcile_interval": lambda v: _seconds(v, zero_ok=True),
     "rescan_interval": lambda v: _seconds(v, zero_ok=False),
+    "stats_interval": lambda v: _seconds(v, zero_ok=True),
 }
 _OVERRIDE_CONVERTERS: dict[str, Callable[[object], object]] = {
     **_CONVERTERS,
