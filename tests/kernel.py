@@ -230,7 +230,7 @@ def diff_all(model_state: Callable[[], dict[str, Any]], netns_names: Iterable[st
 
 
 def converge(
-    model_state: Callable[[], dict[str, Any]], netns_names: Iterable[str], timeout: float = 5.0
+    model_state: Callable[[], dict[str, Any]], netns_names: Iterable[str], timeout: float = 10.0
 ) -> None:
     """Wait until the model equals the kernel for these namespaces; fail with the diff."""
     names = list(netns_names)
