@@ -62,11 +62,18 @@ def watchdog_interval(env: Mapping[str, str] | None = None, pid: int | None = No
     return usec / 2 / 1_000_000
 
 
+# A full queue on the manager's socket means it is busy: wait this long for
+# a state change (READY=1, RELOADING=1, STOPPING=1) to go through; never wait
+# for a ping or a status line, which the next turn of the loop repeats.
+SEND_TIMEOUT = 2.0
+
+
 class Notifier:
     """Sends sd_notify messages; safe from any thread."""
 
-    def __init__(self, address: str | None) -> None:
+    def __init__(self, address: str | None, send_timeout: float = SEND_TIMEOUT) -> None:
         self.address = address
+        self.send_timeout = send_timeout
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Notifier:
@@ -78,8 +85,11 @@ class Notifier:
         """True when there is a socket to notify."""
         return self.address is not None
 
-    def send(self, *fields: str) -> bool:
-        """Send ``KEY=VALUE`` fields in one datagram; True if it was delivered."""
+    def send(self, *fields: str, wait: bool = True) -> bool:
+        """Send ``KEY=VALUE`` fields in one datagram; True if it was delivered.
+
+        With ``wait`` false, a full queue drops the message instead of waiting.
+        """
         if self.address is None or not fields:
             return False
         data = "\n".join(f.replace("\n", " ") for f in fields).encode()
@@ -87,6 +97,7 @@ class Notifier:
         # no state can go stale across a manager re-exec.
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+                s.settimeout(self.send_timeout if wait else 0.0)
                 s.sendto(data, self.address)
         except OSError:
             # The manager went away or the socket is full: never let
@@ -99,8 +110,8 @@ class Notifier:
         return self.send("READY=1", *_status(status))
 
     def status(self, text: str) -> bool:
-        """STATUS= (shown by ``systemctl status``)."""
-        return self.send(f"STATUS={text}")
+        """STATUS= (shown by ``systemctl status``); dropped if the manager is behind."""
+        return self.send(f"STATUS={text}", wait=False)
 
     def reloading(self, status: str | None = None) -> bool:
         """RELOADING=1 with MONOTONIC_USEC=, which systemd >= 253 requires."""
@@ -112,8 +123,8 @@ class Notifier:
         return self.send("STOPPING=1", *_status(status))
 
     def watchdog(self) -> bool:
-        """WATCHDOG=1 (keep-alive)."""
-        return self.send("WATCHDOG=1")
+        """WATCHDOG=1 (keep-alive); dropped if the manager is behind."""
+        return self.send("WATCHDOG=1", wait=False)
 
 
 def _status(text: str | None) -> tuple[str, ...]:
@@ -185,9 +196,12 @@ class SystemdObserver(BaseObserver):
         with self._lock:
             self._last_status_at = now
             # During a reload or shutdown the status says so until it is over.
-            if line != self._last_status and not (self._reloading or self._stopping):
+            if (
+                line != self._last_status
+                and not (self._reloading or self._stopping)
+                and self.notifier.status(line)
+            ):
                 self._last_status = line
-                self.notifier.status(line)
 
     def stopping(self) -> None:
         with self._lock:

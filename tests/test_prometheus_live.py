@@ -46,7 +46,7 @@ def get(url: str, params: dict[str, str] | None = None) -> Any:
     if params:
         url += "?" + urllib.parse.urlencode(params)
     try:
-        with urllib.request.urlopen(url, timeout=10) as r:
+        with urllib.request.urlopen(url, timeout=30) as r:
             return json.loads(r.read())
     except urllib.error.HTTPError as e:
         raise AssertionError(f"{url}: {e.code} {e.read().decode(errors='replace')}") from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import array
+import collections
 import os
 import signal
 import socket
@@ -38,7 +39,12 @@ class Message:
 
 
 class Listener:
-    """A NOTIFY_SOCKET as systemd opens it: datagrams, with SO_PASSCRED."""
+    """A NOTIFY_SOCKET as systemd opens it: datagrams, with SO_PASSCRED.
+
+    Like systemd, it reads its socket promptly (a thread moves datagrams into
+    a list every few ms): the kernel queues only a few datagrams per socket
+    (net.unix.max_dgram_qlen, 10 here), and a sender may drop what does not fit.
+    """
 
     def __init__(self, address: str) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
@@ -46,46 +52,72 @@ class Listener:
         # systemd reads the sender's pid from SCM_CREDENTIALS to tell the main
         # process's messages from others'; check that ours carry it.
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.sock.setblocking(False)
         self.address = address
+        self._lock = threading.Lock()
+        self._got: collections.deque[Message] = collections.deque()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="notify-listener")
+        self._thread.start()
 
     @property
     def env_value(self) -> str:
         """How systemd would write this address in NOTIFY_SOCKET."""
         return "@" + self.address[1:] if self.address.startswith("\0") else self.address
 
-    def recv(self, timeout: float = 5.0) -> Message:
-        """The next datagram; fail if none comes within ``timeout``."""
-        self.sock.settimeout(timeout)
+    def _run(self) -> None:
+        while not self._stop.wait(0.005):
+            self._pump()
+
+    def _pump(self) -> None:
+        """Move every datagram the kernel holds into the list."""
         creds_size = struct.calcsize("3i")
-        data, ancdata, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(creds_size))
-        pid = uid = None
-        for level, kind, payload in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
-                pid, uid, _gid = array.array("i", payload[:creds_size])
-        fields = dict(line.split("=", 1) for line in data.decode().split("\n"))
-        return Message(fields, data, pid, uid)
+        with self._lock:
+            while True:
+                try:
+                    data, ancdata, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(creds_size))
+                except (BlockingIOError, OSError):
+                    return
+                pid = uid = None
+                for level, kind, payload in ancdata:
+                    if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                        pid, uid, _gid = array.array("i", payload[:creds_size])
+                fields = dict(line.split("=", 1) for line in data.decode().split("\n"))
+                self._got.append(Message(fields, data, pid, uid))
+
+    def recv(self, timeout: float = 5.0) -> Message:
+        """The next datagram; TimeoutError if none comes within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self._pump()
+            with self._lock:
+                if self._got:
+                    return self._got.popleft()
+            if time.monotonic() >= deadline:
+                raise TimeoutError("no datagram")
+            time.sleep(0.002)
 
     def pending(self) -> list[Message]:
-        """Every datagram already queued (without waiting)."""
-        out = []
-        while True:
-            try:
-                self.sock.setblocking(False)
-                out.append(self.recv(timeout=0))
-            except (BlockingIOError, TimeoutError):
-                return out
+        """Every datagram sent so far and not yet read (without waiting)."""
+        self._pump()
+        with self._lock:
+            out = list(self._got)
+            self._got.clear()
+        return out
 
     def next_with(self, key: str, timeout: float = 5.0) -> tuple[Message, list[Message]]:
         """The first datagram carrying ``key``, and the ones before it."""
         before: list[Message] = []
         deadline = time.monotonic() + timeout
         while True:
-            msg = self.recv(max(0.01, deadline - time.monotonic()))
+            msg = self.recv(max(0.0, deadline - time.monotonic()))
             if key in msg.fields:
                 return msg, before
             before.append(msg)
 
     def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
         self.sock.close()
 
 
@@ -234,6 +266,30 @@ def test_gone_listener_is_not_an_error(tmp_path: Path) -> None:
     assert not Notifier(path).ready()
     assert not Notifier(str(tmp_path / "never")).ready()  # ENOENT
     assert not Notifier("\0nswatch-nobody-listens").ready()
+
+
+def test_busy_manager_never_blocks_pings(tmp_path: Path) -> None:
+    """A full queue drops pings and status lines at once; state changes wait, but not forever."""
+    path = str(tmp_path / "busy")
+    with (
+        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as manager,
+        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as other,
+    ):
+        manager.bind(path)
+        other.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            for _ in range(100_000):  # until the kernel's queue for it is full
+                other.sendto(b"X=1", path)
+        n = Notifier(path, send_timeout=0.3)
+        started = time.monotonic()
+        assert not n.watchdog()
+        assert not n.status("busy")
+        assert time.monotonic() - started < 0.1
+        started = time.monotonic()
+        assert not n.ready()
+        assert 0.25 <= time.monotonic() - started < 2
+        manager.recv(64)  # the manager catches up: room for one
+        assert n.ready()
 
 
 # --- the observer --------------------------------------------------------------------

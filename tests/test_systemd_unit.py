@@ -11,6 +11,7 @@ the watchdog, stop.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -241,11 +242,9 @@ class Container:
             )
         deadline = time.monotonic() + 60
         while True:
-            children = subprocess.run(
-                ["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True
-            ).stdout.split()
-            if children:
-                self.leader = int(children[0])
+            leader = container_init(self.proc.pid)
+            if leader is not None:
+                self.leader = leader
                 break
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"container did not start: {self.boot_log()}")
@@ -334,7 +333,8 @@ class Container:
                 self.proc.wait(20)
             except subprocess.TimeoutExpired:
                 # Killing the container's init takes its whole PID namespace down.
-                os.kill(self.leader, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.leader, signal.SIGKILL)
         try:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
@@ -342,6 +342,30 @@ class Container:
             self.proc.wait(10)
         # nspawn leaves this behind on a host whose /run is not a tmpfs.
         shutil.rmtree(f"/run/systemd/nspawn/propagate/{self.machine}", ignore_errors=True)
+
+
+def container_init(nspawn: int) -> int | None:
+    """The container's PID 1 (as seen from here) among nspawn's descendants, once it exists.
+
+    nspawn forks an intermediate child that exits after forking the real init,
+    so "nspawn's first child" can be a process about to go.
+    """
+    todo, seen = [nspawn], set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            continue
+        m = re.search(r"^NSpid:\s*(.*)$", status, re.M)
+        if pid != nspawn and m is not None and m.group(1).split()[-1] == "1":
+            return pid
+        todo.extend(int(c) for c in children)
+    return None
 
 
 def wait(cond: Callable[[], Any], timeout: float, interval: float = 0.1) -> Any:
