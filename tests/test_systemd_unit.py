@@ -325,21 +325,27 @@ class Container:
         wait(lambda: self.http("/readyz")[0] == 200, 30)
 
     def shutdown(self) -> None:
+        """Power the container off; failing that, kill its init, then nspawn."""
         if self.proc is None:
             return
-        if self.leader and self.proc.poll() is None:
-            self.run("systemctl", "poweroff", check=False, timeout=20)
+        if self.proc.poll() is None:
+            self.leader = container_init(self.proc.pid) or self.leader
+            if self.leader:
+                self.run("systemctl", "poweroff", check=False, timeout=20)
             try:
                 self.proc.wait(20)
             except subprocess.TimeoutExpired:
-                # Killing the container's init takes its whole PID namespace down.
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(self.leader, signal.SIGKILL)
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
+                # Killing the container's init takes its whole PID namespace
+                # down; killing nspawn alone would leave the container running.
+                leader = container_init(self.proc.pid)
+                if leader is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(leader, signal.SIGKILL)
+                try:
+                    self.proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait(10)
         # nspawn leaves this behind on a host whose /run is not a tmpfs.
         shutil.rmtree(f"/run/systemd/nspawn/propagate/{self.machine}", ignore_errors=True)
 
