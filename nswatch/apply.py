@@ -28,6 +28,9 @@ from nswatch.netns import NetnsEnterer
 from nswatch.observer import BaseObserver
 from nswatch.plan import Addressing, AllocationError, Step, addressing, drift, plan
 
+# How long after applying a namespace's steps its drift is not judged.
+GRACE = 0.5
+
 
 class StepFailed(Exception):
     """A step the kernel refused."""
@@ -236,6 +239,8 @@ class ApplyEngine(BaseObserver):
         # Subnets and bridge addresses handed out but maybe not yet visible in
         # the model: two namespaces appearing together must not share one.
         self._reserved: dict[str, Addressing] = {}
+        # After applying, drift is not judged until the model has caught up.
+        self._grace: dict[str, float] = {}
         self._thread: threading.Thread | None = None
         self._dirty: set[str] = set()
         self._dirty_lock = threading.Lock()
@@ -308,7 +313,11 @@ class ApplyEngine(BaseObserver):
 
     def _run(self) -> None:
         while True:
-            name = self._queue.get()
+            try:
+                name = self._queue.get(timeout=GRACE)
+            except queue.Empty:
+                self._recheck_after_grace()
+                continue
             if name is None:
                 return
             with self._dirty_lock:
@@ -344,6 +353,11 @@ class ApplyEngine(BaseObserver):
             self._record(profile, name, [], error=str(e))
             return []
         missing = drift(steps)
+        if not first and self.clock() < self._grace.get(name, 0.0):
+            # Our own steps are still arriving in the model: what looks
+            # missing now is most likely in flight. Look again after.
+            return []
+        self._grace.pop(name, None)
         with self.lock:
             before = {k: self.stats.drift.get((name, profile.name, k)) for k in missing}
             for kind, n in missing.items():
@@ -362,6 +376,13 @@ class ApplyEngine(BaseObserver):
             )
         return []
 
+    def _recheck_after_grace(self) -> None:
+        now = self.clock()
+        for name, until in list(self._grace.items()):
+            if now >= until:
+                del self._grace[name]
+                self._mark(name)
+
     def _backing_off(self, name: str) -> bool:
         fails, last = self._failures.get(name, (0, 0.0))
         # Retry a failing namespace after 1, 2, 4 ... up to 60 s: a profile
@@ -379,6 +400,8 @@ class ApplyEngine(BaseObserver):
         self._failures.pop(name, None)
         with self.lock:
             self._seen.add(name)
+        if done:
+            self._grace[name] = self.clock() + GRACE
         self._record(profile, name, done)
         if done:
             self.log.info(

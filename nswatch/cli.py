@@ -168,10 +168,16 @@ def cmd_run(args: argparse.Namespace) -> int:
                 reload.clear()
                 config = _reload(args, config, daemon, engine, sink, log)
     finally:
+        died = not stop.is_set()
         daemon.request_stop()
         thread.join(STOP_TIMEOUT)
         engine.stop()
         server.stop()
+    if died:
+        # The loop ended without being asked to: exit non-zero so that
+        # systemd's Restart=on-failure restarts us.
+        log.error("event_loop_died")
+        return 1
     log.info("stopped")
     return 0
 
