@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from nswatch.decode import Decoded, DumpWhat
 from nswatch.model import (
     Change,
     Dump,
@@ -52,6 +53,32 @@ class Settings:
     # Link counters come with link messages, which the kernel sends only on
     # state changes; a link dump this often keeps them fresh (0: never).
     stats_interval: float = 15.0
+
+
+class NetlinkSession(Protocol):
+    """One namespace's netlink conversation, as the daemon drives it (see netlink.Session)."""
+
+    inode: int
+    name: str
+    synced: bool
+
+    def fileno(self) -> int: ...
+    @property
+    def busy(self) -> bool: ...
+    @property
+    def idle(self) -> bool: ...
+    def stalled(self, timeout: float) -> bool: ...
+    def start(self, reason: str = "initial") -> None: ...
+    def resync(self, reason: str, kinds: Iterable[DumpWhat] = ...) -> None: ...
+    def redump_routes(self, family: Family, reason: str, dev: int | None = None) -> None: ...
+    def refresh_stats(self) -> None: ...
+    def ask_nsid(self, target: int, fd: int) -> None: ...
+    def read(self) -> tuple[list[Event], list[Decoded], str | None]: ...
+    def close(self) -> None: ...
+
+
+SessionOpener = Callable[[int, str, "str | None"], NetlinkSession]
+"""Open a session for (inode, name, namespace file path or None for our own)."""
 
 
 class DirWatch(Protocol):
@@ -87,6 +114,7 @@ class Daemon:
         | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        open_session: SessionOpener | None = None,
     ) -> None:
         self.settings = settings
         self.observers: list[Observer] = list(observers) or [BaseObserver()]
@@ -99,7 +127,8 @@ class Daemon:
         self._filter = NameFilter(settings.include, settings.exclude)
         self._dirwatch_factory = dirwatch_factory
         self._dirwatch: DirWatch | None = None
-        self.sessions: dict[int, Session] = {}
+        self._open_session: SessionOpener = open_session or self._real_session
+        self.sessions: dict[int, NetlinkSession] = {}
         self.paths: dict[int, str] = {}
         self._asked: set[tuple[int, int]] = set()
         self._selector = selectors.DefaultSelector()
@@ -340,30 +369,32 @@ class Daemon:
     ) -> None:
         is_host = inode == self.enterer.home.inode
         try:
-            if is_host:
-                sock = make_socket(self.settings.netlink_rcvbuf)
-            else:
-                assert path is not None
-                fd = self.enterer.open_ns(path, inode)
-                try:
-                    rcvbuf = self.settings.netlink_rcvbuf
-                    sock = self.enterer.run_in(fd, lambda: make_socket(rcvbuf))
-                finally:
-                    os.close(fd)
+            session = self._open_session(inode, names[0], None if is_host else path)
         except OSError as e:
             # The namespace vanished between scan and open (ENOENT, ESTALE,
             # EINVAL): normal under churn; the next scan sees the truth.
             self._error(names[0], "open_namespace", e)
             return
-        session = Session(inode, names[0], sock)
         self.sessions[inode] = session
         if path is not None:
             self.paths[inode] = path
-        self._selector.register(sock, selectors.EVENT_READ, session)
+        self._selector.register(session, selectors.EVENT_READ, session)
         if not self.ready.is_set():
             self._unready.add(inode)
         self._apply([NamespaceSeen(inode, names, is_host=is_host)], reason=why)
         session.start(dump)
+
+    def _real_session(self, inode: int, name: str, path: str | None) -> NetlinkSession:
+        """A netlink socket inside the namespace at ``path`` (None: our own)."""
+        rcvbuf = self.settings.netlink_rcvbuf
+        if path is None:
+            return Session(inode, name, make_socket(rcvbuf))
+        fd = self.enterer.open_ns(path, inode)
+        try:
+            sock = self.enterer.run_in(fd, lambda: make_socket(rcvbuf))
+        finally:
+            os.close(fd)
+        return Session(inode, name, sock)
 
     def _namespace_gone(self, inode: int, why: str) -> None:
         # Close the socket first and at once: an open socket inside the
@@ -392,7 +423,7 @@ class Daemon:
         if session is None:
             return
         with contextlib.suppress(KeyError, ValueError):
-            self._selector.unregister(session.sock)
+            self._selector.unregister(session)
         session.close()
 
     def _check_ready(self) -> None:
@@ -413,7 +444,7 @@ class Daemon:
 
     # -- netlink --
 
-    def _read(self, session: Session) -> None:
+    def _read(self, session: NetlinkSession) -> None:
         t0 = time.perf_counter()
         try:
             events, notes, stale = session.read()
@@ -465,7 +496,7 @@ class Daemon:
         return out
 
     def _followups(
-        self, session: Session, events: Sequence[Event], changes: Sequence[Change]
+        self, session: NetlinkSession, events: Sequence[Event], changes: Sequence[Change]
     ) -> None:
         """Re-dump what the kernel changed without a precise notification."""
         # The notification can reach us while the kernel is still inside the
@@ -539,7 +570,7 @@ class Daemon:
                 self._asked.add((ch.inode, target))
                 self._ask_nsid(session, target)
 
-    def _ask_nsid(self, session: Session, target: int) -> None:
+    def _ask_nsid(self, session: NetlinkSession, target: int) -> None:
         try:
             if target == self.enterer.home.inode:
                 fd = self.enterer.home_fd()
