@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import require_root
+from tests.kernel import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "nswatch.service"
@@ -375,14 +376,8 @@ def container_init(nspawn: int) -> int | None:
 
 
 def wait(cond: Callable[[], Any], timeout: float, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(interval)
+    # Polling systemctl in the container is heavier than a local check.
+    return wait_for(cond, timeout, interval)
 
 
 @pytest.fixture(scope="module")
