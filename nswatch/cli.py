@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import gc
 import ipaddress
-import os
 import json
+import os
 import signal
 import sys
 import threading
