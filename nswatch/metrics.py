@@ -18,6 +18,7 @@ collectors go through prometheus-client's encoders unchanged.
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import platform
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -37,9 +38,11 @@ from nswatch.model import REMOVAL_REASONS, Change, Link, Model, Namespace
 from nswatch.observer import BaseObserver
 from nswatch.state import table_name
 
+# Read from the installed distribution: only the netlink and apply modules
+# import pyroute2 itself.
 try:
-    from pyroute2 import __version__ as _PYROUTE2_VERSION
-except ImportError:  # pragma: no cover - pyroute2 is a dependency
+    _PYROUTE2_VERSION = importlib.metadata.version("pyroute2")
+except importlib.metadata.PackageNotFoundError:  # pragma: no cover - a dependency
     _PYROUTE2_VERSION = "unknown"
 
 NETLINK_TYPES = ("link", "address", "route")
