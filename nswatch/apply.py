@@ -9,6 +9,8 @@ thread so the event loop never waits for the kernel.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import ipaddress
 import os
 import queue
 import socket
@@ -22,11 +24,22 @@ import structlog
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from nswatch.config import Config, Profile
+from nswatch.config import Config, Profile, render_host_name
 from nswatch.model import Change, Model
 from nswatch.netns import NetnsEnterer
 from nswatch.observer import BaseObserver
-from nswatch.plan import Addressing, AllocationError, Step, addressing, drift, plan
+from nswatch.plan import (
+    Addressing,
+    AllocationError,
+    Step,
+    addressing,
+    drift,
+    existing_subnet,
+    p2p_addressing,
+    plan,
+)
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # How long after applying a namespace's steps its drift is not judged.
 GRACE = 0.5
@@ -54,10 +67,43 @@ class Applier:
         enterer: NetnsEnterer,
         resolve: Callable[[str], str | None],
         host_label: str = "host",
+        lock_path: str | None = "/run/netns",
     ) -> None:
         self.enterer = enterer
         self.resolve = resolve
         self.host_label = host_label
+        self.lock_path = lock_path
+
+    @contextlib.contextmanager
+    def allocation_lock(self) -> Iterator[None]:
+        """Hold a lock that every nswatch on this host takes to hand out subnets.
+
+        An flock on the namespace directory itself: it needs no file of its
+        own (the directory may be read-only to us), and the kernel drops it
+        if the process dies.
+        """
+        try:
+            fd = os.open(self.lock_path or "", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            yield
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def host_addresses(self) -> list[tuple[str, ipaddress.IPv4Interface | ipaddress.IPv6Interface]]:
+        """(link name, address) of every host address right now, from the kernel (not the model)."""
+        out = []
+        with self._ipr(self.host_label) as ipr:
+            names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+            for msg in ipr.get_addr():
+                ip = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
+                if ip:
+                    iface = ipaddress.ip_interface(f"{ip}/{msg['prefixlen']}")
+                    out.append((str(names.get(msg["index"], "")), iface))
+        return out
 
     @contextlib.contextmanager
     def _fd(self, netns: str) -> Iterator[int]:
@@ -334,18 +380,59 @@ class ApplyEngine(BaseObserver):
         ns = model.get(name)
         if profile is None or ns is None or not ns.synced:
             return []
+        pool = profile.veth.pool if profile.veth is not None else None
+        if pool is None:
+            return self._evaluate(profile, name, model, [])
+        # Another nswatch may be handing out subnets of the same pool right
+        # now, faster than our model hears of it: allocate under a host-wide
+        # lock, against the kernel's addresses of this very moment.
+        assert profile.veth is not None and profile.veth.prefix is not None
+        prefix = profile.veth.prefix
+        hname = render_host_name(profile.veth.host_name, name)
+        with self.applier.allocation_lock():
+            taken: list[Network] = []
+            mine: Network | None = None
+            for ifname, iface in self.applier.host_addresses():
+                if iface.version != pool.version or iface.ip not in pool:
+                    continue
+                net = ipaddress.ip_network(f"{iface.ip}/{prefix}", strict=False)
+                if ifname == hname:
+                    mine = net
+                else:
+                    taken.append(net)
+            return self._evaluate(profile, name, self.view(), taken, mine)
+
+    def _evaluate(
+        self,
+        profile: Profile,
+        name: str,
+        model: Model,
+        taken: list[Network],
+        mine: Network | None = None,
+    ) -> list[Step]:
         with self.lock:
             first = name not in self._seen
+            own = self._reserved.get(name)
             others = [a for n, a in self._reserved.items() if n != name]
         try:
-            addr = addressing(
-                profile,
-                name,
-                model,
-                self.config.host_label,
-                reserved=[a.host.network for a in others if a.host is not None],
-                reserved_ips=[str(a.netns.ip) for a in others if a.netns is not None],
-            )
+            held = existing_subnet(profile, name, model, self.config.host_label)
+            if mine is not None:
+                # The kernel says this namespace's host end already has its
+                # subnet (perhaps from another nswatch, faster than our model).
+                addr = p2p_addressing(mine)
+            elif own is not None and (held is None or (own.host and own.host.network == held)):
+                # What we handed this namespace before stays its own, even
+                # while the model has not caught up with our steps yet.
+                addr = own
+            else:
+                addr = addressing(
+                    profile,
+                    name,
+                    model,
+                    self.config.host_label,
+                    reserved=[*taken, *(a.host.network for a in others if a.host is not None)],
+                    reserved_ips=[str(a.netns.ip) for a in others if a.netns is not None],
+                )
             with self.lock:
                 self._reserved[name] = addr
             steps = self.applier.pending(plan(profile, name, model, self.config.host_label, addr))

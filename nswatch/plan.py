@@ -215,7 +215,11 @@ def addressing(
         return Addressing(None, ns_if, str(veth.bridge.address.ip))
     if veth.pool is None:
         return Addressing(None, None, None)
-    net = allocate_subnet(profile, netns, model, host_label, reserved)
+    return p2p_addressing(allocate_subnet(profile, netns, model, host_label, reserved))
+
+
+def p2p_addressing(net: Network) -> Addressing:
+    """Point-to-point: the host end takes the subnet's first address, the namespace end the next."""
     first = net.network_address + (0 if net.prefixlen >= net.max_prefixlen - 1 else 1)
     host_if = ipaddress.ip_interface(f"{first}/{net.prefixlen}")
     ns_if = ipaddress.ip_interface(f"{first + 1}/{net.prefixlen}")

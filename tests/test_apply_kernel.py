@@ -142,3 +142,39 @@ def test_drift_is_reported_when_not_enforced(lab: Lab) -> None:
         wait_for(lambda: engine.snapshot().drift.get((ns, "lab", "link"), 0) >= 1, timeout=3)
     finally:
         stop(daemon, engine)
+
+
+def test_two_daemons_never_share_a_subnet(lab: Lab) -> None:
+    """Two nswatch instances applying the same profile to namespaces created together hand out distinct subnets, one per namespace."""
+    first = run_engine(lab, enforce=True)
+    second = run_engine(lab, enforce=True)
+    try:
+        names = [lab.name(f"t{i}") for i in range(8)]
+        subprocess.run(
+            ["ip", "-batch", "-"],
+            input="".join(f"netns add {n}\n" for n in names),
+            text=True,
+            check=True,
+        )
+        lab.namespaces.extend(names)
+        for n in names:
+            lab.host_link(render_host_name("nsw-{id}", n))
+        wait_for(lambda: all(default_route(n) for n in names), timeout=10)
+        time.sleep(1.0)  # let the slower instance finish whatever it started
+        subnets = []
+        for n in names:
+            infos = ip_json(n, "-4", "addr", "show", "eth0")[0]["addr_info"]
+            assert len(infos) == 1, (n, infos)
+            host = ip_json(None, "-4", "addr", "show", render_host_name("nsw-{id}", n))[0][
+                "addr_info"
+            ]
+            assert len(host) == 1, (n, host)
+            subnets.append(
+                infos[0]["local"].rsplit(".", 1)[0]
+                + "."
+                + str(int(infos[0]["local"].rsplit(".", 1)[1]) // 4)
+            )
+        assert len(set(subnets)) == len(names)
+    finally:
+        stop(*second)
+        stop(*first)
