@@ -53,6 +53,19 @@ def stop(daemon: Daemon, engine: ApplyEngine) -> None:
     engine.stop()
 
 
+def add_namespaces(lab: Lab, names: list[str]) -> None:
+    """Create namespaces in one `ip -batch` (as fast as ip can) and own their host ends."""
+    subprocess.run(
+        ["ip", "-batch", "-"],
+        input="".join(f"netns add {n}\n" for n in names),
+        text=True,
+        check=True,
+    )
+    lab.namespaces.extend(names)
+    for n in names:
+        lab.host_link(render_host_name("nsw-{id}", n))
+
+
 def default_route(ns: str) -> list[dict[str, object]]:
     return [r for r in ip_json(ns, "-4", "route", "show") if r["dst"] == "default"]
 
@@ -92,15 +105,7 @@ def test_two_namespaces_at_once_get_distinct_subnets(lab: Lab) -> None:
     daemon, engine = run_engine(lab, enforce=True)
     try:
         names = [lab.name(f"s{i}") for i in range(6)]
-        subprocess.run(
-            ["ip", "-batch", "-"],
-            input="".join(f"netns add {n}\n" for n in names),
-            text=True,
-            check=True,
-        )
-        lab.namespaces.extend(names)
-        for n in names:
-            lab.host_link(render_host_name("nsw-{id}", n))
+        add_namespaces(lab, names)
         wait_for(lambda: all(default_route(n) for n in names), timeout=5)
         subnets = []
         for n in names:
@@ -150,15 +155,7 @@ def test_two_daemons_never_share_a_subnet(lab: Lab) -> None:
     second = run_engine(lab, enforce=True)
     try:
         names = [lab.name(f"t{i}") for i in range(8)]
-        subprocess.run(
-            ["ip", "-batch", "-"],
-            input="".join(f"netns add {n}\n" for n in names),
-            text=True,
-            check=True,
-        )
-        lab.namespaces.extend(names)
-        for n in names:
-            lab.host_link(render_host_name("nsw-{id}", n))
+        add_namespaces(lab, names)
         wait_for(lambda: all(default_route(n) for n in names), timeout=10)
         time.sleep(1.0)  # let the slower instance finish whatever it started
         subnets = []
