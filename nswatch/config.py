@@ -195,12 +195,6 @@ class Config:
                 return profile
         return None
 
-    def watches(self, netns: str) -> bool:
-        """Whether ``netns`` passes include/exclude (``re.search``; exclude wins)."""
-        if self.exclude is not None and re.search(self.exclude, netns):
-            return False
-        return self.include is None or re.search(self.include, netns) is not None
-
     def with_overrides(self, **kw: object) -> Config:
         """A copy with command-line values on top, validated like the file's.
 

@@ -20,6 +20,7 @@ from nswatch.model import (
     Address,
     AddressDel,
     AddressNew,
+    DumpKind,
     Event,
     Family,
     Link,
@@ -36,7 +37,6 @@ from nswatch.model import (
 NLMSG_HDR = struct.Struct("=IHHII")
 NLMSG_ERROR = 2
 NLMSG_DONE = 3
-NLM_F_MULTI = 0x2
 NLM_F_DUMP_INTR = 0x10
 NLM_F_REPLACE = 0x100
 
@@ -358,10 +358,8 @@ RTM_GETROUTE = 26
 RTM_GETNSID = 90
 NETNSA_FD = 3
 
-DumpWhat = Literal["link", "address", "route"]
 
-
-def dump_request(what: DumpWhat, family: int, seq: int, dev: int | None = None) -> bytes:
+def dump_request(what: DumpKind, family: int, seq: int, dev: int | None = None) -> bytes:
     """An RTM_GET* dump request for links, addresses or routes of ``family`` (0: all).
 
     ``dev`` limits a route dump to routes through that link; the kernel only
@@ -389,15 +387,13 @@ def nsid_request(fd: int, seq: int) -> bytes:
 
 # --- notifications as model events ---------------------------------------------
 
-EventType = Literal["link", "address", "route"]
-
 
 @dataclass(frozen=True, slots=True)
 class Decoded:
     """One notification: the model event plus what it was, for counting."""
 
     event: Event
-    type: EventType
+    type: DumpKind
     action: Literal["new", "del"]
 
 
@@ -431,7 +427,7 @@ def decode_notification(msg: Message, inode: int) -> Decoded | None:
     return None
 
 
-def decode_dump_item(msg: Message, what: DumpWhat) -> Link | Address | Route | None:
+def decode_dump_item(msg: Message, what: DumpKind) -> Link | Address | Route | None:
     """One message of a dump reply as a model record."""
     if what == "link":
         if link_family(msg) == AF_BRIDGE:

@@ -32,7 +32,6 @@ from nswatch.decode import (
     NLMSG_ERROR,
     RTM_NEWNSID,
     Decoded,
-    DumpWhat,
     Message,
     decode_dump_item,
     decode_notification,
@@ -46,6 +45,7 @@ from nswatch.model import (
     Address,
     Change,
     Dump,
+    DumpKind,
     Event,
     Family,
     Link,
@@ -128,7 +128,7 @@ def make_socket(rcvbuf: int) -> socket.socket:
 
 @dataclass(slots=True)
 class _Request:
-    what: DumpWhat
+    what: DumpKind
     family: Family | None = None
     dev: int | None = None
     reason: str = "initial"
@@ -201,7 +201,7 @@ class Session:
         """Queue the first full dump on this socket."""
         self.resync(reason)
 
-    def resync(self, reason: str, kinds: Iterable[DumpWhat] = ("link", "address", "route")) -> None:
+    def resync(self, reason: str, kinds: Iterable[DumpKind] = ("link", "address", "route")) -> None:
         """Queue fresh dumps (skipping any already queued but not started)."""
         for what in kinds:
             if not any(r.what == what and r.family is None for r in self._queue):

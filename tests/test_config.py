@@ -31,6 +31,7 @@ from nswatch.config import (
     render_host_name,
     validate_against_host,
 )
+from nswatch.netns import NameFilter
 
 DATA = Path(__file__).parent / "data" / "config"
 
@@ -816,12 +817,13 @@ def test_first_matching_profile_wins() -> None:
 
 
 def test_include_exclude() -> None:
-    """watches: include narrows, exclude wins."""
+    """The config's include narrows and its exclude wins, as the daemon's name filter applies them."""
     config = Config(include="^ns", exclude="tmp")
-    assert config.watches("ns1")
-    assert not config.watches("x1")
-    assert not config.watches("ns-tmp")
-    assert Config().watches("anything")
+    watches = NameFilter(config.include, config.exclude)
+    assert watches("ns1")
+    assert not watches("x1")
+    assert not watches("ns-tmp")
+    assert NameFilter(Config().include, Config().exclude)("anything")
 
 
 # -- overrides --------------------------------------------------------------------------

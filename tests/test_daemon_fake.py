@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from nswatch.daemon import Daemon, NetlinkSession, Settings
-from nswatch.decode import Decoded, DumpWhat
-from nswatch.model import Dump, Event, Family, Link, LinkNew, Synced
+from nswatch.decode import Decoded
+from nswatch.model import Dump, DumpKind, Event, Family, Link, LinkNew, Synced
 from nswatch.observer import BaseObserver
 
 
@@ -34,7 +34,7 @@ class FakeSession:
         self._r, self._w = os.pipe()
         self._pending: list[tuple[list[Event], list[Decoded], str | None]] = []
         self.started: list[str] = []
-        self.resyncs: list[tuple[str, tuple[DumpWhat, ...]]] = []
+        self.resyncs: list[tuple[str, tuple[DumpKind, ...]]] = []
         self.route_dumps: list[tuple[Family, str, int | None]] = []
         self.dumping = False
         self.closed = False
@@ -63,7 +63,7 @@ class FakeSession:
         self.started.append(reason)
         self.dumping = True
 
-    def resync(self, reason: str, kinds: Iterable[DumpWhat] = ("link", "address", "route")) -> None:
+    def resync(self, reason: str, kinds: Iterable[DumpKind] = ("link", "address", "route")) -> None:
         self.resyncs.append((reason, tuple(kinds)))
 
     def redump_routes(self, family: Family, reason: str, dev: int | None = None) -> None:

@@ -12,6 +12,7 @@ from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
 from nswatch import decode
+from nswatch.model import DumpKind
 from nswatch.netns import NetnsEnterer
 from tests.kernel import Lab, ip
 
@@ -51,7 +52,7 @@ def test_truncated_datagram_yields_whole_messages_only() -> None:
     assert list(decode.messages(b"\x00" * 7)) == []
 
 
-def _dump(sock: socket.socket, what: decode.DumpWhat) -> Iterator[bytes]:
+def _dump(sock: socket.socket, what: DumpKind) -> Iterator[bytes]:
     sock.send(decode.dump_request(what, 0, 7))
     while True:
         data = sock.recv(1 << 20)
@@ -117,7 +118,7 @@ def test_decoder_agrees_with_pyroute2_on_live_dumps(lab: Lab) -> None:
     marshal = MarshalRtnl()
     seen = {"link": 0, "address": 0, "route": 0}
     with sock:
-        whats: tuple[decode.DumpWhat, ...] = ("link", "address", "route")
+        whats: tuple[DumpKind, ...] = ("link", "address", "route")
         for what in whats:
             for data in _dump(sock, what):
                 ours = [m for m in decode.messages(data) if m.type > decode.NLMSG_DONE]
