@@ -376,19 +376,47 @@ class ApplyEngine(BaseObserver):
     def evaluate(self, name: str) -> list[Step]:
         """Compare ``name`` with its profile; apply when due. Returns the steps done."""
         profile = self.config.profile_for(name)
-        model = self.view()
-        ns = model.get(name)
+        ns = self.view().get(name)
         if profile is None or ns is None or not ns.synced:
             return []
-        pool = profile.veth.pool if profile.veth is not None else None
-        if pool is None:
-            return self._evaluate(profile, name, model, [])
-        # Another nswatch may be handing out subnets of the same pool right
-        # now, faster than our model hears of it: allocate under a host-wide
-        # lock, against the kernel's addresses of this very moment.
-        assert profile.veth is not None and profile.veth.prefix is not None
-        prefix = profile.veth.prefix
-        hname = render_host_name(profile.veth.host_name, name)
+        with self._allocation(profile, name) as (taken, mine):
+            return self._evaluate(profile, name, self.view(), taken, mine)
+
+    def once(self, name: str, *, dry_run: bool) -> tuple[Profile | None, list[Step], str | None]:
+        """For ``nswatch apply``: (profile, the steps for ``name`` now, error), done unless dry."""
+        profile = self.config.profile_for(name)
+        if profile is None or self.view().get(name) is None:
+            return profile, [], None
+        with self._allocation(profile, name) as (taken, mine):
+            model = self.view()
+            try:
+                addr = self._addressing(profile, name, model, taken, mine)
+            except AllocationError as e:
+                return profile, [], str(e)
+            steps = self.applier.pending(plan(profile, name, model, self.config.host_label, addr))
+            if not dry_run and steps:
+                try:
+                    self.applier.run(steps)
+                except StepFailed as e:
+                    return profile, steps, str(e)
+            return profile, steps, None
+
+    @contextlib.contextmanager
+    def _allocation(
+        self, profile: Profile, name: str
+    ) -> Iterator[tuple[list[Network], Network | None]]:
+        """(subnets other namespaces hold, the one the kernel shows as ``name``'s), under the lock.
+
+        Another nswatch may be handing out subnets of the same pool right
+        now, faster than our model hears of it: allocate under a host-wide
+        lock, against the kernel's addresses of this very moment.
+        """
+        veth = profile.veth
+        if veth is None or veth.pool is None or veth.prefix is None:
+            yield [], None
+            return
+        pool, prefix = veth.pool, veth.prefix
+        hname = render_host_name(veth.host_name, name)
         with self.applier.allocation_lock():
             taken: list[Network] = []
             mine: Network | None = None
@@ -400,7 +428,36 @@ class ApplyEngine(BaseObserver):
                     mine = net
                 else:
                     taken.append(net)
-            return self._evaluate(profile, name, self.view(), taken, mine)
+            yield taken, mine
+
+    def _addressing(
+        self, profile: Profile, name: str, model: Model, taken: list[Network], mine: Network | None
+    ) -> Addressing:
+        """The namespace's addresses, never one another namespace holds or was given."""
+        with self.lock:
+            own = self._reserved.get(name)
+            others = [a for n, a in self._reserved.items() if n != name]
+        held = existing_subnet(profile, name, model, self.config.host_label)
+        if mine is not None:
+            # The kernel says this namespace's host end already has its
+            # subnet (perhaps from another nswatch, faster than our model).
+            addr = p2p_addressing(mine)
+        elif own is not None and (held is None or (own.host and own.host.network == held)):
+            # What we handed this namespace before stays its own, even
+            # while the model has not caught up with our steps yet.
+            addr = own
+        else:
+            addr = addressing(
+                profile,
+                name,
+                model,
+                self.config.host_label,
+                reserved=[*taken, *(a.host.network for a in others if a.host is not None)],
+                reserved_ips=[str(a.netns.ip) for a in others if a.netns is not None],
+            )
+        with self.lock:
+            self._reserved[name] = addr
+        return addr
 
     def _evaluate(
         self,
@@ -412,29 +469,8 @@ class ApplyEngine(BaseObserver):
     ) -> list[Step]:
         with self.lock:
             first = name not in self._seen
-            own = self._reserved.get(name)
-            others = [a for n, a in self._reserved.items() if n != name]
         try:
-            held = existing_subnet(profile, name, model, self.config.host_label)
-            if mine is not None:
-                # The kernel says this namespace's host end already has its
-                # subnet (perhaps from another nswatch, faster than our model).
-                addr = p2p_addressing(mine)
-            elif own is not None and (held is None or (own.host and own.host.network == held)):
-                # What we handed this namespace before stays its own, even
-                # while the model has not caught up with our steps yet.
-                addr = own
-            else:
-                addr = addressing(
-                    profile,
-                    name,
-                    model,
-                    self.config.host_label,
-                    reserved=[*taken, *(a.host.network for a in others if a.host is not None)],
-                    reserved_ips=[str(a.netns.ip) for a in others if a.netns is not None],
-                )
-            with self.lock:
-                self._reserved[name] = addr
+            addr = self._addressing(profile, name, model, taken, mine)
             steps = self.applier.pending(plan(profile, name, model, self.config.host_label, addr))
         except AllocationError as e:
             self._record(profile, name, [], error=str(e))

@@ -281,8 +281,7 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 
 def cmd_apply(args: argparse.Namespace) -> int:
     """Plan (and unless --dry-run, apply) every matching namespace once."""
-    from nswatch.apply import Applier, StepFailed
-    from nswatch.plan import Addressing, AllocationError, addressing, plan
+    from nswatch.apply import Applier, ApplyEngine
 
     config = load(args)
     logs.configure("console", "warning")
@@ -299,42 +298,21 @@ def cmd_apply(args: argparse.Namespace) -> int:
                 print(f"{args.netns}: no such namespace", file=sys.stderr)
                 return 1
             names = [args.netns]
-        applier = Applier(
-            daemon.enterer,
-            lambda name: daemon.paths.get(model.by_name.get(name, -1)),
-            config.host_label,
-        )
-        taken: list[Addressing] = []
+        # The daemon's own engine plans (and applies) here too: the same
+        # allocation, under the same host-wide lock as a running nswatch.
+        applier = Applier(daemon.enterer, daemon.path_of, config.host_label)
+        engine = ApplyEngine(config, lambda: model, applier)
         for name in names:
-            profile = config.profile_for(name)
+            profile, steps, error = engine.once(name, dry_run=args.dry_run)
             if profile is None:
                 if args.netns:
                     print(f"{name}: no profile matches")
                 continue
-            try:
-                addr = addressing(
-                    profile,
-                    name,
-                    model,
-                    config.host_label,
-                    reserved=[a.host.network for a in taken if a.host is not None],
-                    reserved_ips=[str(a.netns.ip) for a in taken if a.netns is not None],
-                )
-            except AllocationError as e:
-                print(f"{name}: {e}", file=sys.stderr)
-                status = 1
-                continue
-            taken.append(addr)
-            steps = applier.pending(plan(profile, name, model, config.host_label, addr))
             print(f"# {name} (profile {profile.name}): {len(steps)} step(s)")
             for step in steps:
                 print(f"  {step}")
-            if args.dry_run or not steps:
-                continue
-            try:
-                applier.run(steps)
-            except StepFailed as e:
-                print(f"{name}: failed: {e}", file=sys.stderr)
+            if error is not None:
+                print(f"{name}: failed: {error}", file=sys.stderr)
                 status = 1
     finally:
         daemon.close()
