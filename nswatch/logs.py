@@ -9,7 +9,27 @@ from typing import Any, TextIO
 
 import structlog
 
-from nswatch.model import Address, Change, Link, Model, Route, VethPair
+from nswatch.model import (
+    Address,
+    AddressAdded,
+    AddressChanged,
+    AddressRemoved,
+    Change,
+    Link,
+    LinkAdded,
+    LinkChanged,
+    LinkRemoved,
+    Model,
+    NamespaceAdded,
+    NamespaceRemoved,
+    NamespaceRenamed,
+    Route,
+    RouteAdded,
+    RouteChanged,
+    RouteRemoved,
+    VethLost,
+    VethResolved,
+)
 from nswatch.observer import BaseObserver
 from nswatch.state import table_name
 
@@ -98,35 +118,34 @@ class LogObserver(BaseObserver):
         fields: dict[str, Any] = {"netns": ch.netns}
         if reason is not None:
             fields["source"] = reason
-        if ch.kind == "namespace":
-            if ch.action == "added":
-                self.log.info("namespace_added", inode=ch.inode, names=ch.new, **fields)
-            elif ch.action == "removed":
-                self.log.info("namespace_removed", inode=ch.inode, **fields)
-            else:
-                self.log.info("namespace_renamed", old=ch.old, new=ch.new, **fields)
-            return
-        if ch.kind == "veth_peer":
-            pair = ch.new if ch.action == "resolved" else ch.old
-            assert isinstance(pair, VethPair)
-            if ch.reason:
-                fields["reason"] = ch.reason
-            self.log.info(
-                f"veth_peer_{ch.action}",
-                link=pair.a_link,
-                peer_netns=pair.b_netns,
-                peer_link=pair.b_link,
-                **fields,
-            )
-            return
-        obj = ch.new if ch.new is not None else ch.old
-        fields.update(describe(obj))
-        if ch.reason:
-            fields["reason"] = ch.reason
-        if ch.action == "changed" and ch.old is not None:
-            fields["old"] = describe(ch.old)
-        level = "warning" if ch.action == "removed" and ch.kind in ("link", "route") else "info"
-        getattr(self.log, level)(f"{ch.kind}_{ch.action}", **fields)
+        event = f"{ch.kind}_{ch.action}"
+        match ch:
+            case NamespaceAdded():
+                self.log.info(event, inode=ch.inode, names=ch.names, **fields)
+            case NamespaceRemoved():
+                self.log.info(event, inode=ch.inode, **fields)
+            case NamespaceRenamed():
+                self.log.info(event, old=ch.old, new=ch.names, **fields)
+            case VethResolved(pair=pair) | VethLost(pair=pair):
+                if isinstance(ch, VethLost) and ch.reason:
+                    fields["reason"] = ch.reason
+                self.log.info(
+                    event,
+                    link=pair.a_link,
+                    peer_netns=pair.b_netns,
+                    peer_link=pair.b_link,
+                    **fields,
+                )
+            case LinkAdded(link=obj) | AddressAdded(address=obj) | RouteAdded(route=obj):
+                self.log.info(event, **fields, **describe(obj))
+            case LinkChanged(link=obj) | AddressChanged(address=obj) | RouteChanged(route=obj):
+                self.log.info(event, **fields, **describe(obj), old=describe(ch.old))
+            case LinkRemoved(link=obj, reason=why):
+                self.log.warning(event, **fields, **describe(obj), reason=why)
+            case RouteRemoved(route=obj):
+                self.log.warning(event, **fields, **describe(obj))
+            case AddressRemoved(address=obj):
+                self.log.info(event, **fields, **describe(obj))
 
     def overrun(self, netns: str) -> None:
         self.log.warning("netlink_overrun", netns=netns)

@@ -34,7 +34,18 @@ from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
 from nswatch import __version__
-from nswatch.model import REMOVAL_REASONS, Change, Link, Model, Namespace
+from nswatch.model import (
+    REMOVAL_REASONS,
+    Change,
+    LinkAdded,
+    LinkChanged,
+    LinkRemoved,
+    Model,
+    Namespace,
+    NamespaceAdded,
+    NamespaceRemoved,
+    NamespaceRenamed,
+)
 from nswatch.observer import BaseObserver
 from nswatch.state import table_name
 
@@ -259,26 +270,23 @@ class MetricsSink(BaseObserver):
         c = self._counters
         with c.lock:
             for ch in changes:
-                kind = ch.kind
-                if kind == "link":
-                    if ch.action == "removed":
-                        link = ch.old
-                        assert isinstance(link, Link)
+                match ch:
+                    case LinkRemoved(link=link, reason=why):
                         per_ns = self._removed_for(ch.inode, link.kind)
-                        key = (link.kind, ch.reason or "deleted")
-                        per_ns[key] = per_ns.get(key, 0) + 1
-                    elif isinstance(ch.new, Link):
-                        self._removed_for(ch.inode, ch.new.kind)
-                elif kind == "namespace":
-                    if ch.action in ("added", "removed"):
+                        per_ns[(link.kind, why)] = per_ns.get((link.kind, why), 0) + 1
+                    case LinkAdded(link=link) | LinkChanged(link=link):
+                        self._removed_for(ch.inode, link.kind)
+                    case NamespaceAdded() | NamespaceRemoved():
                         c.namespace_events[ch.action] += 1
                         if reason == "periodic":
                             c.discrepancies["namespace"] += 1
-                    if ch.action == "removed":
-                        c.removed.pop(ch.inode, None)
-                    continue
-                if reason == "reconcile" and kind in ("link", "address", "route"):
-                    c.discrepancies[kind] += 1
+                        if isinstance(ch, NamespaceRemoved):
+                            c.removed.pop(ch.inode, None)
+                        continue
+                    case NamespaceRenamed():
+                        continue
+                if reason == "reconcile" and ch.kind in ("link", "address", "route"):
+                    c.discrepancies[ch.kind] += 1
 
     def _removed_for(self, inode: int, kind: str) -> dict[tuple[str, str], int]:
         """The removal counters of ``inode``, with ``kind``'s reasons initialised to 0."""

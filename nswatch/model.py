@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import Literal, TypeAlias
+from typing import ClassVar, Literal, TypeAlias
+
+from nswatch.peers import LinkRef, VethPeers
 
 Family = Literal["inet", "inet6"]
-LinkRef: TypeAlias = tuple[int, int]
-"""A link's identity: (namespace inode, ifindex). Never the name: names change."""
 
 #: Removal reasons for links, as exported in ``nswatch_network_removed_total``.
 REMOVAL_REASONS = ("deleted", "namespace_deleted", "moved")
@@ -293,18 +293,202 @@ ChangeKind = Literal["namespace", "link", "address", "route", "veth_peer"]
 ChangeAction = Literal["added", "changed", "removed", "resolved", "lost", "renamed"]
 
 
-@dataclass(frozen=True, slots=True)
-class Change:
-    """One thing the model changed, for logs, metrics and the apply engine."""
+# Each change is its own type so consumers ``match`` on it and get typed
+# fields; ``kind`` and ``action`` are class-level tags that name the log event
+# (``f"{kind}_{action}"``) for the sinks that treat every change alike.
 
-    kind: ChangeKind
-    action: ChangeAction
+
+@dataclass(frozen=True, slots=True)
+class NamespaceAdded:
+    """A namespace is watched from now on."""
+
+    kind: ClassVar[ChangeKind] = "namespace"
+    action: ClassVar[ChangeAction] = "added"
     netns: str
     inode: int
-    old: object = None
-    new: object = None
+    names: tuple[str, ...]
+    from_dump: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class NamespaceRenamed:
+    """A watched namespace's set of names changed."""
+
+    kind: ClassVar[ChangeKind] = "namespace"
+    action: ClassVar[ChangeAction] = "renamed"
+    netns: str
+    inode: int
+    old: tuple[str, ...]
+    names: tuple[str, ...]
+    from_dump: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class NamespaceRemoved:
+    """A namespace is no longer watched (deleted, or filtered out)."""
+
+    kind: ClassVar[ChangeKind] = "namespace"
+    action: ClassVar[ChangeAction] = "removed"
+    netns: str
+    inode: int
+    names: tuple[str, ...]
+    from_dump: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class LinkAdded:
+    """A link appeared."""
+
+    kind: ClassVar[ChangeKind] = "link"
+    action: ClassVar[ChangeAction] = "added"
+    netns: str
+    inode: int
+    link: Link
+    from_dump: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class LinkChanged:
+    """A link's attributes changed (``old`` → ``link``)."""
+
+    kind: ClassVar[ChangeKind] = "link"
+    action: ClassVar[ChangeAction] = "changed"
+    netns: str
+    inode: int
+    old: Link
+    link: Link
+    from_dump: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class LinkRemoved:
+    """A link is gone; ``reason`` is one of :data:`REMOVAL_REASONS`."""
+
+    kind: ClassVar[ChangeKind] = "link"
+    action: ClassVar[ChangeAction] = "removed"
+    netns: str
+    inode: int
+    link: Link
+    reason: str
+    from_dump: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class AddressAdded:
+    """An address appeared."""
+
+    kind: ClassVar[ChangeKind] = "address"
+    action: ClassVar[ChangeAction] = "added"
+    netns: str
+    inode: int
+    address: Address
+    from_dump: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class AddressChanged:
+    """An address's attributes changed (``old`` → ``address``)."""
+
+    kind: ClassVar[ChangeKind] = "address"
+    action: ClassVar[ChangeAction] = "changed"
+    netns: str
+    inode: int
+    old: Address
+    address: Address
+    from_dump: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class AddressRemoved:
+    """An address is gone."""
+
+    kind: ClassVar[ChangeKind] = "address"
+    action: ClassVar[ChangeAction] = "removed"
+    netns: str
+    inode: int
+    address: Address
+    from_dump: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RouteAdded:
+    """A route appeared."""
+
+    kind: ClassVar[ChangeKind] = "route"
+    action: ClassVar[ChangeAction] = "added"
+    netns: str
+    inode: int
+    route: Route
+    from_dump: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RouteChanged:
+    """A route's attributes changed (``old`` → ``route``)."""
+
+    kind: ClassVar[ChangeKind] = "route"
+    action: ClassVar[ChangeAction] = "changed"
+    netns: str
+    inode: int
+    old: Route
+    route: Route
+    from_dump: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRemoved:
+    """A route is gone."""
+
+    kind: ClassVar[ChangeKind] = "route"
+    action: ClassVar[ChangeAction] = "removed"
+    netns: str
+    inode: int
+    route: Route
+    from_dump: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class VethResolved:
+    """A veth end's peer is known (again, or under a new name)."""
+
+    kind: ClassVar[ChangeKind] = "veth_peer"
+    action: ClassVar[ChangeAction] = "resolved"
+    netns: str
+    inode: int
+    pair: VethPair
+    from_dump: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class VethLost:
+    """A veth end lost its peer; ``reason`` says why when a link removal caused it."""
+
+    kind: ClassVar[ChangeKind] = "veth_peer"
+    action: ClassVar[ChangeAction] = "lost"
+    netns: str
+    inode: int
+    pair: VethPair
     reason: str | None = None
     from_dump: bool = False
+
+
+Change = (
+    NamespaceAdded
+    | NamespaceRenamed
+    | NamespaceRemoved
+    | LinkAdded
+    | LinkChanged
+    | LinkRemoved
+    | AddressAdded
+    | AddressChanged
+    | AddressRemoved
+    | RouteAdded
+    | RouteChanged
+    | RouteRemoved
+    | VethResolved
+    | VethLost
+)
+"""One thing the model changed, for logs, metrics, the follow-ups and the apply engine."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,15 +522,12 @@ class Model:
     def __init__(self) -> None:
         self.namespaces: dict[int, Namespace] = {}
         self.by_name: dict[str, int] = {}
-        # Resolved veth peers, always symmetric: peers[a] == b <=> peers[b] == a.
-        self.peers: dict[LinkRef, LinkRef] = {}
-        # Links whose peer lived in a namespace that has since been deleted:
-        # the kernel destroys them shortly after, and that removal is a
-        # consequence of the namespace deletion, not an outage of its own.
-        self.doomed: set[LinkRef] = set()
-        # (ifindex, peer ifindex) of every veth end -> namespaces holding one,
-        # so finding where a peer may live costs a lookup, not a scan.
-        self._veths: dict[tuple[int, int], set[int]] = {}
+        self.veths = VethPeers()
+
+    @property
+    def peers(self) -> dict[LinkRef, LinkRef]:
+        """Resolved veth peers, symmetric: peers[a] == b <=> peers[b] == a (read only)."""
+        return self.veths.pairs
 
     # -- queries --
 
@@ -370,29 +551,16 @@ class Model:
 
     def veth_pairs(self) -> Iterator[tuple[LinkRef, LinkRef]]:
         """Each resolved pair once, ordered (a, b) with a < b."""
-        for a, b in self.peers.items():
-            if a < b:
-                yield a, b
+        return self.veths.each_pair()
 
     def unresolved_veths(self, inode: int) -> Iterator[Link]:
         """Veth ends in namespace ``inode`` whose peer is not resolved."""
         ns = self.namespaces.get(inode)
-        if ns is None:
-            return
-        for link in ns.links.values():
-            if link.kind == "veth" and (inode, link.index) not in self.peers:
-                yield link
+        return self.veths.unpaired(ns) if ns is not None else iter(())
 
     def peer_candidates(self, inode: int, link: Link) -> list[int]:
-        """Namespaces that could hold the peer of ``link``, when its netnsid is unknown.
-
-        A candidate holds a veth at the peer's ifindex that points back at
-        ``link``'s ifindex. Only these need asking the kernel for their nsid,
-        which keeps resolution O(pairs) rather than O(namespaces²).
-        """
-        if link.peer_index is None or link.peer_netnsid is None:
-            return []
-        return sorted(i for i in self._veths.get((link.peer_index, link.index), ()) if i != inode)
+        """Namespaces that could hold the peer of ``link`` (see :meth:`VethPeers.candidates`)."""
+        return self.veths.candidates(inode, link)
 
     def copy(self) -> Model:
         """A copy that shares the immutable records but none of the containers."""
@@ -411,9 +579,7 @@ class Model:
             for inode, ns in self.namespaces.items()
         }
         m.by_name = dict(self.by_name)
-        m.peers = dict(self.peers)
-        m.doomed = set(self.doomed)
-        m._veths = {k: set(v) for k, v in self._veths.items()}
+        m.veths = self.veths.copy()
         return m
 
     # -- applying events --
@@ -479,13 +645,13 @@ class Model:
             ns = Namespace(inode=ev.inode, names=names, is_host=ev.is_host)
             self.namespaces[ev.inode] = ns
             self._index_names(ns, ())
-            out.append(Change("namespace", "added", ns.name, ns.inode, new=names))
+            out.append(NamespaceAdded(ns.name, ns.inode, names))
             return
         if names != ns.names:
             old = ns.names
             ns.names = names
             self._index_names(ns, old)
-            out.append(Change("namespace", "renamed", ns.name, ns.inode, old=old, new=names))
+            out.append(NamespaceRenamed(ns.name, ns.inode, old, names))
 
     def _index_names(self, ns: Namespace, old: tuple[str, ...]) -> None:
         for name in old:
@@ -508,8 +674,8 @@ class Model:
         for other in self.namespaces.values():
             for nsid in [k for k, v in other.nsids.items() if v == inode]:
                 del other.nsids[nsid]
-        self.doomed = {ref for ref in self.doomed if ref[0] != inode}
-        out.append(Change("namespace", "removed", ns.name, inode, old=ns.names))
+        self.veths.namespace_gone(inode)
+        out.append(NamespaceRemoved(ns.name, inode, ns.names))
 
     # -- links and veth peers --
 
@@ -519,14 +685,12 @@ class Model:
         old = ns.links.get(link.index)
         ns.links[link.index] = link
         if old is not None:
-            self._unindex_veth(ns.inode, old)
-        self._index_veth(ns.inode, link)
+            self.veths.unindex(ns.inode, old)
+        self.veths.index(ns.inode, link)
         if old is None:
-            out.append(Change("link", "added", ns.name, ns.inode, new=link, from_dump=from_dump))
+            out.append(LinkAdded(ns.name, ns.inode, link, from_dump))
         elif old != link:
-            out.append(
-                Change("link", "changed", ns.name, ns.inode, old=old, new=link, from_dump=from_dump)
-            )
+            out.append(LinkChanged(ns.name, ns.inode, old, link, from_dump))
         if old is not None and (old.kind, old.peer_index, old.peer_netnsid) != (
             link.kind,
             link.peer_index,
@@ -534,11 +698,9 @@ class Model:
         ):
             self._unpeer(ns.inode, link.index, out, from_dump)
         self._resolve(ns, link, out, from_dump)
-        if old is not None and old.name != link.name:
-            # A rename changes how the peer's end names this one.
-            ref = self.peers.get((ns.inode, link.index))
-            if ref is not None:
-                self._emit_peer(ref, "resolved", out, from_dump)
+        # A rename changes how the peer's end names this one.
+        if old is not None and old.name != link.name and (ns.inode, link.index) in self.veths.pairs:
+            self._emit_resolved((ns.inode, link.index), out, from_dump)
 
     def _link_remove(
         self, ns: Namespace, index: int, reason: str, out: list[Change], *, from_dump: bool
@@ -546,40 +708,19 @@ class Model:
         link = ns.links.pop(index, None)
         if link is None:
             return
-        self._unindex_veth(ns.inode, link)
+        self.veths.unindex(ns.inode, link)
         ref = (ns.inode, index)
-        if ref in self.doomed:
-            self.doomed.discard(ref)
-            if reason == "deleted":
-                reason = "namespace_deleted"
-        partner = self.peers.get(ref)
-        self._unpeer(ns.inode, index, out, from_dump, reason=reason, name=link.name)
+        reason = self.veths.removal_reason(ref, reason)
+        partner = self._unpeer(ns.inode, index, out, from_dump, reason=reason, name=link.name)
         if reason == "namespace_deleted" and partner is not None and partner[0] != ns.inode:
-            self.doomed.add(partner)
+            self.veths.doom(partner)
         # The kernel drops the link's addresses and every route through it;
         # IPv4 does not always say so, so the model does it here.
         for key in [k for k, a in ns.addresses.items() if a.link == index]:
             del ns.addresses[key]
         for rkey in [k for k, r in ns.routes.items() if r.uses_link(index)]:
             del ns.routes[rkey]
-        out.append(
-            Change(
-                "link", "removed", ns.name, ns.inode, old=link, reason=reason, from_dump=from_dump
-            )
-        )
-
-    def _index_veth(self, inode: int, link: Link) -> None:
-        if link.kind == "veth" and link.peer_index is not None:
-            self._veths.setdefault((link.index, link.peer_index), set()).add(inode)
-
-    def _unindex_veth(self, inode: int, link: Link) -> None:
-        if link.kind == "veth" and link.peer_index is not None:
-            key = (link.index, link.peer_index)
-            holders = self._veths.get(key)
-            if holders is not None:
-                holders.discard(inode)
-                if not holders:
-                    del self._veths[key]
+        out.append(LinkRemoved(ns.name, ns.inode, link, reason, from_dump))
 
     def _unpeer(
         self,
@@ -589,19 +730,13 @@ class Model:
         from_dump: bool,
         reason: str | None = None,
         name: str | None = None,
-    ) -> None:
+    ) -> LinkRef | None:
         ref = (inode, index)
-        partner = self.peers.pop(ref, None)
-        if partner is None:
-            return
-        self.peers.pop(partner, None)
-        ns = self.namespaces[inode]
-        pair = self._pair(ref, partner, name)
-        out.append(
-            Change(
-                "veth_peer", "lost", ns.name, inode, old=pair, reason=reason, from_dump=from_dump
-            )
-        )
+        partner = self.veths.unpair(ref)
+        if partner is not None:
+            ns = self.namespaces[inode]
+            out.append(VethLost(ns.name, inode, self._pair(ref, partner, name), reason, from_dump))
+        return partner
 
     def _pair(self, a: LinkRef, b: LinkRef, a_name: str | None = None) -> VethPair:
         ns_a, ns_b = self.namespaces.get(a[0]), self.namespaces.get(b[0])
@@ -615,39 +750,15 @@ class Model:
             link_b.name if link_b else f"if{b[1]}",
         )
 
-    def _target_inode(self, ns: Namespace, link: Link) -> int | None:
-        if link.peer_netnsid is None:
-            return ns.inode
-        return ns.nsids.get(link.peer_netnsid)
-
     def _resolve(self, ns: Namespace, link: Link, out: list[Change], from_dump: bool) -> None:
-        ref = (ns.inode, link.index)
-        if link.kind != "veth" or link.peer_index is None or ref in self.peers:
-            return
-        target = self._target_inode(ns, link)
-        if target is None:
-            return
-        other = self.namespaces.get(target)
-        if other is None:
-            return
-        cand = other.links.get(link.peer_index)
-        if cand is None or cand.kind != "veth" or cand.peer_index != link.index:
-            return
-        cref = (other.inode, cand.index)
-        # The candidate must agree (or not know yet) that it points back here.
-        back = self._target_inode(other, cand)
-        if back is not None and back != ns.inode:
-            return
-        if cref in self.peers:
-            return
-        self.peers[ref] = cref
-        self.peers[cref] = ref
-        self._emit_peer(ref, "resolved", out, from_dump)
+        cref = self.veths.find(self.namespaces, ns, link)
+        if cref is not None:
+            self.veths.pair((ns.inode, link.index), cref)
+            self._emit_resolved((ns.inode, link.index), out, from_dump)
 
-    def _emit_peer(self, ref: LinkRef, action: ChangeAction, out: list[Change], dump: bool) -> None:
-        pair = self._pair(ref, self.peers[ref])
-        ns = self.namespaces[ref[0]]
-        out.append(Change("veth_peer", action, ns.name, ref[0], new=pair, from_dump=dump))
+    def _emit_resolved(self, ref: LinkRef, out: list[Change], from_dump: bool) -> None:
+        pair = self._pair(ref, self.veths.pairs[ref])
+        out.append(VethResolved(self.namespaces[ref[0]].name, ref[0], pair, from_dump))
 
     def _nsid_learned(self, ev: NsidLearned, out: list[Change]) -> None:
         ns = self.namespaces.get(ev.inode)
@@ -661,7 +772,7 @@ class Model:
             if link.peer_netnsid != ev.nsid:
                 continue
             ref = (ns.inode, link.index)
-            if stale is not None and ref in self.peers:
+            if stale is not None and ref in self.veths.pairs:
                 self._unpeer(ns.inode, link.index, out, False)
             self._resolve(ns, link, out, False)
 
@@ -674,19 +785,17 @@ class Model:
         if old == addr:
             return
         ns.addresses[addr.key] = addr
-        action: ChangeAction = "added" if old is None else "changed"
-        out.append(
-            Change("address", action, ns.name, ns.inode, old=old, new=addr, from_dump=from_dump)
-        )
+        if old is None:
+            out.append(AddressAdded(ns.name, ns.inode, addr, from_dump))
+        else:
+            out.append(AddressChanged(ns.name, ns.inode, old, addr, from_dump))
 
     def _addr_remove(
         self, ns: Namespace, key: AddressKey, out: list[Change], *, from_dump: bool
     ) -> None:
         old = ns.addresses.pop(key, None)
         if old is not None:
-            out.append(
-                Change("address", "removed", ns.name, ns.inode, old=old, from_dump=from_dump)
-            )
+            out.append(AddressRemoved(ns.name, ns.inode, old, from_dump))
 
     # -- routes --
 
@@ -695,7 +804,7 @@ class Model:
             for key, old in list(ns.routes.items()):
                 if old.base_key == route.base_key and key != route.key:
                     del ns.routes[key]
-                    out.append(Change("route", "removed", ns.name, ns.inode, old=old))
+                    out.append(RouteRemoved(ns.name, ns.inode, old))
         self._route_upsert(ns, route, out, from_dump=False)
 
     def _route_upsert(
@@ -705,15 +814,15 @@ class Model:
         if old == route:
             return
         ns.routes[route.key] = route
-        action: ChangeAction = "added" if old is None else "changed"
-        out.append(
-            Change("route", action, ns.name, ns.inode, old=old, new=route, from_dump=from_dump)
-        )
+        if old is None:
+            out.append(RouteAdded(ns.name, ns.inode, route, from_dump))
+        else:
+            out.append(RouteChanged(ns.name, ns.inode, old, route, from_dump))
 
     def _route_del(self, ns: Namespace, route: Route, out: list[Change]) -> None:
         old = ns.routes.pop(route.key, None)
         if old is not None:
-            out.append(Change("route", "removed", ns.name, ns.inode, old=old))
+            out.append(RouteRemoved(ns.name, ns.inode, old))
 
     def multipath_candidates(self, inode: int, route: Route) -> bool:
         """True when ``route`` may have merged into (or split from) an IPv6 multipath route."""
@@ -751,9 +860,7 @@ class Model:
                     and (ev.dev is None or rold.uses_link(ev.dev))
                 ):
                     del ns.routes[rkey]
-                    out.append(
-                        Change("route", "removed", ns.name, ns.inode, old=rold, from_dump=from_dump)
-                    )
+                    out.append(RouteRemoved(ns.name, ns.inode, rold, from_dump))
             for route in routes.values():
                 self._route_upsert(ns, route, out, from_dump=from_dump)
 

@@ -43,7 +43,6 @@ from nswatch.decode import (
 )
 from nswatch.model import (
     Address,
-    Change,
     Dump,
     DumpKind,
     Event,
@@ -62,37 +61,6 @@ SO_RCVBUFFORCE = 33
 SOL_NETLINK = 270
 NETLINK_GET_STRICT_CHK = 12
 FAMILY_NUMBERS: dict[str, int] = {"inet": socket.AF_INET, "inet6": socket.AF_INET6}
-
-
-def ipv4_stale_links(changes: Iterable[Change]) -> set[int]:
-    """Links whose IPv4 routes the kernel may have dropped without telling.
-
-    IPv4 flushes every route through a link that goes admin-down, and the
-    gateway routes that depended on a deleted address, with no RTM_DELROUTE.
-    (Routes through a deleted link go with it in the model too; IPv6
-    notifies.) Only routes through these links need a re-dump.
-    """
-    out: set[int] = set()
-    for ch in changes:
-        if (
-            ch.kind == "link"
-            and ch.action == "changed"
-            and isinstance(ch.old, Link)
-            and isinstance(ch.new, Link)
-            and ch.old.admin_up
-            and not ch.new.admin_up
-        ):
-            # Only admin-down flushes; losing carrier keeps the routes
-            # (marked "linkdown"), so an operstate change needs nothing.
-            out.add(ch.new.index)
-        elif (
-            ch.kind == "address"
-            and ch.action == "removed"
-            and isinstance(ch.old, Address)
-            and ch.old.family == "inet"
-        ):
-            out.add(ch.old.link)
-    return out
 
 
 # --- sockets and sessions -------------------------------------------------------

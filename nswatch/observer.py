@@ -7,7 +7,8 @@ always from its event-loop thread.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Protocol
 
 from nswatch.model import Change, Model
@@ -73,3 +74,67 @@ class BaseObserver:
 
     def stopping(self) -> None:
         return None
+
+
+class Fanout:
+    """Passes each callback to every observer in turn; one that raises does not stop the rest.
+
+    A sink's bug is reported to the others through :meth:`Observer.error`
+    (where ``observer:<class>.<callback>``), so it is logged and counted,
+    and the event loop carries on.
+    """
+
+    def __init__(self, observers: Sequence[Observer] = ()) -> None:
+        self._observers: list[Observer] = list(observers) or [BaseObserver()]
+
+    def append(self, observer: Observer) -> None:
+        """Add a sink (before the loop starts)."""
+        self._observers.append(observer)
+
+    def __iter__(self) -> Iterator[Observer]:
+        return iter(list(self._observers))
+
+    def _each(self, name: str, call: Callable[[Observer], object]) -> None:
+        for o in self._observers:
+            try:
+                call(o)
+            except Exception as e:
+                self._failed(o, name, e)
+
+    def _failed(self, failed: Observer, name: str, err: BaseException) -> None:
+        where = f"observer:{type(failed).__name__}.{name}"
+        for o in self._observers:
+            if o is failed:
+                continue
+            # An error sink that fails too has nobody left to tell.
+            with contextlib.suppress(Exception):
+                o.error(None, where, err)
+
+    def changes(self, changes: Sequence[Change], reason: str | None) -> None:
+        self._each("changes", lambda o: o.changes(changes, reason))
+
+    def netlink_events(self, counts: Mapping[tuple[str, str], int]) -> None:
+        self._each("netlink_events", lambda o: o.netlink_events(counts))
+
+    def overrun(self, netns: str) -> None:
+        self._each("overrun", lambda o: o.overrun(netns))
+
+    def resync(self, netns: str, reason: str) -> None:
+        self._each("resync", lambda o: o.resync(netns, reason))
+
+    def error(self, netns: str | None, where: str, err: BaseException) -> None:
+        for o in self._observers:
+            with contextlib.suppress(Exception):
+                o.error(netns, where, err)
+
+    def processed(self, seconds: float, wall_time: float) -> None:
+        self._each("processed", lambda o: o.processed(seconds, wall_time))
+
+    def ready(self, model: Model) -> None:
+        self._each("ready", lambda o: o.ready(model))
+
+    def tick(self, model: Model) -> None:
+        self._each("tick", lambda o: o.tick(model))
+
+    def stopping(self) -> None:
+        self._each("stopping", lambda o: o.stopping())

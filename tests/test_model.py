@@ -13,6 +13,7 @@ from nswatch.model import (
     Link,
     LinkDel,
     LinkNew,
+    LinkRemoved,
     Model,
     NamespaceGone,
     NamespaceSeen,
@@ -20,7 +21,9 @@ from nswatch.model import (
     Route,
     RouteDel,
     RouteNew,
+    RouteRemoved,
     Synced,
+    VethLost,
 )
 
 HOST, A, B = 1, 2, 3
@@ -56,7 +59,7 @@ def test_namespace_added_and_removed() -> None:
     m.apply(LinkNew(A, Link(index=1, name="lo", kind="loopback")))
     out = m.apply(NamespaceGone(A))
     assert ("link", "removed") in kinds(out)
-    assert next(c for c in out if c.kind == "link").reason == "namespace_deleted"
+    assert next(c for c in out if isinstance(c, LinkRemoved)).reason == "namespace_deleted"
     assert m.get("a") is None and A not in m.namespaces
 
 
@@ -104,7 +107,7 @@ def test_namespace_deletion_dooms_the_host_end() -> None:
     m.apply(NsidLearned(HOST, 0, A))
     m.apply(NamespaceGone(A))
     out = m.apply(LinkDel(HOST, 10))
-    removed = next(c for c in out if c.kind == "link")
+    removed = next(c for c in out if isinstance(c, LinkRemoved))
     assert removed.reason == "namespace_deleted"
     assert m.namespaces[HOST].nsids == {}
 
@@ -115,11 +118,11 @@ def test_plain_delete_and_move_reasons() -> None:
     m.apply(LinkNew(A, veth(5, 6, None)))
     m.apply(LinkNew(A, veth(6, 5, None)))
     out = m.apply(LinkDel(A, 5, moved=True))
-    assert next(c for c in out if c.kind == "link").reason == "moved"
-    lost = next(c for c in out if c.kind == "veth_peer")
-    assert lost.action == "lost" and lost.reason == "moved"
+    assert next(c for c in out if isinstance(c, LinkRemoved)).reason == "moved"
+    lost = next(c for c in out if isinstance(c, VethLost))
+    assert lost.reason == "moved"
     out = m.apply(LinkDel(A, 6))
-    assert next(c for c in out if c.kind == "link").reason == "deleted"
+    assert next(c for c in out if isinstance(c, LinkRemoved)).reason == "deleted"
 
 
 def test_rename_keeps_the_pair() -> None:
@@ -295,7 +298,7 @@ def test_route_dump_limited_to_a_link_leaves_the_others() -> None:
     m.apply(RouteNew(A, Route(254, "inet", "unicast", "198.18.2.0/24", dev=4)))
     m.apply(RouteNew(A, Route(254, "inet6", "unicast", "2001:db8::/64", dev=3)))
     out = m.apply(Dump(A, "route", (), family="inet", reason="route_followup", dev=3))
-    assert [c.old.dst for c in out if isinstance(c.old, Route)] == ["198.18.1.0/24"]
+    assert [c.route.dst for c in out if isinstance(c, RouteRemoved)] == ["198.18.1.0/24"]
     assert sorted(r.dst for r in m.namespaces[A].routes.values()) == [
         "198.18.2.0/24",
         "2001:db8::/64",

@@ -1,0 +1,148 @@
+"""The kernel's quirks: what to ask or re-dump after a batch of changes.
+
+Some kernel state changes without a notification that says so precisely.
+:func:`followups` is pure: it looks at one namespace's batch of events, the
+changes the model made from them and the model itself, and returns the
+actions that bring the model back to the truth. The loop carries them out
+(see :mod:`nswatch.sessions`). Every rule below was seen on a real kernel and
+has a test.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from nswatch.model import (
+    AddressRemoved,
+    Change,
+    DumpKind,
+    Event,
+    Family,
+    LinkAdded,
+    LinkChanged,
+    Model,
+    RouteDel,
+    RouteNew,
+    VethLost,
+)
+
+# The notification can reach us while the kernel is still inside the same
+# operation, before it flushes the dependent routes; a dump now could still
+# see them. Dump a little later, and once more later still in case this
+# machine is slow.
+ROUTE_FOLLOWUP_DELAYS = (0.02, 0.3)
+
+
+@dataclass(frozen=True, slots=True)
+class RedumpRoutes:
+    """Re-dump one family's routes of a namespace after ``delay`` (only through ``dev`` if set)."""
+
+    inode: int
+    family: Family
+    delay: float
+    dev: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Resync:
+    """Re-dump these kinds of a namespace now."""
+
+    inode: int
+    reason: str
+    kinds: tuple[DumpKind, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class AskNsid:
+    """Ask namespace ``inode`` which netnsid names namespace ``target`` (RTM_GETNSID)."""
+
+    inode: int
+    target: int
+
+
+Action = RedumpRoutes | Resync | AskNsid
+
+
+def ipv4_stale_links(changes: Iterable[Change]) -> set[int]:
+    """Links whose IPv4 routes the kernel may have dropped without telling.
+
+    IPv4 flushes every route through a link that goes admin-down, and the
+    gateway routes that depended on a deleted address, with no RTM_DELROUTE.
+    (Routes through a deleted link go with it in the model too; IPv6
+    notifies.) Only routes through these links need a re-dump.
+    """
+    out: set[int] = set()
+    for ch in changes:
+        match ch:
+            # Only admin-down flushes; losing carrier keeps the routes
+            # (marked "linkdown"), so an operstate change needs nothing.
+            case LinkChanged(old=old, link=new) if old.admin_up and not new.admin_up:
+                out.add(new.index)
+            case AddressRemoved(address=addr) if addr.family == "inet":
+                out.add(addr.link)
+    return out
+
+
+def nsid_questions(changes: Iterable[Change], model: Model) -> list[AskNsid]:
+    """The netnsids to ask for so that new veth ends' peers can be placed.
+
+    Only the namespaces that hold a matching end are asked about (see
+    :meth:`nswatch.peers.VethPeers.candidates`), never every namespace.
+    """
+    out: list[AskNsid] = []
+    for ch in changes:
+        if not isinstance(ch, LinkAdded | LinkChanged):
+            continue
+        ns = model.namespaces.get(ch.inode)
+        if ns is None or not model.veths.needs_nsid(ns, ch.link):
+            continue
+        out.extend(AskNsid(ch.inode, t) for t in model.veths.candidates(ch.inode, ch.link))
+    return out
+
+
+def followups(
+    inode: int,
+    events: Sequence[Event],
+    changes: Sequence[Change],
+    model: Model,
+    *,
+    synced: bool,
+) -> list[Action]:
+    """What to do after namespace ``inode``'s batch: ``events`` read, ``changes`` made.
+
+    ``synced`` is False during the namespace's first dump, which needs no
+    follow-up re-dumps (it is the truth of the moment) but does need its
+    veth peers placed.
+    """
+    out: list[Action] = []
+    if synced:
+        for index in sorted(ipv4_stale_links(changes)):
+            out.extend(RedumpRoutes(inode, "inet", d, index) for d in ROUTE_FOLLOWUP_DELAYS)
+        # A veth created with its peer in another namespace is announced
+        # before the peer is attached (IFLA_LINK 0), and no message follows
+        # once it is: only a fresh dump shows the peer.
+        if any(
+            isinstance(ch, LinkAdded | LinkChanged)
+            and not ch.from_dump
+            and ch.link.kind == "veth"
+            and ch.link.peer_index is None
+            for ch in changes
+        ):
+            out.append(Resync(inode, "veth_incomplete", ("link",)))
+        # When a veth end moves to another namespace, the kernel tells nobody
+        # about the other end, whose IFLA_LINK_NETNSID (and IFLA_LINK, if the
+        # ifindex changed) are now stale: re-dump the other end's links.
+        for ch in changes:
+            if isinstance(ch, VethLost) and ch.reason == "moved":
+                out.append(Resync(ch.pair.b[0], "peer_moved", ("link",)))
+        # IPv6 merges gateway routes with equal dst and metric into one
+        # multipath route (and splits them on delete) with notifications that
+        # do not say so: re-dump IPv6 routes when that may have happened.
+        if any(
+            isinstance(ev, RouteNew | RouteDel) and model.multipath_candidates(inode, ev.route)
+            for ev in events
+        ):
+            out.append(RedumpRoutes(inode, "inet6", ROUTE_FOLLOWUP_DELAYS[0]))
+    out.extend(nsid_questions(changes, model))
+    return out
