@@ -60,6 +60,7 @@ class Daemon:
         self.wall_clock = wall_clock
         self.model = Model()
         self.lock = threading.Lock()
+        self._view: Model | None = None
         self.enterer = enterer or NetnsEnterer()
         self._own_enterer = enterer is None
         self.loop = Loop(clock, lambda where, e: self.observers.error(None, where, e))
@@ -112,9 +113,17 @@ class Daemon:
         return self.sessions.path_of(inode) if inode is not None else None
 
     def view(self) -> Model:
-        """A consistent copy of the model, for readers on other threads."""
+        """The model as of now, for readers on other threads: shared, never to be mutated.
+
+        One view is made per model version, by the first reader that asks,
+        and only the namespaces changed since the previous view are copied;
+        every other reader of that version gets the same object.
+        """
         with self.lock:
-            return self.model.copy()
+            view = self._view
+            if view is None or view.version != self.model.version:
+                view = self._view = self.model.snapshot(view)
+            return view
 
     # -- lifecycle --
 

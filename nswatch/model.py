@@ -523,6 +523,10 @@ class Model:
         self.namespaces: dict[int, Namespace] = {}
         self.by_name: dict[str, int] = {}
         self.veths = VethPeers()
+        # Bumped by every event applied: readers' views are made per version.
+        self.version = 0
+        # Namespaces mutated since the last :meth:`snapshot`.
+        self._dirty: set[int] = set()
 
     @property
     def peers(self) -> dict[LinkRef, LinkRef]:
@@ -565,27 +569,39 @@ class Model:
     def copy(self) -> Model:
         """A copy that shares the immutable records but none of the containers."""
         m = Model()
-        m.namespaces = {
-            inode: Namespace(
-                inode=ns.inode,
-                names=ns.names,
-                is_host=ns.is_host,
-                links=dict(ns.links),
-                addresses=dict(ns.addresses),
-                routes=dict(ns.routes),
-                nsids=dict(ns.nsids),
-                synced=ns.synced,
-            )
-            for inode, ns in self.namespaces.items()
-        }
+        m.namespaces = {inode: _copy_namespace(ns) for inode, ns in self.namespaces.items()}
         m.by_name = dict(self.by_name)
         m.veths = self.veths.copy()
+        m.version = self.version
+        return m
+
+    def snapshot(self, previous: Model | None = None) -> Model:
+        """A copy for readers, sharing with ``previous`` every namespace unchanged since.
+
+        Readers on other threads share one snapshot per :attr:`version` and
+        must never mutate it; making one costs the namespaces that changed,
+        not the whole model. Call it under the owner's lock, always with the
+        snapshot it returned last time (the dirty set is relative to that).
+        """
+        reuse = previous.namespaces if previous is not None else {}
+        m = Model()
+        for inode, ns in self.namespaces.items():
+            kept = reuse.get(inode)
+            m.namespaces[inode] = (
+                kept if kept is not None and inode not in self._dirty else _copy_namespace(ns)
+            )
+        self._dirty.clear()
+        m.by_name = dict(self.by_name)
+        m.veths = self.veths.copy()
+        m.version = self.version
         return m
 
     # -- applying events --
 
     def apply(self, event: Event) -> list[Change]:
         """Apply one decoded event and return what changed (possibly nothing)."""
+        self.version += 1
+        self._dirty.add(event.inode)
         out: list[Change] = []
         match event:
             case NamespaceSeen():
@@ -674,6 +690,7 @@ class Model:
         for other in self.namespaces.values():
             for nsid in [k for k, v in other.nsids.items() if v == inode]:
                 del other.nsids[nsid]
+                self._dirty.add(other.inode)
         self.veths.namespace_gone(inode)
         out.append(NamespaceRemoved(ns.name, inode, ns.names))
 
@@ -863,6 +880,20 @@ class Model:
                     out.append(RouteRemoved(ns.name, ns.inode, rold, from_dump))
             for route in routes.values():
                 self._route_upsert(ns, route, out, from_dump=from_dump)
+
+
+def _copy_namespace(ns: Namespace) -> Namespace:
+    """A copy sharing the immutable records but none of the containers."""
+    return Namespace(
+        inode=ns.inode,
+        names=ns.names,
+        is_host=ns.is_host,
+        links=dict(ns.links),
+        addresses=dict(ns.addresses),
+        routes=dict(ns.routes),
+        nsids=dict(ns.nsids),
+        synced=ns.synced,
+    )
 
 
 def apply_all(model: Model, events: Iterable[Event]) -> list[Change]:
