@@ -31,6 +31,9 @@ from nswatch.model import (
     Route,
     RouteDel,
     RouteNew,
+    Rule,
+    RuleDel,
+    RuleNew,
 )
 
 # nlmsghdr
@@ -43,11 +46,15 @@ NLM_F_REPLACE = 0x100
 RTM_NEWLINK, RTM_DELLINK = 16, 17
 RTM_NEWADDR, RTM_DELADDR = 20, 21
 RTM_NEWROUTE, RTM_DELROUTE = 24, 25
+RTM_NEWRULE, RTM_DELRULE = 32, 33
 RTM_NEWNSID = 88
 
 IFINFOMSG = struct.Struct("=BxHiII")
 IFADDRMSG = struct.Struct("=BBBBI")
 RTMSG = struct.Struct("=BBBBBBBBI")
+# struct fib_rule_hdr: family, dst_len, src_len, tos, table, res1, res2, action, flags.
+FIB_RULE_HDR = struct.Struct("=BBBBBBBBI")
+IFA_CACHEINFO_S = struct.Struct("=IIII")
 NLATTR = struct.Struct("=HH")
 RTNEXTHOP = struct.Struct("=HBBi")
 U32 = struct.Struct("=I")
@@ -55,19 +62,76 @@ S32 = struct.Struct("=i")
 STATS64 = struct.Struct("=8Q")
 
 IFLA_ADDRESS = 1
+IFLA_BROADCAST = 2
 IFLA_IFNAME = 3
 IFLA_MTU = 4
 IFLA_LINK = 5
 IFLA_MASTER = 10
+IFLA_TXQLEN = 13
 IFLA_OPERSTATE = 16
 IFLA_LINKINFO = 18
+IFLA_IFALIAS = 20
 IFLA_STATS64 = 23
+IFLA_PROMISCUITY = 30
+IFLA_CARRIER = 33
+IFLA_CARRIER_CHANGES = 35
 IFLA_LINK_NETNSID = 37
 IFLA_NEW_NETNSID = 45
+IFLA_CARRIER_UP_COUNT = 47
+IFLA_CARRIER_DOWN_COUNT = 48
 IFLA_INFO_KIND = 1
 
 IFA_ADDRESS = 1
 IFA_LOCAL = 2
+IFA_CACHEINFO = 6
+IFA_FLAGS = 8
+INFINITY_LIFE_TIME = 0xFFFFFFFF
+# IFA_F_* bits in `ip`'s order and spelling ("secondary" is "temporary" in IPv6).
+ADDRESS_FLAGS = (
+    (0x01, "secondary"),
+    (0x02, "nodad"),
+    (0x04, "optimistic"),
+    (0x08, "dadfailed"),
+    (0x10, "home"),
+    (0x20, "deprecated"),
+    (0x40, "tentative"),
+    (0x80, "permanent"),
+    (0x100, "mngtmpaddr"),
+    (0x200, "noprefixroute"),
+    (0x400, "autojoin"),
+    (0x800, "stable-privacy"),
+)
+# RTNH_F_* bits of rtm_flags and of each rtnexthop, as `ip` names them.
+ROUTE_FLAGS = (
+    (0x01, "dead"),
+    (0x02, "pervasive"),
+    (0x04, "onlink"),
+    (0x08, "offload"),
+    (0x10, "linkdown"),
+    (0x20, "unresolved"),
+    (0x40, "trap"),
+)
+
+FRA_DST = 1
+FRA_SRC = 2
+FRA_IIFNAME = 3
+FRA_GOTO = 4
+FRA_PRIORITY = 6
+FRA_FWMARK = 10
+FRA_SUPPRESS_PREFIXLEN = 14
+FRA_TABLE = 15
+FRA_FWMASK = 16
+FRA_OIFNAME = 17
+FRA_PROTOCOL = 21
+FIB_RULE_INVERT = 0x2
+RULE_ACTIONS = {
+    1: "lookup",
+    2: "goto",
+    3: "nop",
+    6: "blackhole",
+    7: "unreachable",
+    8: "prohibit",
+}
 
 RTA_DST = 1
 RTA_OIF = 4
@@ -175,6 +239,14 @@ def _str(b: bytes) -> str:
     return b.split(b"\0", 1)[0].decode("utf-8", "replace")
 
 
+def _flag_names(value: int, table: tuple[tuple[int, str], ...]) -> tuple[str, ...]:
+    return tuple(name for bit, name in table if value & bit)
+
+
+def _u32(raw: bytes | None) -> int | None:
+    return int(U32.unpack_from(raw, 0)[0]) if raw is not None and len(raw) >= 4 else None
+
+
 def _mac(b: bytes) -> str:
     return ":".join(f"{x:02x}" for x in b)
 
@@ -216,16 +288,19 @@ def decode_link(msg: Message) -> Link:
             kind = _str(k)
     if kind is None:
         kind = "loopback" if ifi_type == ARPHRD_LOOPBACK else "device"
-    peer_index: int | None = None
-    peer_netnsid: int | None = None
+    # IFLA_LINK names a veth's peer, or another kind's lower device; either
+    # way IFLA_LINK_NETNSID says in which namespace, as seen from this one.
+    lower = _u32(a.get(IFLA_LINK)) or None
+    lower_netnsid: int | None = None
+    if lower is not None:
+        raw = a.get(IFLA_LINK_NETNSID)
+        lower_netnsid = S32.unpack(raw)[0] if raw else None
+    peer_index = peer_netnsid = parent_index = parent_netnsid = None
     if kind == "veth":
-        raw = a.get(IFLA_LINK)
-        peer_index = U32.unpack(raw)[0] if raw else None
-        if peer_index:
-            raw = a.get(IFLA_LINK_NETNSID)
-            peer_netnsid = S32.unpack(raw)[0] if raw else None
-        else:
-            peer_index = None
+        peer_index, peer_netnsid = lower, lower_netnsid
+    elif lower is not None and (lower != index or lower_netnsid is not None):
+        # Some drivers report themselves as their own link (IFLA_LINK == ifindex).
+        parent_index, parent_netnsid = lower, lower_netnsid
     raw = a.get(IFLA_OPERSTATE)
     oper = OPERSTATES[raw[0]] if raw and raw[0] < len(OPERSTATES) else "UNKNOWN"
     raw = a.get(IFLA_MASTER)
@@ -235,6 +310,9 @@ def decode_link(msg: Message) -> Link:
     name = a.get(IFLA_IFNAME)
     mtu = a.get(IFLA_MTU)
     mac = a.get(IFLA_ADDRESS)
+    brd = a.get(IFLA_BROADCAST)
+    raw = a.get(IFLA_CARRIER)
+    alias = a.get(IFLA_IFALIAS)
     return Link(
         index=index,
         name=_str(name) if name else f"if{index}",
@@ -247,6 +325,17 @@ def decode_link(msg: Message) -> Link:
         peer_index=peer_index,
         peer_netnsid=peer_netnsid,
         stats=stats,
+        carrier=bool(raw[0]) if raw else None,
+        carrier_changes=_u32(a.get(IFLA_CARRIER_CHANGES)) or 0,
+        carrier_up_count=_u32(a.get(IFLA_CARRIER_UP_COUNT)) or 0,
+        carrier_down_count=_u32(a.get(IFLA_CARRIER_DOWN_COUNT)) or 0,
+        txqlen=_u32(a.get(IFLA_TXQLEN)) or 0,
+        flags=flags,
+        promiscuity=_u32(a.get(IFLA_PROMISCUITY)) or 0,
+        ifalias=(_str(alias) or None) if alias else None,
+        broadcast=_mac(brd) if brd else None,
+        parent_index=parent_index,
+        parent_netnsid=parent_netnsid,
     )
 
 
@@ -258,7 +347,7 @@ def _stats(raw: bytes) -> tuple[int, ...]:
 
 def decode_address(msg: Message) -> Address | None:
     """An RTM_NEWADDR/RTM_DELADDR message as a model Address (None: other family)."""
-    family, prefixlen, _flags, scope, index = IFADDRMSG.unpack_from(msg.body, 0)
+    family, prefixlen, flags, scope, index = IFADDRMSG.unpack_from(msg.body, 0)
     fam = FAMILIES.get(family)
     if fam is None:
         return None
@@ -268,12 +357,23 @@ def decode_address(msg: Message) -> Address | None:
     raw = a.get(IFA_LOCAL) or a.get(IFA_ADDRESS)
     if raw is None:
         return None
+    # ifa_flags has room for 8 bits; IFA_FLAGS carries all 32 when present.
+    flags = _u32(a.get(IFA_FLAGS)) or flags
+    preferred = valid = None
+    cache = a.get(IFA_CACHEINFO)
+    if cache is not None and len(cache) >= IFA_CACHEINFO_S.size:
+        pref, val, _created, _updated = IFA_CACHEINFO_S.unpack_from(cache, 0)
+        preferred = None if pref == INFINITY_LIFE_TIME else pref
+        valid = None if val == INFINITY_LIFE_TIME else val
     return Address(
         link=index,
         family=fam,
         address=_ip(family, raw),
         prefixlen=prefixlen,
         scope=SCOPES.get(scope) or str(scope),
+        flags=_flag_names(flags, ADDRESS_FLAGS),
+        preferred_lft=preferred,
+        valid_lft=valid,
     )
 
 
@@ -320,6 +420,7 @@ def decode_route(msg: Message) -> Route | None:
         prefsrc=prefsrc,
         tos=tos,
         nexthops=nexthops,
+        flags=_flag_names(flags & 0xFF, ROUTE_FLAGS),
     )
 
 
@@ -327,16 +428,61 @@ def _nexthops(family: int, raw: bytes) -> tuple[Nexthop, ...]:
     out = []
     off = 0
     while off + RTNEXTHOP.size <= len(raw):
-        length, _flags, hops, ifindex = RTNEXTHOP.unpack_from(raw, off)
+        length, nh_flags, hops, ifindex = RTNEXTHOP.unpack_from(raw, off)
         if length < RTNEXTHOP.size:
             break
         a = attrs(raw[off : off + length], RTNEXTHOP.size)
         gw = a.get(RTA_GATEWAY)
         out.append(
-            Nexthop(gateway=_ip(family, gw) if gw else None, dev=ifindex or None, weight=hops + 1)
+            Nexthop(
+                gateway=_ip(family, gw) if gw else None,
+                dev=ifindex or None,
+                weight=hops + 1,
+                flags=_flag_names(nh_flags, ROUTE_FLAGS),
+            )
         )
         off += (length + 3) & ~3
     return tuple(out)
+
+
+def decode_rule(msg: Message) -> Rule | None:
+    """An RTM_NEWRULE/RTM_DELRULE message as a model Rule (None: other family)."""
+    family, dst_len, src_len, tos, table, _r1, _r2, action, flags = FIB_RULE_HDR.unpack_from(
+        msg.body, 0
+    )
+    fam = FAMILIES.get(family)
+    if fam is None:
+        return None
+    a = attrs(msg.body, FIB_RULE_HDR.size)
+    src = a.get(FRA_SRC)
+    dst = a.get(FRA_DST)
+    iif = a.get(FRA_IIFNAME)
+    oif = a.get(FRA_OIFNAME)
+    proto = a.get(FRA_PROTOCOL)
+    return Rule(
+        family=fam,
+        priority=_u32(a.get(FRA_PRIORITY)) or 0,
+        action=RULE_ACTIONS.get(action) or str(action),
+        # fib_rule_hdr.table is a u8; tables above 255 only come as FRA_TABLE.
+        table=_u32(a.get(FRA_TABLE)) or table,
+        src=f"{_ip(family, src)}/{src_len}" if src else None,
+        dst=f"{_ip(family, dst)}/{dst_len}" if dst else None,
+        iif=_str(iif) if iif else None,
+        oif=_str(oif) if oif else None,
+        fwmark=_u32(a.get(FRA_FWMARK)),
+        fwmask=_u32(a.get(FRA_FWMASK)),
+        tos=tos,
+        invert=bool(flags & FIB_RULE_INVERT),
+        goto=_u32(a.get(FRA_GOTO)),
+        suppress_prefixlen=_suppress(a.get(FRA_SUPPRESS_PREFIXLEN)),
+        protocol=(PROTOCOLS.get(proto[0]) or str(proto[0])) if proto else None,
+    )
+
+
+def _suppress(raw: bytes | None) -> int | None:
+    # The kernel reports -1 (as a u32) when the selector is not set.
+    value = _u32(raw)
+    return None if value is None or value == 0xFFFFFFFF else value
 
 
 def decode_nsid(msg: Message) -> int | None:
@@ -355,6 +501,7 @@ NLM_F_DUMP = 0x300
 RTM_GETLINK = 18
 RTM_GETADDR = 22
 RTM_GETROUTE = 26
+RTM_GETRULE = 34
 RTM_GETNSID = 90
 NETNSA_FD = 3
 
@@ -371,6 +518,10 @@ def dump_request(what: DumpKind, family: int, seq: int, dev: int | None = None) 
     elif what == "address":
         body = IFADDRMSG.pack(family, 0, 0, 0, 0)
         mtype = RTM_GETADDR
+    elif what == "rule":
+        # AF_UNSPEC dumps the rules of every family.
+        body = FIB_RULE_HDR.pack(family, 0, 0, 0, 0, 0, 0, 0, 0)
+        mtype = RTM_GETRULE
     else:
         body = RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0)
         if dev is not None:
@@ -424,10 +575,17 @@ def decode_notification(msg: Message, inode: int) -> Decoded | None:
             replace = bool(msg.flags & NLM_F_REPLACE)
             return Decoded(RouteNew(inode, route, replace=replace), "route", "new")
         return Decoded(RouteDel(inode, route), "route", "del")
+    if t in (RTM_NEWRULE, RTM_DELRULE):
+        rule = decode_rule(msg)
+        if rule is None:
+            return None
+        if t == RTM_NEWRULE:
+            return Decoded(RuleNew(inode, rule), "rule", "new")
+        return Decoded(RuleDel(inode, rule), "rule", "del")
     return None
 
 
-def decode_dump_item(msg: Message, what: DumpKind) -> Link | Address | Route | None:
+def decode_dump_item(msg: Message, what: DumpKind) -> Link | Address | Route | Rule | None:
     """One message of a dump reply as a model record."""
     if what == "link":
         if link_family(msg) == AF_BRIDGE:
@@ -435,4 +593,6 @@ def decode_dump_item(msg: Message, what: DumpKind) -> Link | Address | Route | N
         return decode_link(msg)
     if what == "address":
         return decode_address(msg)
+    if what == "rule":
+        return decode_rule(msg)
     return decode_route(msg)

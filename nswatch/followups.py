@@ -84,6 +84,20 @@ def ipv4_stale_links(changes: Iterable[Change]) -> set[int]:
     return out
 
 
+def carrier_changed_links(changes: Iterable[Change]) -> set[int]:
+    """Links whose carrier (or operational state) changed.
+
+    The kernel marks every route through such a link "linkdown" (or clears
+    the flag), in both families, without a route notification.
+    """
+    return {
+        ch.link.index
+        for ch in changes
+        if isinstance(ch, LinkChanged)
+        and (ch.old.carrier, ch.old.oper_state) != (ch.link.carrier, ch.link.oper_state)
+    }
+
+
 def nsid_questions(changes: Iterable[Change], model: Model) -> list[AskNsid]:
     """The netnsids to ask for so that new veth ends' peers can be placed.
 
@@ -95,9 +109,17 @@ def nsid_questions(changes: Iterable[Change], model: Model) -> list[AskNsid]:
         if not isinstance(ch, LinkAdded | LinkChanged):
             continue
         ns = model.namespaces.get(ch.inode)
-        if ns is None or not model.veths.needs_nsid(ns, ch.link):
+        if ns is None:
             continue
-        out.extend(AskNsid(ch.inode, t) for t in model.veths.candidates(ch.inode, ch.link))
+        link = ch.link
+        if model.veths.needs_nsid(ns, link):
+            out.extend(AskNsid(ch.inode, t) for t in model.veths.candidates(ch.inode, link))
+        elif link.parent_netnsid is not None and link.parent_netnsid not in ns.nsids:
+            # A lower device in another namespace is nearly always the host's
+            # (a pod's macvlan on a host link); nothing indexes the others.
+            host = model.host_inode
+            if host is not None and host != ch.inode:
+                out.append(AskNsid(ch.inode, host))
     return out
 
 
@@ -119,6 +141,9 @@ def followups(
     if synced:
         for index in sorted(ipv4_stale_links(changes)):
             out.extend(RedumpRoutes(inode, "inet", d, index) for d in ROUTE_FOLLOWUP_DELAYS)
+        for index in sorted(carrier_changed_links(changes)):
+            for family in ("inet", "inet6"):
+                out.extend(RedumpRoutes(inode, family, d, index) for d in ROUTE_FOLLOWUP_DELAYS)
         # A veth created with its peer in another namespace is announced
         # before the peer is attached (IFLA_LINK 0), and no message follows
         # once it is: only a fresh dump shows the peer.
@@ -145,4 +170,5 @@ def followups(
         ):
             out.append(RedumpRoutes(inode, "inet6", ROUTE_FOLLOWUP_DELAYS[0]))
     out.extend(nsid_questions(changes, model))
-    return out
+    # Two rules may ask for the same re-dump; the order stays the kernel's.
+    return list(dict.fromkeys(out))

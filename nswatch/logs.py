@@ -27,6 +27,9 @@ from nswatch.model import (
     RouteAdded,
     RouteChanged,
     RouteRemoved,
+    Rule,
+    RuleAdded,
+    RuleRemoved,
     VethLost,
     VethResolved,
 )
@@ -73,7 +76,10 @@ def describe_link(link: Link) -> dict[str, Any]:
 
 def describe_address(addr: Address) -> dict[str, Any]:
     """Log fields for an address (the link is given by ifindex)."""
-    return {"address": f"{addr.address}/{addr.prefixlen}", "ifindex": addr.link}
+    out: dict[str, Any] = {"address": f"{addr.address}/{addr.prefixlen}", "ifindex": addr.link}
+    if addr.flags:
+        out["flags"] = list(addr.flags)
+    return out
 
 
 def describe_route(route: Route) -> dict[str, Any]:
@@ -85,6 +91,20 @@ def describe_route(route: Route) -> dict[str, Any]:
         out["ifindex"] = route.dev
     if route.priority is not None:
         out["metric"] = route.priority
+    if route.flags:
+        out["flags"] = list(route.flags)
+    return out
+
+
+def describe_rule(rule: Rule) -> dict[str, Any]:
+    """Log fields for a policy routing rule (what `ip rule` prints, as fields)."""
+    out: dict[str, Any] = {"family": rule.family, "priority": rule.priority, "action": rule.action}
+    if rule.action == "lookup":
+        out["table"] = table_name(rule.table)
+    for key in ("src", "dst", "iif", "oif", "fwmark"):
+        value = getattr(rule, key)
+        if value is not None:
+            out[key] = value
     return out
 
 
@@ -146,6 +166,8 @@ class LogObserver(BaseObserver):
                 self.log.warning(event, **fields, **describe(obj))
             case AddressRemoved(address=obj):
                 self.log.info(event, **fields, **describe(obj))
+            case RuleAdded(rule=rule) | RuleRemoved(rule=rule):
+                self.log.info(event, **fields, **describe_rule(rule))
 
     def overrun(self, netns: str) -> None:
         self.log.warning("netlink_overrun", netns=netns)

@@ -55,6 +55,25 @@ class Link:
     peer_index: int | None = None
     peer_netnsid: int | None = None
     stats: LinkStats | None = field(default=None, compare=False)
+    # IFLA_CARRIER: whether the lower layer is up (None: the driver does not say).
+    carrier: bool | None = None
+    # IFLA_CARRIER_CHANGES and its up/down split: counters the kernel only
+    # reports along with a link message, which every carrier change sends.
+    carrier_changes: int = field(default=0, compare=False)
+    carrier_up_count: int = field(default=0, compare=False)
+    carrier_down_count: int = field(default=0, compare=False)
+    txqlen: int = 0
+    # ifi_flags (IFF_UP, IFF_BROADCAST, IFF_PROMISC, IFF_RUNNING, ...), as
+    # node_exporter's flags series shows them.
+    flags: int = 0
+    promiscuity: int = 0
+    ifalias: str | None = None
+    broadcast: str | None = None
+    # For a macvlan, vlan, ipvlan or vxlan: IFLA_LINK is its lower device's
+    # ifindex, and IFLA_LINK_NETNSID where that device lives, as for a veth
+    # peer; often another namespace (a pod's macvlan on a host link).
+    parent_index: int | None = None
+    parent_netnsid: int | None = None
 
 
 AddressKey: TypeAlias = tuple[int, str, str, int]
@@ -69,6 +88,13 @@ class Address:
     address: str
     prefixlen: int
     scope: str = "global"
+    # IFA_F_* names as `ip` prints them: tentative, dadfailed, deprecated,
+    # permanent (IPv6: not from autoconf), nodad, optimistic, ...
+    flags: tuple[str, ...] = ()
+    # Seconds left as of the message (None: forever). They count down in the
+    # kernel without any message, so they never make an address "changed".
+    preferred_lft: int | None = field(default=None, compare=False)
+    valid_lft: int | None = field(default=None, compare=False)
 
     @property
     def key(self) -> AddressKey:
@@ -82,6 +108,8 @@ class Nexthop:
     gateway: str | None
     dev: int | None
     weight: int = 1
+    # RTNH_F_* names: dead, onlink, linkdown, ...
+    flags: tuple[str, ...] = ()
 
 
 RouteKey: TypeAlias = tuple[object, ...]
@@ -103,6 +131,9 @@ class Route:
     prefsrc: str | None = None
     tos: int = 0
     nexthops: tuple[Nexthop, ...] = ()
+    # RTNH_F_* of a single-path route: "linkdown" (IPv4 keeps routes through a
+    # link without carrier but does not use them), "dead", "onlink".
+    flags: tuple[str, ...] = ()
 
     @property
     def base_key(self) -> tuple[object, ...]:
@@ -116,11 +147,58 @@ class Route:
         # device for the same prefix (fe80::/64 on every link). IPv6 gateway
         # routes with equal dst and metric merge into one multipath route;
         # the netlink source re-dumps when that may have happened.
-        return (*self.base_key, self.type, self.gateway, self.dev, self.nexthops)
+        # Flags are state, not identity: a route turning linkdown is changed.
+        paths = tuple((nh.gateway, nh.dev, nh.weight) for nh in self.nexthops)
+        return (*self.base_key, self.type, self.gateway, self.dev, paths)
 
     def uses_link(self, index: int) -> bool:
         """True when the route leaves through link ``index``."""
         return self.dev == index or any(nh.dev == index for nh in self.nexthops)
+
+
+RuleKey: TypeAlias = tuple[object, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """A policy routing rule (`ip rule`), of either family."""
+
+    family: Family
+    priority: int
+    # "lookup" (to a table), "goto", "nop", "blackhole", "unreachable", "prohibit".
+    action: str
+    table: int = 0
+    src: str | None = None
+    dst: str | None = None
+    iif: str | None = None
+    oif: str | None = None
+    fwmark: int | None = None
+    fwmask: int | None = None
+    tos: int = 0
+    invert: bool = False
+    goto: int | None = None
+    suppress_prefixlen: int | None = None
+    protocol: str | None = None
+
+    @property
+    def key(self) -> RuleKey:
+        # The kernel lets two rules differ in any selector, even at one priority.
+        return (
+            self.family,
+            self.priority,
+            self.action,
+            self.table,
+            self.src,
+            self.dst,
+            self.iif,
+            self.oif,
+            self.fwmark,
+            self.fwmask,
+            self.tos,
+            self.invert,
+            self.goto,
+            self.suppress_prefixlen,
+        )
 
 
 @dataclass(slots=True)
@@ -133,6 +211,7 @@ class Namespace:
     links: dict[int, Link] = field(default_factory=dict)
     addresses: dict[AddressKey, Address] = field(default_factory=dict)
     routes: dict[RouteKey, Route] = field(default_factory=dict)
+    rules: dict[RuleKey, Rule] = field(default_factory=dict)
     # netnsid (as seen from this namespace) -> inode of the namespace it names.
     nsids: dict[int, int] = field(default_factory=dict)
     synced: bool = False
@@ -226,6 +305,22 @@ class RouteDel:
 
 
 @dataclass(frozen=True, slots=True)
+class RuleNew:
+    """RTM_NEWRULE."""
+
+    inode: int
+    rule: Rule
+
+
+@dataclass(frozen=True, slots=True)
+class RuleDel:
+    """RTM_DELRULE."""
+
+    inode: int
+    rule: Rule
+
+
+@dataclass(frozen=True, slots=True)
 class NsidLearned:
     """The kernel said: in namespace ``inode``, ``nsid`` names namespace ``target``."""
 
@@ -234,7 +329,7 @@ class NsidLearned:
     target: int
 
 
-DumpKind = Literal["link", "address", "route"]
+DumpKind = Literal["link", "address", "rule", "route"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,7 +342,7 @@ class Dump:
 
     inode: int
     kind: DumpKind
-    items: tuple[Link, ...] | tuple[Address, ...] | tuple[Route, ...]
+    items: tuple[Link, ...] | tuple[Address, ...] | tuple[Route, ...] | tuple[Rule, ...]
     family: Family | None = None
     # "initial" for a namespace's first sync; otherwise why it was re-dumped
     # ("overrun", "reconcile", "route_followup", ...).
@@ -280,6 +375,8 @@ Event = (
     | AddressDel
     | RouteNew
     | RouteDel
+    | RuleNew
+    | RuleDel
     | NsidLearned
     | Dump
     | StatsUpdate
@@ -289,7 +386,7 @@ Event = (
 
 # --- changes ----------------------------------------------------------------
 
-ChangeKind = Literal["namespace", "link", "address", "route", "veth_peer"]
+ChangeKind = Literal["namespace", "link", "address", "route", "rule", "veth_peer"]
 ChangeAction = Literal["added", "changed", "removed", "resolved", "lost", "renamed"]
 
 
@@ -448,6 +545,30 @@ class RouteRemoved:
 
 
 @dataclass(frozen=True, slots=True)
+class RuleAdded:
+    """A policy routing rule appeared."""
+
+    kind: ClassVar[ChangeKind] = "rule"
+    action: ClassVar[ChangeAction] = "added"
+    netns: str
+    inode: int
+    rule: Rule
+    from_dump: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RuleRemoved:
+    """A policy routing rule is gone."""
+
+    kind: ClassVar[ChangeKind] = "rule"
+    action: ClassVar[ChangeAction] = "removed"
+    netns: str
+    inode: int
+    rule: Rule
+    from_dump: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class VethResolved:
     """A veth end's peer is known (again, or under a new name)."""
 
@@ -485,6 +606,8 @@ Change = (
     | RouteAdded
     | RouteChanged
     | RouteRemoved
+    | RuleAdded
+    | RuleRemoved
     | VethResolved
     | VethLost
 )
@@ -552,6 +675,21 @@ class Model:
             return None
         ns = self.namespaces[ref[0]]
         return PeerRef(ref[0], ns.name, ref[1], ns.links[ref[1]].name)
+
+    def parent_of(self, inode: int, index: int) -> PeerRef | None:
+        """The resolved lower device of link (inode, index) (macvlan, vxlan, ...), or None."""
+        ns = self.namespaces.get(inode)
+        link = ns.links.get(index) if ns is not None else None
+        ref = self.veths.parent(self.namespaces, ns, link) if ns and link else None
+        if ref is None:
+            return None
+        other = self.namespaces[ref[0]]
+        return PeerRef(ref[0], other.name, ref[1], other.links[ref[1]].name)
+
+    @property
+    def host_inode(self) -> int | None:
+        """The host namespace's inode, once seen."""
+        return next((i for i, ns in self.namespaces.items() if ns.is_host), None)
 
     def veth_pairs(self) -> Iterator[tuple[LinkRef, LinkRef]]:
         """Each resolved pair once, ordered (a, b) with a < b."""
@@ -633,6 +771,16 @@ class Model:
                 ns = self.namespaces.get(event.inode)
                 if ns is not None:
                     self._route_del(ns, event.route, out)
+            case RuleNew():
+                ns = self.namespaces.get(event.inode)
+                if ns is not None and event.rule.key not in ns.rules:
+                    ns.rules[event.rule.key] = event.rule
+                    out.append(RuleAdded(ns.name, ns.inode, event.rule))
+            case RuleDel():
+                ns = self.namespaces.get(event.inode)
+                old_rule = ns.rules.pop(event.rule.key, None) if ns is not None else None
+                if ns is not None and old_rule is not None:
+                    out.append(RuleRemoved(ns.name, ns.inode, old_rule))
             case NsidLearned():
                 self._nsid_learned(event, out)
             case Dump():
@@ -684,6 +832,7 @@ class Model:
             self._link_remove(ns, index, "namespace_deleted", out, from_dump=False)
         ns.addresses.clear()
         ns.routes.clear()
+        ns.rules.clear()
         del self.namespaces[inode]
         self._index_names(ns, ns.names)
         # The dead namespace's nsid is free for reuse in every other namespace.
@@ -868,6 +1017,16 @@ class Model:
                     self._addr_remove(ns, key, out, from_dump=from_dump)
             for addr in addrs.values():
                 self._addr_upsert(ns, addr, out, from_dump=from_dump)
+        elif ev.kind == "rule":
+            rules = {r.key: r for r in ev.items if isinstance(r, Rule)}
+            for rule_key, rule in list(ns.rules.items()):
+                if rule_key not in rules and (ev.family is None or rule.family == ev.family):
+                    del ns.rules[rule_key]
+                    out.append(RuleRemoved(ns.name, ns.inode, rule, from_dump))
+            for rule_key, rule in rules.items():
+                if rule_key not in ns.rules:
+                    ns.rules[rule_key] = rule
+                    out.append(RuleAdded(ns.name, ns.inode, rule, from_dump))
         else:
             routes = {r.key: r for r in ev.items if isinstance(r, Route)}
             for rkey, rold in list(ns.routes.items()):
@@ -891,6 +1050,7 @@ def _copy_namespace(ns: Namespace) -> Namespace:
         links=dict(ns.links),
         addresses=dict(ns.addresses),
         routes=dict(ns.routes),
+        rules=dict(ns.rules),
         nsids=dict(ns.nsids),
         synced=ns.synced,
     )

@@ -21,8 +21,10 @@ from dataclasses import dataclass, field
 from pyroute2.netlink.rtnl import (
     RTMGRP_IPV4_IFADDR,
     RTMGRP_IPV4_ROUTE,
+    RTMGRP_IPV4_RULE,
     RTMGRP_IPV6_IFADDR,
     RTMGRP_IPV6_ROUTE,
+    RTMGRP_IPV6_RULE,
     RTMGRP_LINK,
 )
 
@@ -50,13 +52,23 @@ from nswatch.model import (
     Link,
     NsidLearned,
     Route,
+    Rule,
     StatsUpdate,
     Synced,
 )
 
 GROUPS = (
-    RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE
+    RTMGRP_LINK
+    | RTMGRP_IPV4_IFADDR
+    | RTMGRP_IPV6_IFADDR
+    | RTMGRP_IPV4_ROUTE
+    | RTMGRP_IPV6_ROUTE
+    | RTMGRP_IPV4_RULE
+    | RTMGRP_IPV6_RULE
 )
+# A namespace's first dump, in this order: rules before routes, since the
+# route dump's end is what marks the namespace synced.
+FULL_DUMP: tuple[DumpKind, ...] = ("link", "address", "rule", "route")
 SO_RCVBUFFORCE = 33
 SOL_NETLINK = 270
 NETLINK_GET_STRICT_CHK = 12
@@ -101,7 +113,7 @@ class _Request:
     dev: int | None = None
     reason: str = "initial"
     seq: int = 0
-    items: list[Link | Address | Route] = field(default_factory=list)
+    items: list[Link | Address | Route | Rule] = field(default_factory=list)
     interrupted: bool = False
     attempts: int = 0
 
@@ -169,7 +181,7 @@ class Session:
         """Queue the first full dump on this socket."""
         self.resync(reason)
 
-    def resync(self, reason: str, kinds: Iterable[DumpKind] = ("link", "address", "route")) -> None:
+    def resync(self, reason: str, kinds: Iterable[DumpKind] = FULL_DUMP) -> None:
         """Queue fresh dumps (skipping any already queued but not started)."""
         for what in kinds:
             if not any(r.what == what and r.family is None for r in self._queue):

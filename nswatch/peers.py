@@ -144,6 +144,23 @@ class VethPeers:
         """Forget what was doomed inside a namespace that is gone itself."""
         self.doomed = {ref for ref in self.doomed if ref[0] != inode}
 
+    # -- parents (macvlan, vlan, ipvlan, vxlan on a lower device) --
+
+    @staticmethod
+    def parent(namespaces: Mapping[int, Namespace], ns: Namespace, link: Link) -> LinkRef | None:
+        """Where ``link``'s lower device is, when the namespace it names is known.
+
+        Unlike a veth pair this is one-way: the lower device does not point
+        back, so the ifindex in the target namespace is all there is.
+        """
+        if link.parent_index is None:
+            return None
+        target = ns.inode if link.parent_netnsid is None else ns.nsids.get(link.parent_netnsid)
+        other = namespaces.get(target) if target is not None else None
+        if other is None or link.parent_index not in other.links:
+            return None
+        return (other.inode, link.parent_index)
+
     # -- queries --
 
     def unpaired(self, ns: Namespace) -> Iterator[Link]:

@@ -4,14 +4,41 @@ from __future__ import annotations
 
 from typing import Any
 
-from nswatch.model import Address, Link, Model, Namespace, Route
+from nswatch.model import Address, Link, Model, Namespace, Route, Rule
 
 TABLE_NAMES = {253: "default", 254: "main", 255: "local"}
+# IFF_* bits as `ip link` names them (RUNNING too, which `ip` folds into NO-CARRIER).
+LINK_FLAGS = (
+    (0x1, "UP"),
+    (0x2, "BROADCAST"),
+    (0x4, "DEBUG"),
+    (0x8, "LOOPBACK"),
+    (0x10, "POINTOPOINT"),
+    (0x20, "NOTRAILERS"),
+    (0x40, "RUNNING"),
+    (0x80, "NOARP"),
+    (0x100, "PROMISC"),
+    (0x200, "ALLMULTI"),
+    (0x400, "MASTER"),
+    (0x800, "SLAVE"),
+    (0x1000, "MULTICAST"),
+    (0x2000, "PORTSEL"),
+    (0x4000, "AUTOMEDIA"),
+    (0x8000, "DYNAMIC"),
+    (0x10000, "LOWER_UP"),
+    (0x20000, "DORMANT"),
+    (0x40000, "ECHO"),
+)
 
 
 def table_name(table: int) -> str:
     """The routing table as `ip` names it: main, local, default, or its number."""
     return TABLE_NAMES.get(table, str(table))
+
+
+def link_flags(flags: int) -> list[str]:
+    """ifi_flags as names."""
+    return [name for bit, name in LINK_FLAGS if flags & bit]
 
 
 def link_json(model: Model, ns: Namespace, link: Link) -> dict[str, Any]:
@@ -35,6 +62,26 @@ def link_json(model: Model, ns: Namespace, link: Link) -> dict[str, Any]:
         out["peer_netnsid"] = link.peer_netnsid
     else:
         out["peer"] = None
+    parent = model.parent_of(ns.inode, link.index)
+    out["parent"] = (
+        {"netns": parent.netns, "index": parent.index, "name": parent.name} if parent else None
+    )
+    if link.parent_index is not None:
+        out["parent_index"] = link.parent_index
+        out["parent_netnsid"] = link.parent_netnsid
+    out.update(
+        {
+            "carrier": link.carrier,
+            "carrier_changes": link.carrier_changes,
+            "carrier_up_count": link.carrier_up_count,
+            "carrier_down_count": link.carrier_down_count,
+            "txqlen": link.txqlen,
+            "flags": link_flags(link.flags),
+            "promiscuity": link.promiscuity,
+            "ifalias": link.ifalias,
+            "broadcast": link.broadcast,
+        }
+    )
     return out
 
 
@@ -47,6 +94,10 @@ def address_json(ns: Namespace, addr: Address) -> dict[str, Any]:
         "address": addr.address,
         "prefixlen": addr.prefixlen,
         "scope": addr.scope,
+        "flags": list(addr.flags),
+        # Seconds left when the kernel last reported the address; null: forever.
+        "preferred_lft": addr.preferred_lft,
+        "valid_lft": addr.valid_lft,
     }
 
 
@@ -63,10 +114,37 @@ def route_json(ns: Namespace, route: Route) -> dict[str, Any]:
         "scope": route.scope,
         "priority": route.priority,
         "prefsrc": route.prefsrc,
+        "flags": list(route.flags),
         "nexthops": [
-            {"gateway": nh.gateway, "dev": ns.link_name(nh.dev), "weight": nh.weight}
+            {
+                "gateway": nh.gateway,
+                "dev": ns.link_name(nh.dev),
+                "weight": nh.weight,
+                "flags": list(nh.flags),
+            }
             for nh in route.nexthops
         ],
+    }
+
+
+def rule_json(rule: Rule) -> dict[str, Any]:
+    """One policy routing rule, with `ip rule`'s words (``table`` named like routes')."""
+    return {
+        "family": rule.family,
+        "priority": rule.priority,
+        "action": rule.action,
+        "table": table_name(rule.table) if rule.action == "lookup" else None,
+        "src": rule.src,
+        "dst": rule.dst,
+        "iif": rule.iif,
+        "oif": rule.oif,
+        "fwmark": rule.fwmark,
+        "fwmask": rule.fwmask,
+        "tos": rule.tos,
+        "not": rule.invert,
+        "goto": rule.goto,
+        "suppress_prefixlen": rule.suppress_prefixlen,
+        "protocol": rule.protocol,
     }
 
 
@@ -88,6 +166,10 @@ def namespace_json(model: Model, ns: Namespace) -> dict[str, Any]:
                 ns.routes.values(),
                 key=lambda r: (r.family, r.table, r.dst, r.priority or 0, str(r.gateway)),
             )
+        ],
+        "rules": [
+            rule_json(r)
+            for r in sorted(ns.rules.values(), key=lambda r: (r.family, r.priority, repr(r.key)))
         ],
     }
 
