@@ -17,7 +17,6 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
 from nswatch.decode import Decoded
@@ -38,22 +37,7 @@ from nswatch.model import (
 from nswatch.netlink import Session, ipv4_stale_links, make_socket
 from nswatch.netns import NameFilter, NetnsEnterer, scan
 from nswatch.observer import BaseObserver, Observer
-
-
-@dataclass(frozen=True, slots=True)
-class Settings:
-    """What the daemon needs to know; built from the config file and flags."""
-
-    netns_dirs: tuple[str, ...] = ("/run/netns",)
-    include: str | None = None
-    exclude: str | None = None
-    host_label: str = "host"
-    netlink_rcvbuf: int = 4 * 1024 * 1024
-    reconcile_interval: float = 300.0
-    rescan_interval: float = 30.0
-    # Link counters come with link messages, which the kernel sends only on
-    # state changes; a link dump this often keeps them fresh (0: never).
-    stats_interval: float = 15.0
+from nswatch.settings import Settings
 
 
 class NetlinkSession(Protocol):
