@@ -28,7 +28,6 @@ from nswatch.config import Config, Profile, render_host_name
 from nswatch.model import Change, Model
 from nswatch.netns import NetnsEnterer
 from nswatch.observer import BaseObserver
-from nswatch.settings import DEFAULTS
 from nswatch.plan import (
     Addressing,
     AllocationError,
@@ -39,6 +38,7 @@ from nswatch.plan import (
     p2p_addressing,
     plan,
 )
+from nswatch.settings import DEFAULTS
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -400,7 +400,9 @@ class ApplyEngine(BaseObserver):
                 addr = self._addressing(profile, name, model, taken, mine)
             except AllocationError as e:
                 return profile, [], str(e)
-            steps = self.applier.pending(plan(profile, name, model, self.config.settings.host_label, addr))
+            steps = self.applier.pending(
+                plan(profile, name, model, self.config.settings.host_label, addr)
+            )
             if not dry_run and steps:
                 try:
                     self.applier.run(steps)
@@ -478,7 +480,9 @@ class ApplyEngine(BaseObserver):
             first = name not in self._seen
         try:
             addr = self._addressing(profile, name, model, taken, mine)
-            steps = self.applier.pending(plan(profile, name, model, self.config.settings.host_label, addr))
+            steps = self.applier.pending(
+                plan(profile, name, model, self.config.settings.host_label, addr)
+            )
         except AllocationError as e:
             self._record(profile, name, [], error=str(e))
             return []

@@ -37,7 +37,7 @@ from nswatch.model import (
 from nswatch.netlink import Session, ipv4_stale_links, make_socket
 from nswatch.netns import NameFilter, NetnsEnterer, scan
 from nswatch.observer import BaseObserver, Observer
-from nswatch.settings import Settings
+from nswatch.settings import Settings as Settings  # re-exported: callers build it from here
 
 
 class NetlinkSession(Protocol):

@@ -208,7 +208,7 @@ def _show(value: object) -> str:
 
 
 def convert(name: str, value: object) -> Any:
-    """The checked value of setting ``name``; raises values.Invalid, or KeyError for no such setting."""
+    """The checked value of setting ``name``; raises values.Invalid (KeyError: no such setting)."""
     return _BY_NAME[name].convert(value)
 
 

@@ -93,8 +93,8 @@ def seconds(value: object, *, floor: float, off: bool) -> float:
     if v == 0 and off:
         return v
     if not math.isfinite(v) or v < floor:
-        least = f"{floor:g}"
-        raise Invalid(f"must be at least {least} seconds" + (" or 0 (disabled)" if off else ""))
+        unit = "second" if floor == 1 else "seconds"
+        raise Invalid(f"must be at least {floor:g} {unit}" + (" or 0 (disabled)" if off else ""))
     return v
 
 

@@ -680,7 +680,7 @@ def test_top_level_values() -> None:
         (4, "log_format", "must be json, console or auto (json when stderr is not a terminal)"),
         (5, "netlink_rcvbuf", "must be between 1 and 2147483647"),
         (6, "reconcile_interval", "must be at least 10 seconds or 0 (disabled)"),
-        (7, "rescan_interval", "must be at least 1 seconds"),
+        (7, "rescan_interval", "must be at least 1 second"),
         (8, "netns_dirs", "'run/netns' is not an absolute path"),
         (9, "host_label", "must be a label, not empty"),
     ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import replace
 from typing import Any
@@ -239,7 +240,7 @@ def parse_root(w: Walker, root: Node, source: str) -> Config:
     for key in _SETTING_KEYS:
         if key in m:
             before = len(w.problems)
-            value = w.get(m, key, "", lambda v, key=key: settings.convert(key, v))
+            value = w.get(m, key, "", functools.partial(settings.convert, key))
             if len(w.problems) == before:
                 values[key] = value
     profiles: list[tuple[int, Profile]] = []
