@@ -5,6 +5,10 @@ from __future__ import annotations
 import ipaddress
 import re
 import textwrap
+import threading
+import time
+import tracemalloc
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,10 +18,12 @@ from hypothesis import strategies as st
 
 from nswatch.config import (
     DEFAULT_CONFIG_PATH,
+    MAX_FILE_BYTES,
     AddressSpec,
     BridgeSpec,
     Config,
     ConfigError,
+    IPNetwork,
     Problem,
     Profile,
     RouteSpec,
@@ -31,7 +37,9 @@ from nswatch.config import (
     render_host_name,
     validate_against_host,
 )
-from nswatch.settings import Settings
+from nswatch.config.overlap import earliest_overlaps
+from nswatch.netns import NameFilter
+from nswatch.settings import DEFAULTS, Settings, declared, settings_table
 
 DATA = Path(__file__).parent / "data" / "config"
 
@@ -898,3 +906,228 @@ def test_check_config_host_overlap_and_missing_file(
     assert len(err.splitlines()) == 2
     assert check_config_main(str(tmp_path / "none.yaml")) == 2
     assert capsys.readouterr().err == f"{tmp_path / 'none.yaml'}: no such file\n"
+
+
+# -- hostile files ------------------------------------------------------------------------
+
+
+def _refusal_cost(text: str) -> tuple[float, int, ConfigError]:
+    """(CPU seconds, peak bytes allocated, the error) of refusing ``text``, which must be refused."""
+    start = time.process_time()
+    with pytest.raises(ConfigError):
+        parse_config(text)
+    cpu = time.process_time() - start
+    tracemalloc.start()
+    try:
+        with pytest.raises(ConfigError) as info:
+            parse_config(text)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return cpu, peak, info.value
+
+
+def _merge_bomb() -> str:
+    """About 600 bytes of merge keys standing for 10**9 keys."""
+    lines = ["x-a: &a {k0: 1, k1: 1, k2: 1, k3: 1, k4: 1, k5: 1, k6: 1, k7: 1, k8: 1, k9: 1}"]
+    prev = "a"
+    for name in "bcdefghij":
+        lines.append(f"x-{name}: &{name} {{<<: [{', '.join([f'*{prev}'] * 10)}]}}")
+        prev = name
+    lines.append(f"profiles: [{{<<: *{prev}, name: p, match: x}}]")
+    return "\n".join(lines) + "\n"
+
+
+def _laughs() -> str:
+    """Nested lists of aliases: a few hundred bytes standing for 10**9 values."""
+    lines = ["x-0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    for i in range(1, 10):
+        lines.append(f"x-{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]")
+    lines.append("profiles: *l9")
+    return "\n".join(lines) + "\n"
+
+
+def test_deep_nesting_is_a_problem_not_a_crash() -> None:
+    """Nesting thousands of levels deep is one located problem, not a RecursionError."""
+    (problem,) = problems("profiles: " + "[" * 3000 + "]" * 3000 + "\n")
+    assert problem[0] == 1 and problem[2].startswith("invalid YAML")
+    block = "profiles:\n" + "".join("  " * i + "- \n" for i in range(100)) + "  " * 100 + "- x\n"
+    (line, path, message) = only(block)
+    assert path == "profiles" + "[0]" * 31 and message == "nests deeper than 32 levels"
+    assert line == 33
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param(_merge_bomb(), id="merge-keys"),
+        pytest.param(_laughs(), id="alias-lists"),
+        pytest.param("x-list: [" + "1," * 499_000 + "1]\n", id="flat-1MB"),
+        pytest.param("x-a: &a 1\nx-list: [" + "*a," * 250_000 + "*a]\n", id="aliases-1MB"),
+        pytest.param("profiles:\n" + "- {name: a, match: b}\n" * 45_000, id="profiles-1MB"),
+    ],
+)
+def test_yaml_bombs_are_refused_quickly(text: str) -> None:
+    """Any file under 1 MB is refused within 1 s of CPU and 50 MB, with its line and key path."""
+    assert len(text) < 1_000_000
+    cpu, peak, error = _refusal_cost(text)
+    assert cpu < 1.0
+    assert peak < 50_000_000
+    assert len(error.problems) == 1
+    assert "expands to more than 200000 values" in error.problems[0].message
+
+
+def test_files_over_the_size_limit_are_refused(tmp_path: Path) -> None:
+    """A file larger than MAX_FILE_BYTES is refused without being parsed."""
+    big = tmp_path / "big.yaml"
+    big.write_text("#" * MAX_FILE_BYTES + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(big))
+    assert [str(p) for p in info.value.problems] == [
+        f"{big}: larger than 4 MiB; a config file is at most that"
+    ]
+
+
+def _pools(n: int, same: bool = False) -> str:
+    rows = ["profiles:"]
+    for i in range(n):
+        pool = "10.0.0.0/24" if same else f"10.{i // 256}.{i % 256}.0/24"
+        rows.append(
+            f"- {{name: p{i}, match: 'n{i}-*', veth: {{host_name: 'v{{id}}', netns_name: e,"
+            f" pool: {pool}, prefix: 30}}}}"
+        )
+    return "\n".join(rows) + "\n"
+
+
+def test_ten_thousand_pools_are_checked_in_near_linear_time() -> None:
+    """10,000 profiles with pools load and check against the host in seconds (the pairwise checks took minutes)."""
+    start = time.process_time()
+    config = parse_config(_pools(10_000))
+    host = [ipaddress.ip_network("10.39.0.0/16"), ipaddress.ip_network("10.0.7.128/25")]
+    found = validate_against_host(config, host)
+    assert time.process_time() - start < 20
+    assert len(config.profiles) == 10_000
+    assert [p.path for p in found] == ["profiles[7].veth.pool"] + [
+        f"profiles[{i}].veth.pool" for i in range(39 * 256, 10_000)
+    ]
+
+
+def test_every_overlapping_pool_is_reported_once() -> None:
+    """10,000 copies of one pool give one problem each, against the first: not one per pair."""
+    start = time.process_time()
+    found = problems(_pools(10_000, same=True))
+    assert time.process_time() - start < 20
+    assert len(found) == 9_999
+    assert found[-1] == (
+        10_001,
+        "profiles[9999].veth.pool",
+        "10.0.0.0/24 overlaps 10.0.0.0/24 (profiles[0].veth.pool)",
+    )
+
+
+small_networks = st.builds(
+    lambda v, a, p: (
+        ipaddress.ip_network((a << 24 if v == 4 else a << 120, p), strict=False)
+        if v == 4
+        else ipaddress.IPv6Network((a << 120, p + 96), strict=False)
+    ),
+    st.sampled_from([4, 6]),
+    st.integers(0, 255),
+    st.integers(0, 32),
+)
+
+
+@given(st.lists(small_networks, max_size=30))
+def test_earliest_overlaps_is_the_pairwise_answer(nets: list[IPNetwork]) -> None:
+    """The sweep finds, for every network, the first listed network overlapping it, as comparing every pair does."""
+    want = {}
+    for i, net in enumerate(nets):
+        for j in range(i):
+            if nets[j].version == net.version and nets[j].overlaps(net):
+                want[i] = j
+                break
+    assert earliest_overlaps(nets) == want
+
+
+def test_intervals_have_floors() -> None:
+    """Intervals that would spin a core are refused with their key path; 0 still turns the optional ones off."""
+    text = "rescan_interval: 0.000001\nreconcile_interval: 9.5\nstats_interval: 0.5\n"
+    assert problems(text) == [
+        (1, "rescan_interval", "must be at least 1 second"),
+        (2, "reconcile_interval", "must be at least 10 seconds or 0 (disabled)"),
+        (3, "stats_interval", "must be at least 1 second or 0 (disabled)"),
+    ]
+    ok = parse_config("rescan_interval: 1\nreconcile_interval: 0\nstats_interval: 0\n").settings
+    assert (ok.rescan_interval, ok.reconcile_interval, ok.stats_interval) == (1.0, 0.0, 0.0)
+    with pytest.raises(ConfigError, match="reconcile_interval: must be at least 10 seconds"):
+        Config().with_overrides(reconcile_interval=0.000001)
+
+
+# -- user regexes ---------------------------------------------------------------------------
+
+CATASTROPHIC = "^x-(a+)+$"
+NAME = "x-" + "a" * 37 + "b"  # 40 characters: backtracking would take hours
+
+
+def _returns(fn: Callable[[], object]) -> object:
+    """What ``fn`` returns, failing if it does not return within a (very generous) 10 s."""
+    out: list[object] = []
+    thread = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+    thread.start()
+    thread.join(10)
+    assert not thread.is_alive(), "a user regex backtracked"
+    return out[0]
+
+
+def test_user_regexes_run_in_linear_time() -> None:
+    """A catastrophic pattern in include, exclude or a regex: match just returns on a 40-character name."""
+    config = parse_config(
+        f"include: '{CATASTROPHIC}'\nexclude: '{CATASTROPHIC}'\n"
+        f"profiles: [{{name: p, match: 'regex:{CATASTROPHIC}'}}]\n"
+    )
+    s = config.settings
+    assert _returns(lambda: NameFilter(s.include, None)(NAME)) is False
+    assert _returns(lambda: NameFilter(None, s.exclude)(NAME)) is True
+    assert _returns(lambda: config.profile_for(NAME)) is None
+    assert NameFilter(s.include, None)("x-aaa") and config.profile_for("x-aaa") is not None
+
+
+def test_regexes_re2_cannot_run_are_refused_with_their_key_path() -> None:
+    """Backreferences and lookaround are refused when the file or the command line is read."""
+    text = "include: '(a)\\1'\nexclude: 'a(?=b)'\nprofiles: [{name: p, match: 'regex:(?<!x)y'}]\n"
+    hint = " (RE2 takes no backreferences or lookaround)"
+    assert problems(text) == [
+        (1, "include", "bad regular expression: invalid escape sequence: \\1" + hint),
+        (2, "exclude", "bad regular expression: invalid perl operator: (?=" + hint),
+        (3, "profiles[0].match", "bad regular expression: invalid perl operator: (?<!" + hint),
+    ]
+    with pytest.raises(ConfigError) as info:
+        Config().with_overrides(include="(a)\\1")
+    assert str(info.value.problems[0]).startswith("<command line>: include: bad regular")
+
+
+def test_undecodable_names_still_match() -> None:
+    """Names with bytes that are not UTF-8 (lone surrogates) are matched, the bytes as U+FFFD."""
+    name = b"ns-\xff".decode("utf-8", "surrogateescape")
+    assert NameFilter("^ns-.$", None)(name)
+    assert Profile("p", "regex:^ns-").matches(name)
+
+
+# -- the settings declaration -----------------------------------------------------------------
+
+
+def test_readme_settings_table_is_the_generated_one() -> None:
+    """README's settings table is exactly what nswatch.settings generates from the declaration."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    begin = "<!-- settings table: python -m nswatch.settings -->\n"
+    end = "<!-- end of settings table -->\n"
+    assert begin in readme and end in readme
+    assert readme[readme.index(begin) + len(begin) : readme.index(end)] == settings_table()
+
+
+def test_every_setting_is_a_top_level_key() -> None:
+    """Each declared setting is read from the file by its field name, defaults as declared."""
+    assert parse_config("").settings == DEFAULTS
+    for name, _ in declared():
+        assert only(f"{name}: [[1]]\n")[:2] == (1, name)
+    assert only("bogus: 1\n") == (1, "bogus", "unknown key")

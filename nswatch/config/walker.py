@@ -9,7 +9,7 @@ from typing import NamedTuple, TypeVar
 import yaml
 
 from nswatch.config.problems import Problem
-from nswatch.config.yamltree import MERGE_TAG, NULL_TAG, Map, Node, Scalar, Seq
+from nswatch.config.yamltree import MERGE_TAG, NULL_TAG, STR_TAG, Map, Node, Scalar, Seq
 from nswatch.values import Invalid
 
 __all__ = ["Entry", "Walker"]
@@ -48,6 +48,8 @@ class Walker:
             return [self.scalar(n) if isinstance(n, Scalar) else {} for n in node.items]
         if not isinstance(node, Scalar):
             return {}
+        if node.tag == STR_TAG:
+            return node.value  # most values: no need for the constructor
         try:
             return self._constructor.construct_object(
                 yaml.ScalarNode(node.tag, node.value, style=node.style), deep=True

@@ -23,6 +23,7 @@ __all__ = [
     "MAX_NODES",
     "MERGE_TAG",
     "NULL_TAG",
+    "STR_TAG",
     "Map",
     "Node",
     "Scalar",
@@ -37,6 +38,7 @@ MAX_DEPTH = 32
 MAX_NODES = 200_000
 MERGE_TAG = "tag:yaml.org,2002:merge"
 NULL_TAG = "tag:yaml.org,2002:null"
+STR_TAG = "tag:yaml.org,2002:str"
 
 # libyaml's parser when PyYAML has it: about ten times faster.
 _Parser: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
