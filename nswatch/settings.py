@@ -81,8 +81,8 @@ class Settings:
     include: str | None = _setting(
         None,
         Setting(
-            "watch only namespaces whose name matches this RE2 regex (`re.search`);"
-            " the host is always watched",
+            "watch only namespaces whose name matches this RE2 regex (anywhere in the"
+            " name unless anchored); the host is always watched",
             values.opt_regex,
             doc_default="all",
             flag="--include",
