@@ -12,7 +12,7 @@ the limit stays within a few tens of MB.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
@@ -102,7 +102,6 @@ class _Open:
     anchor: str | None
     size: int = 1  # values in this collection, aliases expanded
     key: Node | None = None  # a mapping's key waiting for its value
-    has_key: bool = field(default=False)
 
 
 def _path(stack: list[_Open]) -> str:
@@ -110,7 +109,7 @@ def _path(stack: list[_Open]) -> str:
     for frame in stack:
         if isinstance(frame.node, Seq):
             out += f"[{len(frame.node.items)}]"
-        elif frame.has_key and isinstance(frame.key, Scalar):
+        elif isinstance(frame.key, Scalar):
             out += f".{frame.key.value}" if out else frame.key.value
         else:
             break
@@ -150,12 +149,11 @@ def _compose(parser: Any) -> Node | None:
         top.size += size
         if isinstance(top.node, Seq):
             top.node.items.append(node)
-        elif not top.has_key:
-            top.key, top.has_key = node, True
+        elif top.key is None:
+            top.key = node
         else:
-            assert top.key is not None
             top.node.pairs.append((top.key, node))
-            top.key, top.has_key = None, False
+            top.key = None
 
     def count(n: int, event: Any) -> None:
         nonlocal total
