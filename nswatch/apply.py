@@ -38,6 +38,7 @@ from nswatch.plan import (
     p2p_addressing,
     plan,
 )
+from nswatch.settings import DEFAULTS
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -66,7 +67,7 @@ class Applier:
         self,
         enterer: NetnsEnterer,
         resolve: Callable[[str], str | None],
-        host_label: str = "host",
+        host_label: str = DEFAULTS.host_label,
         lock_path: str | None = "/run/netns",
     ) -> None:
         self.enterer = enterer
@@ -272,9 +273,9 @@ class ApplyEngine(BaseObserver):
         applier: Applier,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.config = config
         self.view = view
         self.applier = applier
+        self._use(config)
         self.clock = clock
         self.log = structlog.get_logger("nswatch.apply")
         self.stats = ApplyStats()
@@ -300,7 +301,7 @@ class ApplyEngine(BaseObserver):
             if ch.kind == "namespace" and ch.action == "removed":
                 self._forget(ch.netns)
                 continue
-            if ch.netns == self.config.host_label:
+            if ch.netns == self.config.settings.host_label:
                 host_changed = True
             else:
                 names.add(ch.netns)
@@ -349,9 +350,15 @@ class ApplyEngine(BaseObserver):
     def stopping(self) -> None:
         self.stop()
 
+    def _use(self, config: Config) -> None:
+        # The plans name the host by the config's label and the applier
+        # enters the host for that label: both must follow the one config.
+        self.config = config
+        self.applier.host_label = config.settings.host_label
+
     def reload(self, config: Config) -> None:
         """Use a new config (after SIGHUP); every namespace is compared again."""
-        self.config = config
+        self._use(config)
         with self.lock:
             seen = list(self._seen)
         for name in seen:
@@ -393,7 +400,9 @@ class ApplyEngine(BaseObserver):
                 addr = self._addressing(profile, name, model, taken, mine)
             except AllocationError as e:
                 return profile, [], str(e)
-            steps = self.applier.pending(plan(profile, name, model, self.config.host_label, addr))
+            steps = self.applier.pending(
+                plan(profile, name, model, self.config.settings.host_label, addr)
+            )
             if not dry_run and steps:
                 try:
                     self.applier.run(steps)
@@ -437,7 +446,7 @@ class ApplyEngine(BaseObserver):
         with self.lock:
             own = self._reserved.get(name)
             others = [a for n, a in self._reserved.items() if n != name]
-        held = existing_subnet(profile, name, model, self.config.host_label)
+        held = existing_subnet(profile, name, model, self.config.settings.host_label)
         if mine is not None:
             # The kernel says this namespace's host end already has its
             # subnet (perhaps from another nswatch, faster than our model).
@@ -451,7 +460,7 @@ class ApplyEngine(BaseObserver):
                 profile,
                 name,
                 model,
-                self.config.host_label,
+                self.config.settings.host_label,
                 reserved=[*taken, *(a.host.network for a in others if a.host is not None)],
                 reserved_ips=[str(a.netns.ip) for a in others if a.netns is not None],
             )
@@ -471,7 +480,9 @@ class ApplyEngine(BaseObserver):
             first = name not in self._seen
         try:
             addr = self._addressing(profile, name, model, taken, mine)
-            steps = self.applier.pending(plan(profile, name, model, self.config.host_label, addr))
+            steps = self.applier.pending(
+                plan(profile, name, model, self.config.settings.host_label, addr)
+            )
         except AllocationError as e:
             self._record(profile, name, [], error=str(e))
             return []

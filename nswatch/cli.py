@@ -12,12 +12,13 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from types import FrameType
 from typing import Any
 
 import structlog
 
-from nswatch import __version__, logs
+from nswatch import __version__, logs, settings
 from nswatch.config import (
     DEFAULT_CONFIG_PATH,
     Config,
@@ -26,7 +27,7 @@ from nswatch.config import (
     is_own_network,
     load_config,
 )
-from nswatch.daemon import Daemon, Settings
+from nswatch.daemon import Daemon
 from nswatch.dirwatch import DirWatcher
 from nswatch.http import Api, HttpServer
 from nswatch.model import Model
@@ -39,79 +40,59 @@ STOP_TIMEOUT = 2.0
 STALL_AFTER = 10.0
 
 
+def _add_setting_flags(sp: argparse.ArgumentParser, command: str) -> None:
+    """The flags of the settings that ``command`` takes, from their declaration."""
+    for name, s in settings.declared():
+        if s.flag is None or command not in s.commands:
+            continue
+        text = f"{s.help} (default {settings.default_text(name)})"
+        kw: dict[str, Any] = {"dest": name, "help": text.replace("`", "").replace("%", "%%")}
+        if s.repeat:
+            kw["action"] = "append"
+        if s.choices is not None:
+            kw["choices"] = s.choices
+        else:
+            kw["type"] = s.flag_type
+            kw["metavar"] = s.metavar
+        sp.add_argument(s.flag, **kw)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (flags are a stable interface)."""
     p = argparse.ArgumentParser(prog="nswatch", description="Watch Linux network namespaces.")
     p.add_argument("--version", action="version", version=f"nswatch {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def common(sp: argparse.ArgumentParser) -> None:
+    def with_config(name: str, **kw: Any) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, **kw)
         sp.add_argument("--config", help=f"config file (default {DEFAULT_CONFIG_PATH} if present)")
-        sp.add_argument(
-            "--netns-dir",
-            action="append",
-            dest="netns_dirs",
-            metavar="DIR",
-            help="directory of named namespaces (repeatable; default /run/netns)",
-        )
-        sp.add_argument("--include", metavar="REGEX", help="watch only namespaces matching")
-        sp.add_argument("--exclude", metavar="REGEX", help="never watch these (wins)")
+        _add_setting_flags(sp, name)
+        return sp
 
-    run = sub.add_parser("run", help="run the daemon")
-    common(run)
-    run.add_argument("--listen", metavar="HOST:PORT", help="default 127.0.0.1:9442")
-    run.add_argument("--log-format", choices=("json", "console"))
-    run.add_argument("--log-level", choices=("debug", "info", "warning", "error", "critical"))
-    run.add_argument("--netlink-rcvbuf", type=int, metavar="BYTES")
-    run.add_argument("--reconcile-interval", type=float, metavar="SECONDS")
+    with_config("run", help="run the daemon")
 
-    snap = sub.add_parser("snapshot", help="print every namespace once and exit")
-    common(snap)
+    snap = with_config("snapshot", help="print every namespace once and exit")
     snap.add_argument("--json", action="store_true", help="the state JSON of /api/v1/state")
 
     chk = sub.add_parser("check-config", help="validate a config file")
     chk.add_argument("file", nargs="?", default=None)
 
-    app = sub.add_parser("apply", help="apply the profiles once, without the daemon")
-    common(app)
+    app = with_config("apply", help="apply the profiles once, without the daemon")
     app.add_argument("--netns", metavar="NAME", help="only this namespace")
     app.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
     return p
 
 
 def load(args: argparse.Namespace) -> Config:
-    """The config file (if any) with command-line flags on top."""
+    """The config file (if any) with the command's setting flags on top."""
     path = args.config
     config = load_config(path or DEFAULT_CONFIG_PATH, required=path is not None)
     overrides: dict[str, Any] = {}
-    for key in (
-        "netns_dirs",
-        "include",
-        "exclude",
-        "listen",
-        "log_format",
-        "log_level",
-        "netlink_rcvbuf",
-        "reconcile_interval",
-    ):
-        value = getattr(args, key, None)
+    for name, _ in settings.declared():
+        value = getattr(args, name, None)
         if value is not None:
-            overrides[key] = tuple(value) if isinstance(value, list) else value
+            overrides[name] = tuple(value) if isinstance(value, list) else value
     return config.with_overrides(**overrides) if overrides else config
-
-
-def settings_from(config: Config) -> Settings:
-    """The daemon's settings out of a loaded config."""
-    return Settings(
-        netns_dirs=tuple(config.netns_dirs),
-        include=config.include,
-        exclude=config.exclude,
-        host_label=config.host_label,
-        netlink_rcvbuf=config.netlink_rcvbuf,
-        reconcile_interval=config.reconcile_interval,
-        rescan_interval=config.rescan_interval,
-        stats_interval=config.stats_interval,
-    )
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -120,18 +101,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     from nswatch.apply import Applier, ApplyEngine
 
     config = load(args)
-    logs.configure(config.log_format, config.log_level)
+    logs.configure(config.settings.log_format, config.settings.log_level)
     log = structlog.get_logger("nswatch")
     sink = metrics.MetricsSink()
     daemon = Daemon(
-        settings_from(config),
+        config.settings,
         observers=[logs.LogObserver(), sink],
         dirwatch_factory=DirWatcher,
     )
     sink.bind(daemon)
-    engine = ApplyEngine(
-        config, daemon.view, Applier(daemon.enterer, daemon.path_of, config.host_label)
-    )
+    # The engine hands its config's host label to its applier, now and on reload.
+    engine = ApplyEngine(config, daemon.view, Applier(daemon.enterer, daemon.path_of))
     daemon.observers.append(engine)
     sink.bind_apply(engine)
     for extra in _service_observers(daemon):
@@ -146,7 +126,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         ready=daemon.ready.is_set,
         metrics=sink.render,
     )
-    server = HttpServer(config.listen, api)
+    listen = config.settings.listen
+    server = HttpServer(listen, api)
     stop = threading.Event()
     reload = threading.Event()
 
@@ -159,7 +140,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, on_signal)
-    log.info("starting", version=__version__, listen=f"{config.listen[0]}:{config.listen[1]}")
+    log.info("starting", version=__version__, listen=f"{listen[0]}:{listen[1]}")
     server.start()
     engine.start()
     thread = daemon.start()
@@ -205,7 +186,7 @@ def _reload(
     sink: Any,
     log: Any,
 ) -> Config:
-    """Re-read the config; keep the old one (and say why) when the new one is bad."""
+    """Re-read the config and hand it to every consumer; keep the old one (and say why) when bad."""
     for o in daemon.observers:
         hook = getattr(o, "reloading", None)
         if hook is not None:
@@ -217,10 +198,11 @@ def _reload(
         sink.config_reloaded(False)
         new = config
     else:
-        if new.listen != config.listen:
-            log.warning("listen_change_needs_restart", listen=f"{new.listen[0]}:{new.listen[1]}")
-        logs.configure(new.log_format, new.log_level)
-        daemon.reconfigure(settings_from(new))
+        listen = new.settings.listen
+        if listen != config.settings.listen:
+            log.warning("listen_change_needs_restart", listen=f"{listen[0]}:{listen[1]}")
+        logs.configure(new.settings.log_format, new.settings.log_level)
+        daemon.reconfigure(new.settings)
         engine.reload(new)
         sink.config_reloaded(True)
         log.info("config_reloaded", profiles=len(new.profiles), source=new.source)
@@ -246,10 +228,12 @@ def cmd_check_config(path: str) -> int:
     except ConfigError:
         config = None  # check_config_main reports the problems
     if config is not None and config.profiles:
-        daemon = Daemon(Settings(netns_dirs=(), reconcile_interval=0, stats_interval=0))
+        # Only the host's own addresses matter here: no directories, no timers.
+        only_host = replace(config.settings, netns_dirs=(), reconcile_interval=0, stats_interval=0)
+        daemon = Daemon(only_host)
         try:
             daemon.sync_once()
-            host = daemon.model.get("host")
+            host = daemon.model.get(only_host.host_label)
             for a in host.addresses.values() if host else ():
                 ifname = host.link_name(a.link) if host else None
                 net = ipaddress.ip_network(f"{a.address}/{a.prefixlen}", strict=False)
@@ -265,7 +249,7 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     """Build the model once from dumps and print it."""
     config = load(args)
     logs.configure("console", "warning")
-    daemon = Daemon(settings_from(config))
+    daemon = Daemon(config.settings)
     try:
         complete = daemon.sync_once()
         model = daemon.model
@@ -285,7 +269,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
     config = load(args)
     logs.configure("console", "warning")
-    daemon = Daemon(settings_from(config))
+    daemon = Daemon(config.settings)
     status = 0
     try:
         if not daemon.sync_once():
@@ -300,8 +284,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
             names = [args.netns]
         # The daemon's own engine plans (and applies) here too: the same
         # allocation, under the same host-wide lock as a running nswatch.
-        applier = Applier(daemon.enterer, daemon.path_of, config.host_label)
-        engine = ApplyEngine(config, lambda: model, applier)
+        engine = ApplyEngine(config, lambda: model, Applier(daemon.enterer, daemon.path_of))
         for name in names:
             profile, steps, error = engine.once(name, dry_run=args.dry_run)
             if profile is None:

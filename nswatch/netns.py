@@ -13,12 +13,13 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import re
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
+
+from nswatch.patterns import user_regex
 
 CLONE_NEWNET = 0x40000000
 T = TypeVar("T")
@@ -63,16 +64,20 @@ class Found:
 
 
 class NameFilter:
-    """``--include``/``--exclude`` regexes on namespace names; exclude wins."""
+    """``--include``/``--exclude`` regexes on namespace names; exclude wins.
+
+    The patterns are RE2 (linear time whatever the pattern); one RE2 cannot
+    compile raises PatternError.
+    """
 
     def __init__(self, include: str | None = None, exclude: str | None = None) -> None:
-        self.include = re.compile(include) if include else None
-        self.exclude = re.compile(exclude) if exclude else None
+        self.include = user_regex(include) if include else None
+        self.exclude = user_regex(exclude) if exclude else None
 
     def __call__(self, name: str) -> bool:
         if self.exclude is not None and self.exclude.search(name):
             return False
-        return self.include is None or bool(self.include.search(name))
+        return self.include is None or self.include.search(name)
 
 
 def probe(path: str, nsfs_dev: int) -> int | None:

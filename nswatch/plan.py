@@ -17,6 +17,7 @@ from typing import Literal
 
 from nswatch.config import Profile, RouteSpec, render_host_name
 from nswatch.model import Model, Namespace
+from nswatch.settings import DEFAULTS
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Interface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
@@ -270,7 +271,7 @@ def plan(
     profile: Profile,
     netns: str,
     model: Model,
-    host_label: str = "host",
+    host_label: str = DEFAULTS.host_label,
     addr: Addressing | None = None,
 ) -> list[Step]:
     """The steps, in order, that bring ``netns`` to what ``profile`` says; [] when it matches.

@@ -11,8 +11,17 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
-from nswatch.config import render_host_name
+import pytest
+import structlog
+
+from nswatch.apply import Applier, ApplyEngine
+from nswatch.cli import _reload, build_parser, load
+from nswatch.config import Config, render_host_name
+from nswatch.model import Model
+from nswatch.netns import NetnsEnterer
+from nswatch.settings import DEFAULTS, Settings, declared
 from tests.kernel import Lab, ip, ip_json, wait_for
 
 NSWATCH = [sys.executable, "-m", "nswatch"]
@@ -82,6 +91,115 @@ def test_apply_dry_run_then_apply(lab: Lab, tmp_path: Path) -> None:
     assert "0 step(s)" in again.stdout
 
 
+DEEP = "profiles: " + "[" * 3000 + "]" * 3000 + "\n"
+
+
+def test_bad_config_files_exit_2_without_a_traceback(tmp_path: Path) -> None:
+    """`run` and `check-config` list the problems of a bad (even hostile) file and exit 2."""
+    deep = tmp_path / "deep.yaml"
+    deep.write_text(DEEP)
+    blocky = tmp_path / "blocky.yaml"
+    blocky.write_text(
+        "profiles:\n" + "".join("  " * i + "- \n" for i in range(40)) + "  " * 40 + "- x\n"
+    )
+    too_deep = f"{blocky}:33: {'profiles' + '[0]' * 31}: nests deeper than 32 levels\n"
+    for command in (["check-config"], ["run", "--config"]):
+        r = nswatch(*command, str(deep))
+        assert r.returncode == 2
+        assert r.stderr.startswith(f"{deep}:1: invalid YAML: ") and r.stderr.count("\n") == 1
+        r = nswatch(*command, str(blocky))
+        assert (r.returncode, r.stderr) == (2, too_deep)
+
+
+def test_bad_flags_exit_2_with_their_setting(tmp_path: Path) -> None:
+    """A flag value the setting refuses (an RE2-incompatible regex, a too-short interval) exits 2 naming it."""
+    cfg = tmp_path / "empty.yaml"
+    cfg.write_text("")
+    r = nswatch("snapshot", "--config", str(cfg), "--include", "(a)\\1")
+    assert r.returncode == 2
+    assert r.stderr.startswith("<command line>: include: bad regular expression: invalid escape")
+    r = nswatch("run", "--config", str(cfg), "--reconcile-interval", "0.000001")
+    assert (r.returncode, r.stderr) == (
+        2,
+        "<command line>: reconcile_interval: must be at least 10 seconds or 0 (disabled)\n",
+    )
+
+
+FLAG_VALUES = {
+    "listen": ("[::1]:1", ("::1", 1)),
+    "netns_dirs": ("/x/", ("/x",)),
+    "include": ("^a", "^a"),
+    "exclude": ("b$", "b$"),
+    "log_format": ("json", "json"),
+    "log_level": ("debug", "debug"),
+    "netlink_rcvbuf": ("4096", 4096),
+    "reconcile_interval": ("60", 60.0),
+    "web_config_file": ("/etc/nswatch/web.yml", "/etc/nswatch/web.yml"),
+}
+
+
+def test_flags_follow_the_settings_declaration(tmp_path: Path) -> None:
+    """Each declared flag sets its setting on exactly the commands the declaration names."""
+    cfg = tmp_path / "empty.yaml"
+    cfg.write_text("")
+    flags = {name: s for name, s in declared() if s.flag is not None}
+    assert set(flags) == set(FLAG_VALUES)
+    for name, s in flags.items():
+        assert s.flag is not None
+        text, want = FLAG_VALUES[name]
+        for command in ("run", "snapshot", "apply"):
+            argv = [command, "--config", str(cfg), s.flag, text]
+            if command not in s.commands:
+                with pytest.raises(SystemExit):
+                    build_parser().parse_args(argv)
+                continue
+            settings = load(build_parser().parse_args(argv)).settings
+            assert getattr(settings, name) == want != getattr(DEFAULTS, name)
+
+
+class _FakeDaemon:
+    """What the reload path hands the daemon."""
+
+    def __init__(self) -> None:
+        self.observers: list[Any] = []
+        self.settings: Settings | None = None
+
+    def reconfigure(self, settings: Settings) -> None:
+        self.settings = settings
+
+
+class _FakeSink:
+    def __init__(self) -> None:
+        self.results: list[bool] = []
+
+    def config_reloaded(self, ok: bool) -> None:
+        self.results.append(ok)
+
+
+def test_reload_hands_one_config_to_every_consumer(tmp_path: Path) -> None:
+    """A reload gives the daemon, the apply engine and its applier the same new config (a new host_label reaches all); a bad file keeps the old one."""
+    cfg = tmp_path / "nswatch.yaml"
+    cfg.write_text("host_label: host\n")
+    args = build_parser().parse_args(["run", "--config", str(cfg)])
+    config = load(args)
+    enterer = NetnsEnterer()
+    try:
+        engine = ApplyEngine(config, Model, Applier(enterer, lambda name: None))
+        daemon: Any = _FakeDaemon()
+        sink: Any = _FakeSink()
+        cfg.write_text("host_label: root\n")
+        new: Config = _reload(args, config, daemon, engine, sink, structlog.get_logger())
+        assert engine.applier.host_label == "root"
+        assert engine.config is new and new.settings.host_label == "root"
+        assert daemon.settings is new.settings
+        cfg.write_text(DEEP)
+        assert _reload(args, new, daemon, engine, sink, structlog.get_logger()) is new
+        assert engine.applier.host_label == "root"
+        assert sink.results == [True, False]
+    finally:
+        enterer.close()
+
+
 def _get(url: str) -> tuple[int, bytes]:
     try:
         with urllib.request.urlopen(url, timeout=2) as resp:
@@ -119,7 +237,7 @@ def test_run_serves_and_stops_cleanly(lab: Lab, tmp_path: Path) -> None:
         wait_for(lambda: ns.encode() in _get(base + "/api/v1/state")[1], timeout=3)
         status, body = _get(base + "/metrics")
         assert status == 200 and b"nswatch_namespaces" in body
-        cfg.write_text("include: '[unclosed'\n")
+        cfg.write_text(DEEP)
         proc.send_signal(signal.SIGHUP)
         wait_for(
             lambda: (

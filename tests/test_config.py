@@ -5,6 +5,10 @@ from __future__ import annotations
 import ipaddress
 import re
 import textwrap
+import threading
+import time
+import tracemalloc
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,10 +18,12 @@ from hypothesis import strategies as st
 
 from nswatch.config import (
     DEFAULT_CONFIG_PATH,
+    MAX_FILE_BYTES,
     AddressSpec,
     BridgeSpec,
     Config,
     ConfigError,
+    IPNetwork,
     Problem,
     Profile,
     RouteSpec,
@@ -31,7 +37,9 @@ from nswatch.config import (
     render_host_name,
     validate_against_host,
 )
+from nswatch.config.overlap import earliest_overlaps
 from nswatch.netns import NameFilter
+from nswatch.settings import DEFAULTS, Settings, declared, settings_table
 
 DATA = Path(__file__).parent / "data" / "config"
 
@@ -96,8 +104,7 @@ def test_issue_example_loads_to_the_expected_objects() -> None:
         enforce=False,
     )
     assert config == Config(
-        listen=("127.0.0.1", 9442),
-        netns_dirs=("/run/netns",),
+        settings=Settings(listen=("127.0.0.1", 9442), netns_dirs=("/run/netns",)),
         profiles=(lab, containers),
         source=path,
     )
@@ -128,6 +135,8 @@ def test_every_key_round_trips() -> None:
             netlink_rcvbuf: 1048576
             reconcile_interval: 0
             rescan_interval: 2.5
+            stats_interval: 0
+            web_config_file: /etc/nswatch/web.yml
             profiles:
               - name: full
                 match: "regex:^x"
@@ -153,12 +162,20 @@ def test_every_key_round_trips() -> None:
             """
         )
     )
-    assert config.listen == ("::1", 9000)
-    assert config.netns_dirs == ("/run/netns", "/var/run/docker/netns")
-    assert (config.include, config.exclude, config.host_label) == ("^ns", "-tmp$", "root")
-    assert (config.log_format, config.log_level) == ("json", "debug")
-    assert config.netlink_rcvbuf == 1048576
-    assert (config.reconcile_interval, config.rescan_interval) == (0.0, 2.5)
+    assert config.settings == Settings(
+        listen=("::1", 9000),
+        netns_dirs=("/run/netns", "/var/run/docker/netns"),
+        include="^ns",
+        exclude="-tmp$",
+        host_label="root",
+        log_format="json",
+        log_level="debug",
+        netlink_rcvbuf=1048576,
+        reconcile_interval=0.0,
+        rescan_interval=2.5,
+        stats_interval=0.0,
+        web_config_file="/etc/nswatch/web.yml",
+    )
     (p,) = config.profiles
     assert p.loopback is False
     # File order is kept: sysctls are applied in the order written.
@@ -218,12 +235,12 @@ def test_unparseable_yaml() -> None:
     assert only("listen: 127.0.0.1:1\nhost_label: [a, b\n") == (
         3,
         "",
-        "invalid YAML: while parsing a flow sequence: expected ',' or ']', but got '<stream end>'",
+        "invalid YAML: while parsing a flow sequence: did not find expected ',' or ']'",
     )
     assert only("listen: 1\n  bad: 2\n") == (
         2,
         "",
-        "invalid YAML: mapping values are not allowed here",
+        "invalid YAML: mapping values are not allowed in this context",
     )
 
 
@@ -452,7 +469,7 @@ def test_mtu() -> None:
 
 
 def test_overlapping_pools_between_profiles() -> None:
-    """Pools and bridge subnets of different profiles must not overlap."""
+    """Pools and bridge subnets must not overlap: each is reported once, against the first listed one it overlaps."""
     text = textwrap.dedent(
         """\
         profiles:
@@ -480,11 +497,6 @@ def test_overlapping_pools_between_profiles() -> None:
             17,
             "profiles[2].veth.bridge.address",
             "10.0.200.0/24 overlaps 10.0.0.0/16 (profiles[0].veth.pool)",
-        ),
-        (
-            17,
-            "profiles[2].veth.bridge.address",
-            "10.0.200.0/24 overlaps 10.0.128.0/17 (profiles[1].veth.pool)",
         ),
     ]
 
@@ -534,7 +546,7 @@ def test_bad_match_regex() -> None:
     assert only("profiles:\n  - name: a\n    match: 'regex:[a'\n") == (
         3,
         "profiles[0].match",
-        "bad regular expression: unterminated character set at position 0",
+        "bad regular expression: missing ]: [a",
     )
     assert only("profiles:\n  - {name: a, match: 'regex:'}\n")[1:] == (
         "profiles[0].match",
@@ -649,9 +661,9 @@ def test_listen(value: str, message: str) -> None:
 
 def test_listen_accepts_names_and_ipv6() -> None:
     """listen takes host names, IPv4 and bracketed IPv6 (brackets dropped)."""
-    assert parse_config("listen: localhost:1\n").listen == ("localhost", 1)
-    assert parse_config("listen: '[::]:9442'\n").listen == ("::", 9442)
-    assert parse_config("listen: 0.0.0.0:0\n").listen == ("0.0.0.0", 0)
+    assert parse_config("listen: localhost:1\n").settings.listen == ("localhost", 1)
+    assert parse_config("listen: '[::]:9442'\n").settings.listen == ("::", 9442)
+    assert parse_config("listen: 0.0.0.0:0\n").settings.listen == ("0.0.0.0", 0)
 
 
 def test_top_level_values() -> None:
@@ -670,13 +682,13 @@ def test_top_level_values() -> None:
         """
     )
     assert problems(text) == [
-        (1, "include", "bad regular expression: missing ), unterminated subpattern at position 0"),
-        (2, "exclude", "bad regular expression: unterminated character set at position 0"),
+        (1, "include", "bad regular expression: missing ): ("),
+        (2, "exclude", "bad regular expression: missing ]: [z"),
         (3, "log_level", "must be one of debug, info, warning, error, critical"),
         (4, "log_format", "must be json, console or auto (json when stderr is not a terminal)"),
         (5, "netlink_rcvbuf", "must be between 1 and 2147483647"),
-        (6, "reconcile_interval", "must be a positive number or 0 (disabled)"),
-        (7, "rescan_interval", "must be a positive number"),
+        (6, "reconcile_interval", "must be at least 10 seconds or 0 (disabled)"),
+        (7, "rescan_interval", "must be at least 1 second"),
         (8, "netns_dirs", "'run/netns' is not an absolute path"),
         (9, "host_label", "must be a label, not empty"),
     ]
@@ -816,16 +828,6 @@ def test_first_matching_profile_wins() -> None:
     assert Config().profile_for("ns-1") is None
 
 
-def test_include_exclude() -> None:
-    """The config's include narrows and its exclude wins, as the daemon's name filter applies them."""
-    config = Config(include="^ns", exclude="tmp")
-    watches = NameFilter(config.include, config.exclude)
-    assert watches("ns1")
-    assert not watches("x1")
-    assert not watches("ns-tmp")
-    assert NameFilter(Config().include, Config().exclude)("anything")
-
-
 # -- overrides --------------------------------------------------------------------------
 
 
@@ -834,9 +836,9 @@ def test_overrides_win_and_are_validated() -> None:
     config = parse_config("listen: 127.0.0.1:1\nlog_level: info\n")
     new = config.with_overrides(
         listen=("0.0.0.0", 9000), log_level="DEBUG", netns_dirs=("/a",), include=None
-    )
+    ).settings
     assert (new.listen, new.log_level, new.netns_dirs) == (("0.0.0.0", 9000), "debug", ("/a",))
-    assert config.with_overrides(listen="[::1]:5").listen == ("::1", 5)
+    assert config.with_overrides(listen="[::1]:5").settings.listen == ("::1", 5)
     with pytest.raises(ConfigError) as info:
         config.with_overrides(listen="nope", netlink_rcvbuf=-5)
     assert [str(p) for p in info.value.problems] == [
@@ -852,7 +854,7 @@ def test_overrides_win_and_are_validated() -> None:
 
 def test_missing_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A missing default file gives the defaults unless required; a missing named file is an error."""
-    monkeypatch.setattr("nswatch.config.DEFAULT_CONFIG_PATH", str(tmp_path / "none.yaml"))
+    monkeypatch.setattr("nswatch.config.load.DEFAULT_CONFIG_PATH", str(tmp_path / "none.yaml"))
     assert load_config(None) == Config()
     assert load_config(str(tmp_path / "none.yaml")) == Config()
     with pytest.raises(ConfigError, match=r"none\.yaml: no such file"):
@@ -904,3 +906,228 @@ def test_check_config_host_overlap_and_missing_file(
     assert len(err.splitlines()) == 2
     assert check_config_main(str(tmp_path / "none.yaml")) == 2
     assert capsys.readouterr().err == f"{tmp_path / 'none.yaml'}: no such file\n"
+
+
+# -- hostile files ------------------------------------------------------------------------
+
+
+def _refusal_cost(text: str) -> tuple[float, int, ConfigError]:
+    """(CPU seconds, peak bytes allocated, the error) of refusing ``text``, which must be refused."""
+    start = time.process_time()
+    with pytest.raises(ConfigError):
+        parse_config(text)
+    cpu = time.process_time() - start
+    tracemalloc.start()
+    try:
+        with pytest.raises(ConfigError) as info:
+            parse_config(text)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return cpu, peak, info.value
+
+
+def _merge_bomb() -> str:
+    """About 600 bytes of merge keys standing for 10**9 keys."""
+    lines = ["x-a: &a {k0: 1, k1: 1, k2: 1, k3: 1, k4: 1, k5: 1, k6: 1, k7: 1, k8: 1, k9: 1}"]
+    prev = "a"
+    for name in "bcdefghij":
+        lines.append(f"x-{name}: &{name} {{<<: [{', '.join([f'*{prev}'] * 10)}]}}")
+        prev = name
+    lines.append(f"profiles: [{{<<: *{prev}, name: p, match: x}}]")
+    return "\n".join(lines) + "\n"
+
+
+def _laughs() -> str:
+    """Nested lists of aliases: a few hundred bytes standing for 10**9 values."""
+    lines = ["x-0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    for i in range(1, 10):
+        lines.append(f"x-{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]")
+    lines.append("profiles: *l9")
+    return "\n".join(lines) + "\n"
+
+
+def test_deep_nesting_is_a_problem_not_a_crash() -> None:
+    """Nesting thousands of levels deep is one located problem, not a RecursionError."""
+    (problem,) = problems("profiles: " + "[" * 3000 + "]" * 3000 + "\n")
+    assert problem[0] == 1 and problem[2].startswith("invalid YAML")
+    block = "profiles:\n" + "".join("  " * i + "- \n" for i in range(100)) + "  " * 100 + "- x\n"
+    (line, path, message) = only(block)
+    assert path == "profiles" + "[0]" * 31 and message == "nests deeper than 32 levels"
+    assert line == 33
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param(_merge_bomb(), id="merge-keys"),
+        pytest.param(_laughs(), id="alias-lists"),
+        pytest.param("x-list: [" + "1," * 499_000 + "1]\n", id="flat-1MB"),
+        pytest.param("x-a: &a 1\nx-list: [" + "*a," * 250_000 + "*a]\n", id="aliases-1MB"),
+        pytest.param("profiles:\n" + "- {name: a, match: b}\n" * 45_000, id="profiles-1MB"),
+    ],
+)
+def test_yaml_bombs_are_refused_quickly(text: str) -> None:
+    """Any file under 1 MB is refused within 1 s of CPU and 50 MB, with its line and key path."""
+    assert len(text) < 1_000_000
+    cpu, peak, error = _refusal_cost(text)
+    assert cpu < 1.0
+    assert peak < 50_000_000
+    assert len(error.problems) == 1
+    assert "expands to more than 200000 values" in error.problems[0].message
+
+
+def test_files_over_the_size_limit_are_refused(tmp_path: Path) -> None:
+    """A file larger than MAX_FILE_BYTES is refused without being parsed."""
+    big = tmp_path / "big.yaml"
+    big.write_text("#" * MAX_FILE_BYTES + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(big))
+    assert [str(p) for p in info.value.problems] == [
+        f"{big}: larger than 4 MiB; a config file is at most that"
+    ]
+
+
+def _pools(n: int, same: bool = False) -> str:
+    rows = ["profiles:"]
+    for i in range(n):
+        pool = "10.0.0.0/24" if same else f"10.{i // 256}.{i % 256}.0/24"
+        rows.append(
+            f"- {{name: p{i}, match: 'n{i}-*', veth: {{host_name: 'v{{id}}', netns_name: e,"
+            f" pool: {pool}, prefix: 30}}}}"
+        )
+    return "\n".join(rows) + "\n"
+
+
+def test_ten_thousand_pools_are_checked_in_near_linear_time() -> None:
+    """10,000 profiles with pools load and check against the host in seconds (the pairwise checks took minutes)."""
+    start = time.process_time()
+    config = parse_config(_pools(10_000))
+    host = [ipaddress.ip_network("10.39.0.0/16"), ipaddress.ip_network("10.0.7.128/25")]
+    found = validate_against_host(config, host)
+    assert time.process_time() - start < 20
+    assert len(config.profiles) == 10_000
+    assert [p.path for p in found] == ["profiles[7].veth.pool"] + [
+        f"profiles[{i}].veth.pool" for i in range(39 * 256, 10_000)
+    ]
+
+
+def test_every_overlapping_pool_is_reported_once() -> None:
+    """10,000 copies of one pool give one problem each, against the first: not one per pair."""
+    start = time.process_time()
+    found = problems(_pools(10_000, same=True))
+    assert time.process_time() - start < 20
+    assert len(found) == 9_999
+    assert found[-1] == (
+        10_001,
+        "profiles[9999].veth.pool",
+        "10.0.0.0/24 overlaps 10.0.0.0/24 (profiles[0].veth.pool)",
+    )
+
+
+small_networks = st.builds(
+    lambda v, a, p: (
+        ipaddress.IPv4Network((a << 24, p), strict=False)
+        if v == 4
+        else ipaddress.IPv6Network((a << 120, p + 96), strict=False)
+    ),
+    st.sampled_from([4, 6]),
+    st.integers(0, 255),
+    st.integers(0, 32),
+)
+
+
+@given(st.lists(small_networks, max_size=30))
+def test_earliest_overlaps_is_the_pairwise_answer(nets: list[IPNetwork]) -> None:
+    """The sweep finds, for every network, the first listed network overlapping it, as comparing every pair does."""
+    want = {}
+    for i, net in enumerate(nets):
+        for j in range(i):
+            if nets[j].version == net.version and nets[j].overlaps(net):
+                want[i] = j
+                break
+    assert earliest_overlaps(nets) == want
+
+
+def test_intervals_have_floors() -> None:
+    """Intervals that would spin a core are refused with their key path; 0 still turns the optional ones off."""
+    text = "rescan_interval: 0.000001\nreconcile_interval: 9.5\nstats_interval: 0.5\n"
+    assert problems(text) == [
+        (1, "rescan_interval", "must be at least 1 second"),
+        (2, "reconcile_interval", "must be at least 10 seconds or 0 (disabled)"),
+        (3, "stats_interval", "must be at least 1 second or 0 (disabled)"),
+    ]
+    ok = parse_config("rescan_interval: 1\nreconcile_interval: 0\nstats_interval: 0\n").settings
+    assert (ok.rescan_interval, ok.reconcile_interval, ok.stats_interval) == (1.0, 0.0, 0.0)
+    with pytest.raises(ConfigError, match="reconcile_interval: must be at least 10 seconds"):
+        Config().with_overrides(reconcile_interval=0.000001)
+
+
+# -- user regexes ---------------------------------------------------------------------------
+
+CATASTROPHIC = "^x-(a+)+$"
+NAME = "x-" + "a" * 37 + "b"  # 40 characters: backtracking would take hours
+
+
+def _returns(fn: Callable[[], object]) -> object:
+    """What ``fn`` returns, failing if it does not return within a (very generous) 10 s."""
+    out: list[object] = []
+    thread = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+    thread.start()
+    thread.join(10)
+    assert not thread.is_alive(), "a user regex backtracked"
+    return out[0]
+
+
+def test_user_regexes_run_in_linear_time() -> None:
+    """A catastrophic pattern in include, exclude or a regex: match just returns on a 40-character name."""
+    config = parse_config(
+        f"include: '{CATASTROPHIC}'\nexclude: '{CATASTROPHIC}'\n"
+        f"profiles: [{{name: p, match: 'regex:{CATASTROPHIC}'}}]\n"
+    )
+    s = config.settings
+    assert _returns(lambda: NameFilter(s.include, None)(NAME)) is False
+    assert _returns(lambda: NameFilter(None, s.exclude)(NAME)) is True
+    assert _returns(lambda: config.profile_for(NAME)) is None
+    assert NameFilter(s.include, None)("x-aaa") and config.profile_for("x-aaa") is not None
+
+
+def test_regexes_re2_cannot_run_are_refused_with_their_key_path() -> None:
+    """Backreferences and lookaround are refused when the file or the command line is read."""
+    text = "include: '(a)\\1'\nexclude: 'a(?=b)'\nprofiles: [{name: p, match: 'regex:(?<!x)y'}]\n"
+    hint = " (RE2 takes no backreferences or lookaround)"
+    assert problems(text) == [
+        (1, "include", "bad regular expression: invalid escape sequence: \\1" + hint),
+        (2, "exclude", "bad regular expression: invalid perl operator: (?=" + hint),
+        (3, "profiles[0].match", "bad regular expression: invalid perl operator: (?<!" + hint),
+    ]
+    with pytest.raises(ConfigError) as info:
+        Config().with_overrides(include="(a)\\1")
+    assert str(info.value.problems[0]).startswith("<command line>: include: bad regular")
+
+
+def test_undecodable_names_still_match() -> None:
+    """Names with bytes that are not UTF-8 (lone surrogates) are matched, the bytes as U+FFFD."""
+    name = b"ns-\xff".decode("utf-8", "surrogateescape")
+    assert NameFilter("^ns-.$", None)(name)
+    assert Profile("p", "regex:^ns-").matches(name)
+
+
+# -- the settings declaration -----------------------------------------------------------------
+
+
+def test_readme_settings_table_is_the_generated_one() -> None:
+    """README's settings table is exactly what nswatch.settings generates from the declaration."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    begin = "<!-- settings table: python -m nswatch.settings -->\n"
+    end = "<!-- end of settings table -->\n"
+    assert begin in readme and end in readme
+    assert readme[readme.index(begin) + len(begin) : readme.index(end)] == settings_table()
+
+
+def test_every_setting_is_a_top_level_key() -> None:
+    """Each declared setting is read from the file by its field name, defaults as declared."""
+    assert parse_config("").settings == DEFAULTS
+    for name, _ in declared():
+        assert only(f"{name}: [[1]]\n")[:2] == (1, name)
+    assert only("bogus: 1\n") == (1, "bogus", "unknown key")
