@@ -32,6 +32,7 @@ from nswatch.http import Api, HttpServer
 from nswatch.model import Model
 from nswatch.observer import BaseObserver, Observer
 from nswatch.state import state_json, table_name
+from nswatch.webconfig import load_web_config
 
 STOP_TIMEOUT = 2.0
 # /healthz turns 503 when the loop has not turned for this long (it turns
@@ -64,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", choices=("debug", "info", "warning", "error", "critical"))
     run.add_argument("--netlink-rcvbuf", type=int, metavar="BYTES")
     run.add_argument("--reconcile-interval", type=float, metavar="SECONDS")
+    run.add_argument(
+        "--web.config.file",
+        dest="web_config_file",
+        metavar="FILE",
+        help="TLS and basic auth for the HTTP API (Prometheus exporter-toolkit format)",
+    )
 
     snap = sub.add_parser("snapshot", help="print every namespace once and exit")
     common(snap)
@@ -120,6 +127,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from nswatch.apply import Applier, ApplyEngine
 
     config = load(args)
+    web = load_web_config(args.web_config_file) if args.web_config_file else None
     logs.configure(config.log_format, config.log_level)
     log = structlog.get_logger("nswatch")
     sink = metrics.MetricsSink()
@@ -146,7 +154,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         ready=daemon.ready.is_set,
         metrics=sink.render,
     )
-    server = HttpServer(config.listen, api)
+    server = HttpServer(config.listen, api, web)
     stop = threading.Event()
     reload = threading.Event()
 

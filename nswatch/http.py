@@ -381,7 +381,7 @@ class HttpServer:
 
     def start(self) -> None:
         """Serve on a background thread (returns once it accepts connections)."""
-        self._warn_if_exposed()
+        self.warn_if_exposed(*self.address, self.web)
         self._thread = threading.Thread(target=self._run, name="nswatch-http", daemon=True)
         self._thread.start()
         self._started.wait(5)
@@ -399,21 +399,22 @@ class HttpServer:
         self._render.shutdown(wait=True, cancel_futures=True)
         self._bcrypt.shutdown(wait=True, cancel_futures=True)
 
-    def _warn_if_exposed(self) -> None:
-        host = self.address[0]
+    @staticmethod
+    def warn_if_exposed(host: str, port: int, web: WebConfig) -> None:
+        """Log a warning when the API is reachable off this host without a password or TLS."""
         if is_loopback(host):
             return
-        if not self.web.authenticates:
+        if not web.authenticates:
             log.warning(
                 "http_open_to_network",
-                listen=f"{host}:{self.address[1]}",
+                listen=f"{host}:{port}",
                 hint="anyone who can reach this address reads the API; "
                 "set basic_auth_users or client certificates in --web.config.file",
             )
-        elif self.web.users and self.web.tls is None:
+        elif web.users and web.tls is None:
             log.warning(
                 "http_basic_auth_without_tls",
-                listen=f"{host}:{self.address[1]}",
+                listen=f"{host}:{port}",
                 hint="passwords cross the network in clear; add tls_server_config",
             )
 
