@@ -433,10 +433,17 @@ class HttpServer:
             await self._stopping.wait()
         finally:
             server.close()
-            tasks = [c.task for c in self.table.conns if c.task is not None]
             for c in list(self.table.conns):
                 c.drop()
+            # Also connections accepted but not yet admitted to the table.
+            tasks = asyncio.all_tasks() - {asyncio.current_task()}
+            for t in tasks:
+                t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            # An aborted transport closes its socket in a callback one turn
+            # later; let those run before asyncio.run closes the loop.
+            for _ in range(3):
+                await asyncio.sleep(0)
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = Connection(writer, time.monotonic())

@@ -5,6 +5,7 @@ Whatever the clients do, a scraper and a health check get through.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import resource
 import socket
@@ -252,15 +253,26 @@ def test_a_reader_that_stops_is_dropped_after_write_timeout() -> None:
     """A client that stops reading mid-response is disconnected after write_timeout."""
     body = b"x" * (32 << 20)
     srv = _server(Limits(write_timeout=1.0), metrics=lambda accept: (body, "text/plain"))
+    s = socket.socket()
     try:
-        s = socket.socket()
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         s.connect(srv.address)
         s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
         t0 = time.monotonic()
+        while not any(c.phase == "write" for c in srv.table.conns) and time.monotonic() - t0 < 5:
+            time.sleep(0.01)
+        assert srv.table.conns, "the request was never answered"
+        t0 = time.monotonic()
         while srv.table.conns and time.monotonic() - t0 < 10:
             time.sleep(0.1)
         assert not srv.table.conns, "the stalled reader was never dropped"
-        s.close()
+        assert time.monotonic() - t0 >= 0.5
+        s.settimeout(5)
+        got = 0
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := s.recv(1 << 20):
+                got += len(chunk)
+        assert got < len(body)
     finally:
+        s.close()
         srv.stop()
