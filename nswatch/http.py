@@ -84,6 +84,7 @@ class Limits:
     max_body: int = 64 * 1024  # a body (pointless on GET) is read and dropped up to this
     output_budget: int = 64 * 1024 * 1024  # response bytes queued to all slow readers together
     render_workers: int = 2
+    max_pending_renders: int = 16  # distinct documents waiting for a worker thread, per lane
     max_pending_auth: int = 64  # password checks waiting for bcrypt
 
 
@@ -224,8 +225,70 @@ class TlsContexts:
         return self._ctx
 
 
+class Renderer:
+    """Runs the big handlers on worker threads, one render per identical request at a time.
+
+    Requests for the same document while it renders share the result (it is
+    at most one render old), so a thousand clients asking for the state cost
+    one render, not a queue of a thousand. /metrics has its own thread, so a
+    scrape never queues behind state documents. Too many distinct renders
+    waiting: 503 at once rather than an ever longer queue.
+    """
+
+    def __init__(self, router: Router, workers: int, max_pending: int) -> None:
+        self.router = router
+        self.max_pending = max_pending
+        self._lanes = {
+            "metrics": ThreadPoolExecutor(1, "nswatch-http-metrics"),
+            "state": ThreadPoolExecutor(workers, "nswatch-http-render"),
+        }
+        self._inflight: dict[tuple[str, str | None], asyncio.Future[Response]] = {}
+        self._waiters: dict[tuple[str, str | None], int] = {}
+        self._pending = dict.fromkeys(self._lanes, 0)
+
+    async def render(self, path: str, accept: str | None) -> Response:
+        """The router's answer to a GET (HEAD alike), computed on a worker thread."""
+        key = (path, accept)
+        future = self._inflight.get(key)
+        if future is None:
+            lane = "metrics" if path == "/metrics" else "state"
+            if self._pending[lane] >= self.max_pending:
+                return error_response(503, "busy", headers=(("Retry-After", "1"),))
+            loop = asyncio.get_running_loop()
+            future = loop.run_in_executor(self._lanes[lane], self.router.route, "GET", path, accept)
+            self._inflight[key] = future
+            self._waiters[key] = 0
+            self._pending[lane] += 1
+
+            def done(_: object, lane: str = lane, future: Any = future) -> None:
+                self._pending[lane] -= 1
+                if self._inflight.get(key) is future:
+                    del self._inflight[key]
+                    del self._waiters[key]
+
+            future.add_done_callback(done)
+        self._waiters[key] += 1
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            # The last one waiting left (shed): a render still queued is dropped.
+            if self._waiters.get(key) == 1:
+                future.cancel()
+            raise
+        finally:
+            if key in self._waiters and self._inflight.get(key) is future:
+                self._waiters[key] -= 1
+
+    def shutdown(self) -> None:
+        """Wait for running renders; drop queued ones."""
+        for pool in self._lanes.values():
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
 # Connection phases, in the order they are shed at the cap (first the
-# cheapest to lose). ``busy`` (a handler is running) is never shed.
+# cheapest to lose); within a group the oldest goes, except that of the
+# requests waiting for a render the newest goes (its render has likely not
+# started, so no work is wasted).
 IDLE, HANDSHAKE, HEAD, BODY, WRITE, BUSY = "idle", "handshake", "head", "body", "write", "busy"
 _SHED_ORDER = ((IDLE,), (HANDSHAKE, HEAD, BODY), (WRITE,))
 
@@ -285,7 +348,8 @@ class ConnectionTable:
             candidates = [c for c in self.conns if c.phase in phases and c is not exclude]
             if candidates:
                 return min(candidates, key=lambda c: c.since)
-        return None
+        busy = [c for c in self.conns if c.phase == BUSY and c is not exclude]
+        return max(busy, key=lambda c: c.since) if busy else None
 
     def make_room(self, size: int, exclude: Connection) -> None:
         """Shed the slowest readers until ``size`` more queued bytes fit the budget."""
@@ -347,7 +411,9 @@ class HttpServer:
         )
         self._pending_auth = 0
         self._sock = self._bind(listen)
-        self._render = ThreadPoolExecutor(self.limits.render_workers, "nswatch-http-render")
+        self._render = Renderer(
+            self.router, self.limits.render_workers, self.limits.max_pending_renders
+        )
         # Password checks get their own thread: a storm of wrong passwords
         # then slows only other password checks, never a render.
         self._bcrypt = ThreadPoolExecutor(1, "nswatch-http-auth")
@@ -396,7 +462,7 @@ class HttpServer:
             self._thread.join(5)
             self._thread = None
         self._sock.close()
-        self._render.shutdown(wait=True, cancel_futures=True)
+        self._render.shutdown()
         self._bcrypt.shutdown(wait=True, cancel_futures=True)
 
     @staticmethod
@@ -575,11 +641,8 @@ class HttpServer:
             refused = await self._authenticate(req.authorization)
             if refused is not None:
                 return refused
-        if self.router.heavy(req.path):
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(
-                self._render, self.router.route, req.method, req.path, req.accept
-            )
+        if req.method in ("GET", "HEAD") and self.router.heavy(req.path):
+            return await self._render.render(req.path, req.accept)
         return self.router.route(req.method, req.path, req.accept)
 
     async def _authenticate(self, header: str | None) -> Response | None:

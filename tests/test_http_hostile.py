@@ -276,3 +276,85 @@ def test_a_reader_that_stops_is_dropped_after_write_timeout() -> None:
     finally:
         s.close()
         srv.stop()
+
+
+class BlockingView:
+    """A view() that counts its calls and blocks until released."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.model = _model()
+
+    def __call__(self) -> Any:
+        self.calls += 1
+        self.started.set()
+        self.release.wait(10)
+        return self.model.copy()
+
+
+def _blocking_server(view: BlockingView, limits: Limits | None = None) -> HttpServer:
+    api = Api(view=view, alive=lambda: True, ready=lambda: True)
+    srv = HttpServer(("127.0.0.1", 0), api, limits=limits)
+    srv.start()
+    return srv
+
+
+def _send_all(srv: HttpServer, n: int, payload: bytes) -> list[socket.socket]:
+    socks = []
+    for _ in range(n):
+        s = socket.create_connection(srv.address, timeout=10)
+        s.sendall(payload)
+        socks.append(s)
+    return socks
+
+
+def test_identical_requests_share_one_render() -> None:
+    """Fifty clients asking for the state while it renders get one render's answer between them."""
+    view = BlockingView()
+    srv = _blocking_server(view)
+    socks: list[socket.socket] = []
+    try:
+        socks = _send_all(
+            srv, 50, b"GET /api/v1/state HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        assert view.started.wait(5)
+        t0 = time.monotonic()
+        while sum(c.phase == "busy" for c in srv.table.conns) < 50 and time.monotonic() - t0 < 5:
+            time.sleep(0.01)
+        view.release.set()
+        for s in socks:
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+            assert data.startswith(b"HTTP/1.1 200 ")
+        assert view.calls == 1
+    finally:
+        view.release.set()
+        for s in socks:
+            s.close()
+        srv.stop()
+
+
+def test_health_checks_get_in_when_every_slot_waits_for_a_render() -> None:
+    """With every connection waiting on a stuck render, a health check still displaces one and is answered."""
+    view = BlockingView()
+    srv = _blocking_server(view, Limits(max_connections=10))
+    socks: list[socket.socket] = []
+    try:
+        for i in range(10):  # distinct documents: nothing to share
+            socks += _send_all(
+                srv, 1, b"GET /api/v1/namespaces/n%d HTTP/1.1\r\nHost: x\r\n\r\n" % i
+            )
+        assert view.started.wait(5)
+        t0 = time.monotonic()
+        while sum(c.phase == "busy" for c in srv.table.conns) < 10 and time.monotonic() - t0 < 5:
+            time.sleep(0.01)
+        assert get(srv, "/healthz", timeout=3) == 200
+        assert get(srv, "/readyz", timeout=3) == 200
+    finally:
+        view.release.set()
+        for s in socks:
+            s.close()
+        srv.stop()
