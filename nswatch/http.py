@@ -343,7 +343,7 @@ class ConnectionTable:
         return True
 
     def victim(self, exclude: Connection | None = None) -> Connection | None:
-        """Who gives way: the longest idle, then the slowest request, then the slowest reader."""
+        """Who gives way: the longest idle, the slowest request, the slowest reader, a render's newest."""
         for phases in _SHED_ORDER:
             candidates = [c for c in self.conns if c.phase in phases and c is not exclude]
             if candidates:
