@@ -343,7 +343,7 @@ class ConnectionTable:
         return True
 
     def victim(self, exclude: Connection | None = None) -> Connection | None:
-        """Who gives way: the longest idle, the slowest request, the slowest reader, a render's newest."""
+        """Who gives way: longest idle, slowest request, slowest reader, newest render."""
         for phases in _SHED_ORDER:
             candidates = [c for c in self.conns if c.phase in phases and c is not exclude]
             if candidates:
