@@ -33,6 +33,7 @@ from nswatch.http import Api, HttpServer
 from nswatch.model import Model
 from nswatch.observer import BaseObserver, Observer
 from nswatch.state import state_json, table_name
+from nswatch.webconfig import load_web_config
 
 STOP_TIMEOUT = 2.0
 # /healthz turns 503 when the loop has not turned for this long (it turns
@@ -101,6 +102,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from nswatch.apply import Applier, ApplyEngine
 
     config = load(args)
+    web = (
+        load_web_config(config.settings.web_config_file)
+        if config.settings.web_config_file
+        else None
+    )
     logs.configure(config.settings.log_format, config.settings.log_level)
     log = structlog.get_logger("nswatch")
     sink = metrics.MetricsSink()
@@ -127,7 +133,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         metrics=sink.render,
     )
     listen = config.settings.listen
-    server = HttpServer(listen, api)
+    server = HttpServer(listen, api, web)
     stop = threading.Event()
     reload = threading.Event()
 

@@ -1,28 +1,58 @@
 """The HTTP API: state, health, readiness and (injected) metrics.
 
-Handlers never touch the live model: they take :meth:`Daemon.view`, a copy
-made under the lock, so a slow client can never hold up event handling.
+One asyncio loop on its own thread owns every connection, so an idle or
+slow client costs a socket and a few objects, never a thread. Requests are
+parsed by h11. Against hostile clients: the request head has a deadline
+(not a per-read timeout a byte every few seconds can stretch forever); at
+the connection cap a newcomer displaces the longest-idle keep-alive
+connection, then the slowest unfinished request, then the slowest reader,
+so a scraper or a health check always gets in; the bytes queued to slow
+readers have a budget. Large documents (state JSON, /metrics) render on
+worker threads so the loop keeps answering everyone else, and handlers
+never touch the live model: they take :meth:`Daemon.view`, a copy made
+under the lock. A long-lived streaming response fits the same shape: a
+connection in the ``write`` phase whose task feeds h11 ``Data`` events.
+
+TLS and basic auth come from the web config (:mod:`nswatch.webconfig`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import email.utils
+import ipaddress
 import json
+import re
 import socket
+import ssl
 import threading
+import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+import h11
+import structlog
+
 from nswatch.model import Model
 from nswatch.state import namespace_json, state_json
+from nswatch.webconfig import BasicAuth, TlsSettings, WebConfig
 
 MetricsRenderer = Callable[[str | None], tuple[bytes, str]]
 """Given the Accept header, return (body, content type) for /metrics."""
 
-MAX_CONNECTIONS = 64
-CLIENT_TIMEOUT = 10.0
+SERVER_NAME = "nswatch"  # no versions: they only help an attacker pick exploits
+_NS_PREFIX = "/api/v1/namespaces/"
+# A request line h11 would accept; anything else on the first line (such as
+# HTTP/0.9's "GET /path") is answered 400 at once instead of waiting for a
+# blank line that never comes.
+_REQUEST_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ \S+ HTTP/\d\.\d")
+
+log = structlog.get_logger("nswatch.http")
 
 
 class Api:
@@ -41,168 +71,647 @@ class Api:
         self.metrics = metrics
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-    protocol_version = "HTTP/1.1"
-    server_version = "nswatch"
-    timeout = CLIENT_TIMEOUT
+@dataclass(frozen=True)
+class Limits:
+    """How much the server gives any one client, and all of them together."""
 
-    def log_message(self, format: str, *args: Any) -> None:
-        # Access logs would drown the change log; errors go through send_error.
-        return None
-
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """Errors the request parser finds, as JSON with a real status line."""
-        # A garbled request line leaves the version at HTTP/0.9, which has no
-        # status line at all; nobody speaks 0.9 to a metrics endpoint.
-        self.request_version = "HTTP/1.1"
-        self.close_connection = True
-        try:
-            phrase = HTTPStatus(code).phrase
-        except ValueError:
-            phrase = "error"
-        body = (json.dumps({"error": message or phrase}) + "\n").encode()
-        self.send_response(code, message)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD" and code >= 200 and code not in (204, 304):
-            self.wfile.write(body)
-
-    def _send(self, status: int, body: bytes, ctype: str, head: bool = False) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if not head:
-            self.wfile.write(body)
-
-    def _json(self, status: int, obj: Any, head: bool = False) -> None:
-        body = (json.dumps(obj, separators=(",", ":")) + "\n").encode()
-        self._send(status, body, "application/json", head)
-
-    def _route(self, head: bool) -> None:
-        api = self.server.api
-        path = urlsplit(self.path).path
-        if path == "/healthz":
-            ok = api.alive()
-            self._json(200 if ok else 503, {"status": "ok" if ok else "stalled"}, head)
-        elif path == "/readyz":
-            ok = api.ready()
-            self._json(200 if ok else 503, {"ready": ok}, head)
-        elif path == "/api/v1/state":
-            self._json(200, state_json(api.view()), head)
-        elif path.startswith("/api/v1/namespaces/"):
-            name = unquote(path[len("/api/v1/namespaces/") :])
-            model = api.view()
-            ns = model.get(name)
-            if ns is None:
-                self._json(404, {"error": "namespace not found", "netns": name}, head)
-            else:
-                self._json(200, namespace_json(model, ns), head)
-        elif path == "/metrics" and api.metrics is not None:
-            body, ctype = api.metrics(self.headers.get("Accept"))
-            self._send(200, body, ctype, head)
-        elif path == "/":
-            self._json(200, {"endpoints": self.server.endpoints()}, head)
-        else:
-            self._json(404, {"error": "not found", "path": path}, head)
-
-    def do_GET(self) -> None:
-        self._guarded(head=False)
-
-    def do_HEAD(self) -> None:
-        self._guarded(head=True)
-
-    def _guarded(self, head: bool) -> None:
-        try:
-            self._route(head)
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
-        except Exception as e:  # a bug in one handler must not look like a dead server
-            self.close_connection = True
-            self._json(500, {"error": "internal error", "detail": type(e).__name__}, head)
-
-    def _not_allowed(self) -> None:
-        path = urlsplit(self.path).path
-        if path in self.server.endpoints() or path.startswith("/api/v1/namespaces/"):
-            self.send_response(HTTPStatus.METHOD_NOT_ALLOWED)
-            body = b'{"error":"method not allowed"}\n'
-            self.send_header("Allow", "GET, HEAD")
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-        else:
-            self._json(404, {"error": "not found", "path": path})
-        # A body we did not read would be parsed as the next request.
-        self.close_connection = True
-
-    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
+    max_connections: int = 512
+    # From accept (or a keep-alive request's first byte) to the end of the request.
+    head_timeout: float = 10.0
+    idle_timeout: float = 60.0  # a keep-alive connection with no request under way
+    write_timeout: float = 30.0  # to hand one whole response to the client
+    max_head: int = 16 * 1024
+    max_body: int = 64 * 1024  # a body (pointless on GET) is read and dropped up to this
+    output_budget: int = 64 * 1024 * 1024  # response bytes queued to all slow readers together
+    render_workers: int = 2
+    max_pending_renders: int = 16  # distinct documents waiting for a worker thread, per lane
+    max_pending_auth: int = 64  # password checks waiting for bcrypt
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 128
+@dataclass(frozen=True)
+class Response:
+    """A complete response; JSON unless said otherwise."""
 
-    def __init__(self, addr: tuple[str, int], api: Api) -> None:
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+    headers: tuple[tuple[str, str], ...] = ()
+    close: bool = False
+
+
+def json_response(status: int, obj: Any, **kw: Any) -> Response:
+    """``obj`` as compact JSON with a trailing newline."""
+    return Response(status, (json.dumps(obj, separators=(",", ":")) + "\n").encode(), **kw)
+
+
+def error_response(status: int, message: str | None = None, **kw: Any) -> Response:
+    """The JSON error every garbled or refused request gets."""
+    phrase = _phrase(status)
+    body = (json.dumps({"error": message or phrase.lower()}) + "\n").encode()
+    return Response(status, body, **kw)
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "error"
+
+
+class Router:
+    """Paths to responses (blocking; the big ones run on a worker thread)."""
+
+    HEAVY = ("/api/v1/state", "/metrics")
+
+    def __init__(self, api: Api) -> None:
         self.api = api
-        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
-        if ":" in addr[0]:
-            self.address_family = socket.AF_INET6
-        super().__init__(addr, _Handler)
 
     def endpoints(self) -> list[str]:
+        """The paths the server answers."""
         eps = ["/healthz", "/readyz", "/api/v1/state", "/api/v1/namespaces/{name}"]
         if self.api.metrics is not None:
             eps.append("/metrics")
         return eps
 
-    def process_request(self, request: Any, client_address: Any) -> None:
-        # Bound the threads a flood of idle connections can tie up.
-        if not self._slots.acquire(blocking=False):
-            self.shutdown_request(request)
-            return
-        super().process_request(request, client_address)
+    def heavy(self, path: str) -> bool:
+        """Whether answering may take long enough to hold up other clients."""
+        return path in self.HEAVY or path.startswith(_NS_PREFIX)
 
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
+    def route(self, method: str, path: str, accept: str | None) -> Response:
+        """The answer to ``method path``; a handler's bug becomes a 500, never a dead server."""
         try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
+            if method in ("GET", "HEAD"):
+                return self._get(path, accept)
+            return self._not_allowed(path)
+        except Exception as e:
+            body = {"error": "internal error", "detail": type(e).__name__}
+            return json_response(500, body, close=True)
 
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # A client that hangs up mid-response is normal; never print tracebacks.
-        return None
+    def _get(self, path: str, accept: str | None) -> Response:
+        api = self.api
+        if path == "/healthz":
+            ok = api.alive()
+            return json_response(200 if ok else 503, {"status": "ok" if ok else "stalled"})
+        if path == "/readyz":
+            ok = api.ready()
+            return json_response(200 if ok else 503, {"ready": ok})
+        if path == "/api/v1/state":
+            return json_response(200, state_json(api.view()))
+        if path.startswith(_NS_PREFIX):
+            name = unquote(path[len(_NS_PREFIX) :])
+            model = api.view()
+            ns = model.get(name)
+            if ns is None:
+                return json_response(404, {"error": "namespace not found", "netns": name})
+            return json_response(200, namespace_json(model, ns))
+        if path == "/metrics" and api.metrics is not None:
+            body, ctype = api.metrics(accept)
+            return Response(200, body, ctype)
+        if path == "/":
+            return json_response(200, {"endpoints": self.endpoints()})
+        return json_response(404, {"error": "not found", "path": path})
+
+    def _not_allowed(self, path: str) -> Response:
+        if path in self.endpoints() or path.startswith(_NS_PREFIX):
+            return Response(
+                405, b'{"error":"method not allowed"}\n', headers=(("Allow", "GET, HEAD"),)
+            )
+        return json_response(404, {"error": "not found", "path": path})
+
+
+class RateLimiter:
+    """The web config's ``rate_limit``: a token bucket over every request (loop thread only)."""
+
+    def __init__(self, interval: float, burst: int, clock: Callable[[], float] = time.monotonic):
+        self._interval = interval
+        self._burst = float(burst)
+        self._tokens = float(burst)
+        self._clock = clock
+        self._last = clock()
+
+    def allow(self) -> bool:
+        """Take a token if there is one."""
+        now = self._clock()
+        self._tokens = min(self._burst, self._tokens + (now - self._last) / self._interval)
+        self._last = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return True
+        return False
+
+
+class TlsContexts:
+    """The server's SSL context, rebuilt when a certificate file changes on disk."""
+
+    def __init__(self, settings: TlsSettings) -> None:
+        self.settings = settings
+        self._stamp = settings.stamp()
+        self._ctx = settings.context()
+
+    def current(self) -> ssl.SSLContext:
+        """The context for a new connection (the old one if the new files are unusable)."""
+        try:
+            stamp = self.settings.stamp()
+        except OSError:
+            return self._ctx  # a file is being replaced: keep serving the old certificate
+        if stamp != self._stamp:
+            self._stamp = stamp  # tried once per change, not on every connection
+            try:
+                self._ctx = self.settings.context()
+            except (OSError, ssl.SSLError) as e:
+                log.error("tls_certificate_reload_failed", error=str(e))
+            else:
+                log.info("tls_certificate_reloaded")
+        return self._ctx
+
+
+class Renderer:
+    """Runs the big handlers on worker threads, one render per identical request at a time.
+
+    Requests for the same document while it renders share the result (it is
+    at most one render old), so a thousand clients asking for the state cost
+    one render, not a queue of a thousand. /metrics has its own thread, so a
+    scrape never queues behind state documents. Too many distinct renders
+    waiting: 503 at once rather than an ever longer queue.
+    """
+
+    def __init__(self, router: Router, workers: int, max_pending: int) -> None:
+        self.router = router
+        self.max_pending = max_pending
+        self._lanes = {
+            "metrics": ThreadPoolExecutor(1, "nswatch-http-metrics"),
+            "state": ThreadPoolExecutor(workers, "nswatch-http-render"),
+        }
+        self._inflight: dict[tuple[str, str | None], asyncio.Future[Response]] = {}
+        self._waiters: dict[tuple[str, str | None], int] = {}
+        self._pending = dict.fromkeys(self._lanes, 0)
+
+    async def render(self, path: str, accept: str | None) -> Response:
+        """The router's answer to a GET (HEAD alike), computed on a worker thread."""
+        key = (path, accept)
+        future = self._inflight.get(key)
+        if future is None:
+            lane = "metrics" if path == "/metrics" else "state"
+            if self._pending[lane] >= self.max_pending:
+                return error_response(503, "busy", headers=(("Retry-After", "1"),))
+            loop = asyncio.get_running_loop()
+            future = loop.run_in_executor(self._lanes[lane], self.router.route, "GET", path, accept)
+            self._inflight[key] = future
+            self._waiters[key] = 0
+            self._pending[lane] += 1
+
+            def done(_: object, lane: str = lane, future: Any = future) -> None:
+                self._pending[lane] -= 1
+                if self._inflight.get(key) is future:
+                    del self._inflight[key]
+                    del self._waiters[key]
+
+            future.add_done_callback(done)
+        self._waiters[key] += 1
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            # The last one waiting left (shed): a render still queued is dropped.
+            if self._waiters.get(key) == 1:
+                future.cancel()
+            raise
+        finally:
+            if key in self._waiters and self._inflight.get(key) is future:
+                self._waiters[key] -= 1
+
+    def shutdown(self) -> None:
+        """Wait for running renders; drop queued ones."""
+        for pool in self._lanes.values():
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+# Connection phases, in the order they are shed at the cap (first the
+# cheapest to lose); within a group the oldest goes, except that of the
+# requests waiting for a render the newest goes (its render has likely not
+# started, so no work is wasted).
+IDLE, HANDSHAKE, HEAD, BODY, WRITE, BUSY = "idle", "handshake", "head", "body", "write", "busy"
+_SHED_ORDER = ((IDLE,), (HANDSHAKE, HEAD, BODY), (WRITE,))
+
+
+class Connection:
+    """One client connection's bookkeeping: what it is doing and since when."""
+
+    def __init__(self, writer: asyncio.StreamWriter, now: float) -> None:
+        self.writer = writer
+        self.task: asyncio.Task[None] | None = None
+        self.phase = HANDSHAKE
+        self.since = now
+        self.shed = False
+
+    def enter(self, phase: str, now: float) -> None:
+        """Move to ``phase`` (the clock restarts only when the phase changes)."""
+        if phase != self.phase:
+            self.phase = phase
+            self.since = now
+
+    def queued(self) -> int:
+        """Response bytes written but not yet taken by the client."""
+        return self.writer.transport.get_write_buffer_size()
+
+    def drop(self) -> None:
+        """Close at once, whatever is under way."""
+        self.shed = True
+        self.writer.transport.abort()
+        if self.task is not None:
+            self.task.cancel()
+
+
+class ConnectionTable:
+    """The live connections, the cap on them, and who gives way when it is reached."""
+
+    def __init__(self, cap: int, budget: int) -> None:
+        self.cap = cap
+        self.budget = budget
+        self.conns: set[Connection] = set()
+        self.shed_total = 0
+
+    def admit(self, conn: Connection) -> bool:
+        """Add ``conn``, first shedding one other at the cap; False if none can go."""
+        if len(self.conns) >= self.cap:
+            victim = self.victim(exclude=conn)
+            if victim is None:
+                return False
+            self.remove(victim)
+            victim.drop()
+            self.shed_total += 1
+        self.conns.add(conn)
+        return True
+
+    def victim(self, exclude: Connection | None = None) -> Connection | None:
+        """Who gives way: longest idle, slowest request, slowest reader, newest render."""
+        for phases in _SHED_ORDER:
+            candidates = [c for c in self.conns if c.phase in phases and c is not exclude]
+            if candidates:
+                return min(candidates, key=lambda c: c.since)
+        busy = [c for c in self.conns if c.phase == BUSY and c is not exclude]
+        return max(busy, key=lambda c: c.since) if busy else None
+
+    def make_room(self, size: int, exclude: Connection) -> None:
+        """Shed the slowest readers until ``size`` more queued bytes fit the budget."""
+        queued = sum(c.queued() for c in self.conns)
+        while queued + size > self.budget:
+            writers = [c for c in self.conns if c is not exclude and c.queued() > 0]
+            if not writers:
+                return
+            slowest = min(writers, key=lambda c: c.since)
+            queued -= slowest.queued()
+            self.remove(slowest)
+            slowest.drop()
+            self.shed_total += 1
+
+    def remove(self, conn: Connection) -> None:
+        """Forget ``conn``."""
+        self.conns.discard(conn)
+
+
+class _Request:
+    def __init__(self, event: h11.Request, close: bool) -> None:
+        self.method = event.method.decode("ascii", "replace").upper()
+        target = event.target.decode("latin-1")
+        self.path = urlsplit(target).path
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in event.headers}
+        self.accept = headers.get("accept")
+        self.authorization = headers.get("authorization")
+        self.close = close  # the body was left unread: the connection cannot carry another request
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a bound address is reachable from this host only."""
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return False
 
 
 class HttpServer:
-    """The HTTP API on its own thread."""
+    """The HTTP API, served by an asyncio loop on its own thread."""
 
-    def __init__(self, listen: tuple[str, int], api: Api) -> None:
-        self._server = _Server(listen, api)
+    def __init__(
+        self,
+        listen: tuple[str, int],
+        api: Api,
+        web: WebConfig | None = None,
+        limits: Limits | None = None,
+    ) -> None:
+        self.router = Router(api)
+        self.web = web or WebConfig()
+        self.limits = limits or Limits()
+        self.table = ConnectionTable(self.limits.max_connections, self.limits.output_budget)
+        self._auth = BasicAuth(self.web.users) if self.web.users else None
+        self._tls = TlsContexts(self.web.tls) if self.web.tls is not None else None
+        self._limiter = (
+            RateLimiter(self.web.rate_limit.interval, self.web.rate_limit.burst)
+            if self.web.rate_limit is not None
+            else None
+        )
+        self._pending_auth = 0
+        self._sock = self._bind(listen)
+        self._render = Renderer(
+            self.router, self.limits.render_workers, self.limits.max_pending_renders
+        )
+        # Password checks get their own thread: a storm of wrong passwords
+        # then slows only other password checks, never a render.
+        self._bcrypt = ThreadPoolExecutor(1, "nswatch-http-auth")
         self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping: asyncio.Event | None = None
+        self._started = threading.Event()
+
+    @staticmethod
+    def _bind(listen: tuple[str, int]) -> socket.socket:
+        host, port = listen
+        family, _, _, _, addr = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(addr)
+            sock.listen(1024)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        return sock
 
     @property
     def address(self) -> tuple[str, int]:
         """The bound (host, port), useful with port 0."""
-        host, port = self._server.server_address[:2]
+        host, port = self._sock.getsockname()[:2]
         return str(host), int(port)
 
     def start(self) -> None:
-        """Serve on a background thread."""
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.2}, name="nswatch-http"
-        )
-        self._thread.daemon = True
+        """Serve on a background thread (returns once it accepts connections)."""
+        self.warn_if_exposed(*self.address, self.web)
+        self._thread = threading.Thread(target=self._run, name="nswatch-http", daemon=True)
         self._thread.start()
+        self._started.wait(5)
 
     def stop(self) -> None:
-        """Stop serving and close the listening socket."""
+        """Close every connection and the listening socket; join the threads."""
         if self._thread is not None:
-            self._server.shutdown()
-            self._thread.join(timeout=2)
+            loop, stopping = self._loop, self._stopping
+            if loop is not None and stopping is not None:
+                with contextlib.suppress(RuntimeError):  # the loop already ended
+                    loop.call_soon_threadsafe(stopping.set)
+            self._thread.join(5)
             self._thread = None
-        self._server.server_close()
+        self._sock.close()
+        self._render.shutdown()
+        self._bcrypt.shutdown(wait=True, cancel_futures=True)
+
+    @staticmethod
+    def warn_if_exposed(host: str, port: int, web: WebConfig) -> None:
+        """Log a warning when the API is reachable off this host without a password or TLS."""
+        if is_loopback(host):
+            return
+        if not web.authenticates:
+            log.warning(
+                "http_open_to_network",
+                listen=f"{host}:{port}",
+                hint="anyone who can reach this address reads the API; "
+                "set basic_auth_users or client certificates in --web.config.file",
+            )
+        elif web.users and web.tls is None:
+            log.warning(
+                "http_basic_auth_without_tls",
+                listen=f"{host}:{port}",
+                hint="passwords cross the network in clear; add tls_server_config",
+            )
+
+    def _run(self) -> None:
+        asyncio.run(self._main())
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._loop.set_exception_handler(_loop_error)
+        self._stopping = asyncio.Event()
+        server = await asyncio.start_server(
+            self._client, sock=self._sock, backlog=1024, limit=self.limits.max_head
+        )
+        self._started.set()
+        try:
+            await self._stopping.wait()
+        finally:
+            server.close()
+            for c in list(self.table.conns):
+                c.drop()
+            # Also connections accepted but not yet admitted to the table.
+            tasks = asyncio.all_tasks() - {asyncio.current_task()}
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            # An aborted transport closes its socket in a callback one turn
+            # later; let those run before asyncio.run closes the loop.
+            for _ in range(3):
+                await asyncio.sleep(0)
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = Connection(writer, time.monotonic())
+        conn.task = asyncio.current_task()
+        if not self.table.admit(conn):
+            writer.transport.abort()
+            return
+        clean = False
+        try:
+            clean = await self._serve(conn, reader, writer)
+        except (ConnectionError, ssl.SSLError, TimeoutError, h11.LocalProtocolError):
+            pass
+        except asyncio.CancelledError:
+            if not conn.shed:
+                raise
+        finally:
+            self.table.remove(conn)
+            if clean:
+                writer.close()
+            else:
+                writer.transport.abort()
+
+    async def _serve(
+        self, conn: Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
+        """Answer requests until the client or a limit ends it; True if it ended cleanly."""
+        limits = self.limits
+        deadline = conn.since + limits.head_timeout
+        if self._tls is not None:
+            async with asyncio.timeout_at(self._loop_time(deadline)):
+                await writer.start_tls(self._tls.current())
+            if not self._tls.settings.peer_allowed(writer.get_extra_info("peercert")):
+                return False
+        h = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_head)
+        fresh = True
+        while True:
+            got = await self._read(conn, h, reader, deadline if fresh else None)
+            if got is None:
+                return h.their_state is h11.CLOSED
+            if isinstance(got, Response):
+                await self._write(conn, h, writer, got, head=False)
+                return True
+            conn.enter(BUSY, time.monotonic())
+            response = await self._respond(got)
+            await self._write(conn, h, writer, response, head=got.method == "HEAD")
+            if response.close or got.close or h.our_state is not h11.DONE:
+                return True
+            if h.their_state is not h11.DONE:
+                return True
+            h.start_next_cycle()
+            fresh = False
+
+    def _loop_time(self, monotonic_deadline: float) -> float:
+        # asyncio's clock is time.monotonic too, but go through the loop's
+        # own clock so the deadline means the same to both.
+        loop = asyncio.get_running_loop()
+        return loop.time() + (monotonic_deadline - time.monotonic())
+
+    async def _read(
+        self,
+        conn: Connection,
+        h: h11.Connection,
+        reader: asyncio.StreamReader,
+        deadline: float | None,
+    ) -> _Request | Response | None:
+        """The next request (its body read and dropped), an error response, or None to hang up."""
+        limits = self.limits
+        event_head: h11.Request | None = None
+        body = 0
+        if deadline is None:
+            conn.enter(IDLE, time.monotonic())
+        elif conn.phase != HEAD:
+            conn.enter(HEAD, conn.since)
+        while True:
+            try:
+                event = h.next_event()
+            except h11.RemoteProtocolError as e:
+                return error_response(e.error_status_hint, f"bad request: {e}", close=True)
+            if event is h11.NEED_DATA:
+                if h.their_state is h11.IDLE and self._not_http11(h.trailing_data[0]):
+                    return error_response(400, "bad request: not an HTTP/1.x request", close=True)
+                pending = bool(h.trailing_data[0]) or event_head is not None
+                if deadline is None and pending:
+                    deadline = time.monotonic() + limits.head_timeout
+                    conn.enter(HEAD, time.monotonic())
+                limit = deadline if deadline is not None else time.monotonic() + limits.idle_timeout
+                try:
+                    async with asyncio.timeout_at(self._loop_time(limit)):
+                        data = await reader.read(65536)
+                except TimeoutError:
+                    if pending:
+                        return error_response(408, "request took too long", close=True)
+                    return None
+                if data and deadline is None:
+                    deadline = time.monotonic() + limits.head_timeout
+                    conn.enter(HEAD, time.monotonic())
+                h.receive_data(data)
+            elif isinstance(event, h11.Request):
+                event_head = event
+                conn.enter(BODY, time.monotonic())
+                if h.they_are_waiting_for_100_continue:
+                    # Nothing here wants a body: answer without asking for it.
+                    return _Request(event, close=True)
+                length = _content_length(event)
+                if length is not None and length > limits.max_body:
+                    return error_response(413, "request body too large", close=True)
+            elif isinstance(event, h11.Data):
+                body += len(event.data)
+                if body > limits.max_body:
+                    return error_response(413, "request body too large", close=True)
+            elif isinstance(event, h11.EndOfMessage):
+                assert event_head is not None
+                return _Request(event_head, close=False)
+            else:  # ConnectionClosed (or a Paused we never cause)
+                return None
+
+    @staticmethod
+    def _not_http11(buffered: bytes) -> bool:
+        start = buffered.lstrip(b"\r\n")
+        nl = start.find(b"\n")
+        if nl < 0:
+            return False
+        return _REQUEST_LINE.fullmatch(start[:nl].rstrip(b"\r")) is None
+
+    async def _respond(self, req: _Request) -> Response:
+        if self._limiter is not None and not self._limiter.allow():
+            return error_response(429, "too many requests")
+        if self._auth is not None:
+            refused = await self._authenticate(req.authorization)
+            if refused is not None:
+                return refused
+        if req.method in ("GET", "HEAD") and self.router.heavy(req.path):
+            return await self._render.render(req.path, req.accept)
+        return self.router.route(req.method, req.path, req.accept)
+
+    async def _authenticate(self, header: str | None) -> Response | None:
+        """None when the credentials are good, else the refusal."""
+        assert self._auth is not None
+        known = self._auth.cached(header)
+        if known is None:
+            if self._pending_auth >= self.limits.max_pending_auth:
+                return error_response(503, "too many password checks under way")
+            self._pending_auth += 1
+            try:
+                loop = asyncio.get_running_loop()
+                known = await loop.run_in_executor(self._bcrypt, self._auth.check, header)
+            finally:
+                self._pending_auth -= 1
+        if known:
+            return None
+        return error_response(
+            401, "unauthorized", headers=(("WWW-Authenticate", 'Basic realm="nswatch"'),)
+        )
+
+    async def _write(
+        self,
+        conn: Connection,
+        h: h11.Connection,
+        writer: asyncio.StreamWriter,
+        r: Response,
+        head: bool,
+    ) -> None:
+        now = time.monotonic()
+        conn.enter(WRITE, now)
+        if not head and len(r.body) > 65536:
+            self.table.make_room(len(r.body), exclude=conn)
+        headers = [
+            ("Server", SERVER_NAME),
+            ("Date", email.utils.formatdate(usegmt=True)),
+            ("Content-Type", r.content_type),
+            ("Content-Length", str(len(r.body))),
+            *r.headers,
+            *self.web.headers,
+        ]
+        if r.close:
+            headers.append(("Connection", "close"))
+        status = h11.Response(status_code=r.status, headers=headers, reason=_phrase(r.status))
+        chunks = [h.send(status)]
+        if not head:
+            chunks.extend(h.send_with_data_passthrough(h11.Data(data=r.body)) or ())
+        chunks.append(h.send(h11.EndOfMessage()))
+        for chunk in chunks:
+            if chunk:
+                writer.write(chunk)
+        closing = r.close or h.our_state is h11.MUST_CLOSE
+        if closing:
+            # Wait for the client to take every byte before closing; else
+            # close() would keep the rest queued for as long as it dawdles.
+            writer.transport.set_write_buffer_limits(high=0)
+        async with asyncio.timeout_at(self._loop_time(now + self.limits.write_timeout)):
+            await writer.drain()
+
+
+def _content_length(event: h11.Request) -> int | None:
+    for name, value in event.headers:
+        if name == b"content-length":
+            return int(value)
+    return None
+
+
+def _loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    # Out of file descriptors and the like: asyncio pauses accepting for a
+    # second by itself; say so in our logs rather than on stderr.
+    exc = context.get("exception")
+    log.error("http_loop_error", message=context.get("message"), error=repr(exc) if exc else None)

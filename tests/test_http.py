@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -11,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from nswatch import cli
 from nswatch.http import Api, HttpServer
 from nswatch.model import Link, LinkNew, Model, NamespaceSeen, Synced
 
@@ -109,11 +111,160 @@ def test_garbage_requests_do_not_hurt(server: HttpServer) -> None:
     assert _raw(server, b"\x00\xff garbage\r\n\r\n").startswith(b"HTTP/1.1 400")
     huge = b"GET /healthz HTTP/1.1\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n"
     assert _raw(server, huge).split(b" ")[1] in (b"400", b"431")
-    assert _raw(server, b"BREW /pot HTTP/1.1\r\n\r\n").split(b" ")[1] in (b"501", b"404")
+    assert (
+        _raw(server, b"BREW /pot HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").split(b" ")[1]
+        == b"404"
+    )
     for _ in range(20):
         _raw(server, b"GET /metrics HTTP/1.1\r\n", read=False)
-    bad_name = b"GET /api/v1/namespaces/%ff%00 HTTP/1.1\r\nConnection: close\r\n\r\n"
+    bad_name = b"GET /api/v1/namespaces/%ff%00 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     assert _raw(server, bad_name).split(b" ")[1] == b"404"
     t0 = time.monotonic()
     assert request(server, "GET", "/metrics")[0] == 200
     assert time.monotonic() - t0 < 2
+
+
+def _responses(raw: bytes) -> list[tuple[int, bytes]]:
+    """(status, body) of each response in a byte stream, framed by Content-Length."""
+    out = []
+    while raw:
+        head, _, rest = raw.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        status = int(lines[0].split(b" ")[1])
+        length = next(
+            int(v)
+            for k, _, v in (ln.partition(b":") for ln in lines[1:])
+            if k.lower() == b"content-length"
+        )
+        out.append((status, rest[:length]))
+        raw = rest[length:]
+    return out
+
+
+def test_http09_request_gets_400_with_status_line(server: HttpServer) -> None:
+    """An HTTP/0.9 request line (no version) is answered 400 with a status line and JSON, at once."""
+    host, port = server.address
+    with socket.create_connection((host, port), timeout=5) as s:
+        s.sendall(b"GET /healthz\r\n")  # a 0.9 client sends no blank line, and waits
+        data = b""
+        while chunk := s.recv(65536):  # the server answers and closes without more input
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 400 ")
+    assert "error" in json.loads(data.partition(b"\r\n\r\n")[2])
+
+
+def test_missing_host_is_400(server: HttpServer) -> None:
+    """An HTTP/1.1 request without Host is garbled (RFC 9112 says 400); HTTP/1.0 needs none."""
+    assert _raw(server, b"GET /healthz HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 400 ")
+    assert _raw(server, b"GET /healthz HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.1 200 ")
+
+
+def test_body_on_get_is_not_parsed_as_a_request(server: HttpServer) -> None:
+    """A GET's body is read and dropped: a request smuggled in it is never answered."""
+    smuggled = b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n"
+    payload = (
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(smuggled)
+        + smuggled
+        + b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    assert [status for status, _ in _responses(_raw(server, payload))] == [200, 503]
+
+
+def test_chunked_body_on_get_is_dropped(server: HttpServer) -> None:
+    """A chunked body is read and dropped too, and the connection carries the next request."""
+    payload = (
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nGET /\r\n0\r\n\r\n"
+        b"GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    assert [status for status, _ in _responses(_raw(server, payload))] == [200, 404]
+
+
+def test_oversized_body_is_refused(server: HttpServer) -> None:
+    """A GET with a body over the limit gets 413; a POST still gets its 405."""
+    big = b"x" * (1 << 20)
+    head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(big)
+    assert _raw(server, head).startswith(b"HTTP/1.1 413 ")
+    status, body = request(server, "POST", "/metrics", body=b"x" * 100)
+    assert status == 405 and body == {"error": "method not allowed"}
+
+
+def test_server_header_gives_no_versions(server: HttpServer) -> None:
+    """The Server header names nswatch and nothing else (no Python version)."""
+    host, port = server.address
+    conn = http.client.HTTPConnection(host, port, timeout=5)
+    try:
+        conn.request("GET", "/healthz")
+        resp = conn.getresponse()
+        resp.read()
+        assert resp.getheader("Server") == "nswatch"
+    finally:
+        conn.close()
+
+
+def test_keep_alive_and_pipelining(server: HttpServer) -> None:
+    """Pipelined requests on one connection are answered in order, HEAD with GET's length and no body."""
+    payload = (
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"HEAD /api/v1/state HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /api/v1/state HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    raw = _raw(server, payload)
+    heads = re.findall(
+        rb"HTTP/1\.1 (\d{3}) [^\r]*\r\n(?:[^\r]+\r\n)*?Content-Length: (\d+)\r\n", raw
+    )
+    assert [status for status, _ in heads] == [b"200", b"200", b"200"]
+    assert heads[1][1] == heads[2][1]
+    # The HEAD answer carries no body: right after the healthz body comes the GET's head.
+    first_body = raw.index(b"\r\n\r\n") + 4 + int(heads[0][1])
+    assert raw[first_body:].startswith(b"HTTP/1.1 200 ")
+    second_head_end = raw.index(b"\r\n\r\n", first_body) + 4
+    assert raw[second_head_end:].startswith(b"HTTP/1.1 200 ")
+    assert json.loads(raw.rpartition(b"\r\n\r\n")[2])["synced"] is True
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_healthz_turns_503_when_the_loop_stalls() -> None:
+    """/healthz is 200 while the loop ticked within STALL_AFTER, then 503 {"status": "stalled"} (HEAD too)."""
+    clock = FakeClock()
+    last_tick = clock.now
+    api = Api(
+        view=_model().copy,
+        alive=lambda: clock() - last_tick < cli.STALL_AFTER,
+        ready=lambda: True,
+    )
+    srv = HttpServer(("127.0.0.1", 0), api)
+    srv.start()
+    try:
+        assert request(srv, "GET", "/healthz") == (200, {"status": "ok"})
+        clock.now += cli.STALL_AFTER - 0.1
+        assert request(srv, "GET", "/healthz") == (200, {"status": "ok"})
+        clock.now += 0.2
+        assert request(srv, "GET", "/healthz") == (503, {"status": "stalled"})
+        assert request(srv, "HEAD", "/healthz")[0] == 503
+        last_tick = clock.now  # the loop turns again
+        assert request(srv, "GET", "/healthz") == (200, {"status": "ok"})
+    finally:
+        srv.stop()
+
+
+def test_handler_error_is_a_json_500(server: HttpServer) -> None:
+    """A handler that raises answers 500 as JSON, and the server answers the next request."""
+    api = Api(view=lambda: 1 / 0, alive=lambda: True, ready=lambda: True)  # type: ignore[arg-type, return-value]
+    srv = HttpServer(("127.0.0.1", 0), api)
+    srv.start()
+    try:
+        assert request(srv, "GET", "/api/v1/state") == (
+            500,
+            {"error": "internal error", "detail": "ZeroDivisionError"},
+        )
+        assert request(srv, "GET", "/healthz")[0] == 200
+    finally:
+        srv.stop()

@@ -1,0 +1,360 @@
+"""The HTTP server under hostile load: slow clients, connection floods, slow readers.
+
+Whatever the clients do, a scraper and a health check get through.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import resource
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from nswatch.http import Api, HttpServer, Limits
+from tests.test_http import _model
+
+FLOOD = 2000
+
+
+def _server(limits: Limits | None = None, metrics: Any = None) -> HttpServer:
+    api = Api(
+        view=_model().copy,
+        alive=lambda: True,
+        ready=lambda: True,
+        metrics=metrics or (lambda accept: (b"# metrics\n", "text/plain; version=0.0.4")),
+    )
+    srv = HttpServer(("127.0.0.1", 0), api, limits=limits)
+    srv.start()
+    return srv
+
+
+@pytest.fixture
+def nofile() -> Iterator[None]:
+    """Enough file descriptors for a flood's two ends in this one process."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 3 * FLOOD + 1000
+    if hard != resource.RLIM_INFINITY and hard < want:
+        raise AssertionError(f"fd hard limit {hard} < {want}: cannot run the flood")
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def get(srv: HttpServer, path: str, timeout: float = 5) -> int:
+    host, port = srv.address
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status
+    finally:
+        conn.close()
+
+
+class Dribbler:
+    """Connections that each send a request head one byte every ``every`` seconds."""
+
+    HEAD = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 200
+
+    def __init__(self, srv: HttpServer, n: int, every: float) -> None:
+        self.socks = [socket.create_connection(srv.address, timeout=5) for _ in range(n)]
+        self.every = every
+        self.sent = 0
+        self.closed_by_server: set[int] = set()
+        self.answers: dict[int, bytes] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set() and self.sent < len(self.HEAD):
+            for i, s in enumerate(self.socks):
+                if i in self.closed_by_server:
+                    continue
+                try:
+                    s.sendall(self.HEAD[self.sent : self.sent + 1])
+                except OSError:
+                    self.closed_by_server.add(i)
+            self.sent += 1
+            self._poll()
+            self._stop.wait(self.every)
+
+    def _poll(self) -> None:
+        for i, s in enumerate(self.socks):
+            if i in self.closed_by_server:
+                continue
+            s.setblocking(False)
+            try:
+                data = s.recv(65536)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            finally:
+                s.setblocking(True)
+            self.answers[i] = self.answers.get(i, b"") + data
+            if not data:
+                self.closed_by_server.add(i)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        for s in self.socks:
+            s.close()
+
+
+def test_slow_clients_do_not_lock_out_scrapes_and_health_checks() -> None:
+    """100 clients sending a header byte every 3 s do not stop /healthz or /metrics from answering."""
+    srv = _server()
+    slow = Dribbler(srv, 100, every=3.0)
+    try:
+        time.sleep(0.5)  # every slow connection is in and has sent a byte
+        t_end = time.monotonic() + 7
+        answered = 0
+        while time.monotonic() < t_end:
+            assert get(srv, "/healthz", timeout=3) == 200
+            assert get(srv, "/metrics", timeout=3) == 200
+            answered += 1
+            time.sleep(0.5)
+        assert answered >= 10
+    finally:
+        slow.close()
+        srv.stop()
+
+
+def test_a_request_head_has_a_deadline() -> None:
+    """A head that dribbles in is cut off at head_timeout (408, then closed), however steady the drip."""
+    srv = _server(Limits(head_timeout=2.0))
+    slow = Dribbler(srv, 10, every=0.5)
+    try:
+        t0 = time.monotonic()
+        while len(slow.closed_by_server) < 10 and time.monotonic() - t0 < 10:
+            time.sleep(0.1)
+        took = time.monotonic() - t0
+        assert len(slow.closed_by_server) == 10, "slow heads were never cut off"
+        assert took < 5, f"slow heads lasted {took:.1f} s with a 2 s head deadline"
+        assert all(a.startswith(b"HTTP/1.1 408 ") for a in slow.answers.values())
+    finally:
+        slow.close()
+        srv.stop()
+
+
+def test_at_the_cap_the_slowest_give_way() -> None:
+    """With every slot held by slow heads, a health check displaces the oldest of them."""
+    srv = _server(Limits(max_connections=20))
+    slow = Dribbler(srv, 40, every=3.0)
+    try:
+        time.sleep(0.5)
+        for _ in range(5):
+            assert get(srv, "/healthz", timeout=3) == 200
+        assert len(srv.table.conns) <= 20
+        assert srv.table.shed_total >= 20
+    finally:
+        slow.close()
+        srv.stop()
+
+
+def test_a_connection_flood_is_survived_and_recovered_from(nofile: None) -> None:
+    """During a 2,000-connection flood of dribbled heads health checks and scrapes answer, and within 1 s of its end all is well."""
+    srv = _server()
+    flood = Dribbler(srv, FLOOD, every=2.0)
+    try:
+        for _ in range(3):
+            assert get(srv, "/healthz", timeout=3) == 200
+            assert get(srv, "/metrics", timeout=3) == 200
+            time.sleep(1)
+        assert len(srv.table.conns) <= srv.limits.max_connections
+    finally:
+        flood.close()
+    t_end = time.monotonic()
+    try:
+        assert get(srv, "/healthz", timeout=1) == 200
+        assert get(srv, "/metrics", timeout=1) == 200
+        assert time.monotonic() - t_end < 1.0
+    finally:
+        srv.stop()
+
+
+def test_large_renders_do_not_block_other_connections() -> None:
+    """While /metrics renders on a worker thread, /healthz is answered."""
+    rendering, release = threading.Event(), threading.Event()
+
+    def slow_metrics(accept: str | None) -> tuple[bytes, str]:
+        rendering.set()
+        release.wait(10)
+        return b"# slow\n", "text/plain; version=0.0.4"
+
+    srv = _server(metrics=slow_metrics)
+    result: list[int] = []
+    scrape = threading.Thread(target=lambda: result.append(get(srv, "/metrics", timeout=15)))
+    scrape.start()
+    try:
+        assert rendering.wait(5)
+        assert get(srv, "/healthz", timeout=3) == 200
+        assert get(srv, "/readyz", timeout=3) == 200
+    finally:
+        release.set()
+        scrape.join(10)
+        srv.stop()
+    assert result == [200]
+
+
+def test_slow_readers_are_shed_beyond_the_output_budget() -> None:
+    """Clients that ask for a large document and never read it are dropped once their bytes exceed the budget."""
+    body = b"x" * (16 << 20)
+    srv = _server(
+        Limits(output_budget=24 << 20),
+        metrics=lambda accept: (body, "text/plain; version=0.0.4"),
+    )
+    stalled = []
+    try:
+        for _ in range(3):
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect(srv.address)
+            s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            stalled.append(s)
+            time.sleep(0.3)  # rendered and queued, in this order
+        host, port = srv.address
+        conn = http.client.HTTPConnection(host, port, timeout=10)
+        conn.request("GET", "/metrics")
+        assert len(conn.getresponse().read()) == len(body)
+        conn.close()
+        # The oldest stalled readers were dropped: reading them ends early.
+        got = []
+        for s in stalled:
+            s.settimeout(2)
+            n = 0
+            try:
+                while chunk := s.recv(1 << 20):
+                    n += len(chunk)
+            except (TimeoutError, ConnectionResetError):
+                pass
+            got.append(n)
+        assert got[0] < len(body), got
+        assert srv.table.shed_total >= 1
+    finally:
+        for s in stalled:
+            s.close()
+        srv.stop()
+
+
+def test_a_reader_that_stops_is_dropped_after_write_timeout() -> None:
+    """A client that stops reading mid-response is disconnected after write_timeout."""
+    body = b"x" * (32 << 20)
+    srv = _server(Limits(write_timeout=1.0), metrics=lambda accept: (body, "text/plain"))
+    s = socket.socket()
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(srv.address)
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        t0 = time.monotonic()
+        while not any(c.phase == "write" for c in srv.table.conns) and time.monotonic() - t0 < 5:
+            time.sleep(0.01)
+        assert srv.table.conns, "the request was never answered"
+        t0 = time.monotonic()
+        while srv.table.conns and time.monotonic() - t0 < 10:
+            time.sleep(0.1)
+        assert not srv.table.conns, "the stalled reader was never dropped"
+        assert time.monotonic() - t0 >= 0.5
+        s.settimeout(5)
+        got = 0
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := s.recv(1 << 20):
+                got += len(chunk)
+        assert got < len(body)
+    finally:
+        s.close()
+        srv.stop()
+
+
+class BlockingView:
+    """A view() that counts its calls and blocks until released."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.model = _model()
+
+    def __call__(self) -> Any:
+        self.calls += 1
+        self.started.set()
+        self.release.wait(10)
+        return self.model.copy()
+
+
+def _blocking_server(view: BlockingView, limits: Limits | None = None) -> HttpServer:
+    api = Api(view=view, alive=lambda: True, ready=lambda: True)
+    srv = HttpServer(("127.0.0.1", 0), api, limits=limits)
+    srv.start()
+    return srv
+
+
+def _send_all(srv: HttpServer, n: int, payload: bytes) -> list[socket.socket]:
+    socks = []
+    for _ in range(n):
+        s = socket.create_connection(srv.address, timeout=10)
+        s.sendall(payload)
+        socks.append(s)
+    return socks
+
+
+def test_identical_requests_share_one_render() -> None:
+    """Fifty clients asking for the state while it renders get one render's answer between them."""
+    view = BlockingView()
+    srv = _blocking_server(view)
+    socks: list[socket.socket] = []
+    try:
+        socks = _send_all(
+            srv, 50, b"GET /api/v1/state HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        assert view.started.wait(5)
+        t0 = time.monotonic()
+        while sum(c.phase == "busy" for c in srv.table.conns) < 50 and time.monotonic() - t0 < 5:
+            time.sleep(0.01)
+        view.release.set()
+        for s in socks:
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+            assert data.startswith(b"HTTP/1.1 200 ")
+        assert view.calls == 1
+    finally:
+        view.release.set()
+        for s in socks:
+            s.close()
+        srv.stop()
+
+
+def test_health_checks_get_in_when_every_slot_waits_for_a_render() -> None:
+    """With every connection waiting on a stuck render, a health check still displaces one and is answered."""
+    view = BlockingView()
+    srv = _blocking_server(view, Limits(max_connections=10))
+    socks: list[socket.socket] = []
+    try:
+        for i in range(10):  # distinct documents: nothing to share
+            socks += _send_all(
+                srv, 1, b"GET /api/v1/namespaces/n%d HTTP/1.1\r\nHost: x\r\n\r\n" % i
+            )
+        assert view.started.wait(5)
+        t0 = time.monotonic()
+        while sum(c.phase == "busy" for c in srv.table.conns) < 10 and time.monotonic() - t0 < 5:
+            time.sleep(0.01)
+        assert get(srv, "/healthz", timeout=3) == 200
+        assert get(srv, "/readyz", timeout=3) == 200
+    finally:
+        view.release.set()
+        for s in socks:
+            s.close()
+        srv.stop()
