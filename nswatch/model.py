@@ -648,6 +648,10 @@ class Model:
         self.veths = VethPeers()
         # Bumped by every event applied: readers' views are made per version.
         self.version = 0
+        # How many changes the model has made, ever: the event stream numbers
+        # changes 1, 2, 3, ... in the same order, so a view with
+        # ``changes_made == n`` is consistent with stream event id n.
+        self.changes_made = 0
         # Namespaces mutated since the last :meth:`snapshot`.
         self._dirty: set[int] = set()
 
@@ -711,6 +715,7 @@ class Model:
         m.by_name = dict(self.by_name)
         m.veths = self.veths.copy()
         m.version = self.version
+        m.changes_made = self.changes_made
         return m
 
     def snapshot(self, previous: Model | None = None) -> Model:
@@ -732,6 +737,7 @@ class Model:
         m.by_name = dict(self.by_name)
         m.veths = self.veths.copy()
         m.version = self.version
+        m.changes_made = self.changes_made
         return m
 
     # -- applying events --
@@ -798,6 +804,7 @@ class Model:
                 ns = self.namespaces.get(event.inode)
                 if ns is not None:
                     ns.synced = True
+        self.changes_made += len(out)
         return out
 
     # -- namespaces --

@@ -187,6 +187,8 @@ def state_json(model: Model) -> dict[str, Any]:
         )
     pairs.sort(key=lambda p: (p["a"]["netns"], p["a"]["link"]))
     return {
+        # The event stream's id of the last change this state includes.
+        "event_id": model.changes_made,
         "synced": model.synced,
         "namespaces": {
             ns.name: namespace_json(model, ns)

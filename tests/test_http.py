@@ -63,7 +63,7 @@ def test_state_and_namespace_paths(server: HttpServer) -> None:
     """/api/v1/state has the documented top-level fields; a namespace is found by any of its names."""
     status, state = request(server, "GET", "/api/v1/state")
     assert status == 200
-    assert set(state) == {"synced", "namespaces", "veth_pairs"}
+    assert set(state) == {"event_id", "synced", "namespaces", "veth_pairs"}
     assert set(state["namespaces"]) == {"host", "lab-1"}
     ns = state["namespaces"]["lab-1"]
     assert {"name", "inode", "links", "addresses", "routes"} <= set(ns)

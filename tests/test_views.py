@@ -59,3 +59,14 @@ def test_namespace_deletion_dirties_the_namespaces_that_named_it() -> None:
     assert after.namespaces[A].nsids == {}
     assert B not in after.namespaces
     assert after.version == m.version > snap.version
+
+
+def test_changes_made_counts_every_change_in_order() -> None:
+    """The model counts its changes so a view can say which stream event id it is consistent with."""
+    m = Model()
+    out = m.apply(NamespaceSeen(HOST, ("host",), is_host=True))
+    out += m.apply(LinkNew(HOST, Link(index=1, name="lo", kind="loopback")))
+    out += m.apply(LinkNew(HOST, Link(index=1, name="lo", kind="loopback")))
+    assert m.changes_made == len(out) == 2
+    assert m.snapshot().changes_made == 2
+    assert state_json(m.snapshot())["event_id"] == 2
