@@ -177,8 +177,12 @@ class Daemon:
             return
 
         def again() -> None:
-            fn()
-            self.loop.call_later(interval, name, again)
+            # Reschedule even when fn raises (the loop reports it): one bad
+            # turn must not end a safety net for good.
+            try:
+                fn()
+            finally:
+                self.loop.call_later(interval, name, again)
 
         self.loop.call_later(interval, name, again)
 
