@@ -5,11 +5,15 @@ from __future__ import annotations
 import subprocess
 import time
 
+import pytest
+
 from nswatch.apply import Applier, ApplyEngine
 from nswatch.config import parse_config, render_host_name
 from nswatch.daemon import Daemon, Settings
 from nswatch.dirwatch import DirWatcher
 from tests.kernel import Lab, ip, ip_json, wait_for
+
+pytestmark = pytest.mark.kernel
 
 
 def profile_yaml(prefix: str, enforce: bool) -> str:

@@ -6,11 +6,15 @@ import os
 import random
 from collections.abc import Sequence
 
+import pytest
+
 from nswatch.daemon import Settings
 from nswatch.model import Change, Link, LinkNew
 from nswatch.observer import BaseObserver
 from tests.conftest import start_daemon, stop_daemon
 from tests.kernel import Lab, converge, ip, state_of, wait_for
+
+pytestmark = pytest.mark.kernel
 
 
 class Recorder(BaseObserver):
