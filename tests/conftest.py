@@ -97,6 +97,7 @@ class Running:
 
 def start_daemon(settings: Settings, **kw: object) -> Running:
     """Start a daemon plus HTTP server and wait for its first sync."""
+    require_kernel_mark("a daemon with real netlink sessions")
     daemon = Daemon(settings, dirwatch_factory=DirWatcher, **kw)  # type: ignore[arg-type]
     api = Api(view=daemon.view, alive=lambda: True, ready=daemon.ready.is_set)
     server = HttpServer(("127.0.0.1", 0), api)

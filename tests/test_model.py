@@ -125,6 +125,18 @@ def test_plain_delete_and_move_reasons() -> None:
     assert next(c for c in out if isinstance(c, LinkRemoved)).reason == "deleted"
 
 
+def test_peer_attributes_changing_unpair_and_repair() -> None:
+    """A veth end whose IFLA_LINK now names another ifindex loses its old pair and pairs with the new peer."""
+    m = base()
+    m.apply(LinkNew(A, veth(5, 6, None)))
+    m.apply(LinkNew(A, veth(6, 5, None)))
+    m.apply(LinkNew(A, veth(7, 5, None)))
+    out = m.apply(LinkNew(A, veth(5, 7, None)))
+    lost = next(c for c in out if isinstance(c, VethLost))
+    assert (lost.pair.a, lost.pair.b) == ((A, 5), (A, 6))
+    assert m.peers == {(A, 5): (A, 7), (A, 7): (A, 5)}
+
+
 def test_rename_keeps_the_pair() -> None:
     """A rename is a change on the same ifindex; the pair stays and is reported again."""
     m = base()
