@@ -186,8 +186,12 @@ class Daemon:
             return
 
         def again() -> None:
-            fn()
-            self.loop.call_later(interval, name, again)
+            # Reschedule even when fn raises (the loop reports it): one bad
+            # turn must not end a safety net for good.
+            try:
+                fn()
+            finally:
+                self.loop.call_later(interval, name, again)
 
         self.loop.call_later(interval, name, again)
 
@@ -271,7 +275,10 @@ class Daemon:
         """Apply one read's events to the model, then carry out the follow-ups."""
         t0 = time.perf_counter()
         if stale is not None:
-            self.observers.overrun(session.name)
+            # Only ENOBUFS is an overrun; a message that failed to decode
+            # also resyncs the namespace, under its own reason.
+            if stale == "overrun":
+                self.observers.overrun(session.name)
             self.observers.resync(session.name, stale)
         if notes:
             self.observers.netlink_events(Counter((d.type, d.action) for d in notes))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import socket
+import struct
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -115,6 +116,9 @@ class _Request:
     seq: int = 0
     items: list[Link | Address | Route | Rule] = field(default_factory=list)
     interrupted: bool = False
+    # An item of the reply failed to decode: the dump lacks it, so applying
+    # it would remove that object from the model. Retry it instead.
+    broken: bool = False
     attempts: int = 0
 
 
@@ -126,6 +130,13 @@ STATS = "stats"
 # A dump interrupted this often in a row is taken as it is; the periodic
 # reconcile will catch what it missed.
 MAX_DUMP_ATTEMPTS = 5
+
+# The resync reason of a namespace whose notification could not be decoded.
+DECODE_ERROR = "decode_error"
+
+# What a malformed message makes the decoder raise (short bodies, addresses
+# of the wrong length, bad attribute layouts).
+DECODE_ERRORS = (struct.error, ValueError, IndexError, KeyError, TypeError)
 
 
 class Session:
@@ -224,7 +235,10 @@ class Session:
         """Read what the socket has.
 
         Returns (events to apply in order, the notifications among them for
-        counting, a resync reason if the namespace went stale).
+        counting, a resync reason if the namespace went stale). A message
+        that fails to decode is skipped, never the rest of its datagram: a
+        dump it belonged to is retried, and a notification's loss makes the
+        namespace stale (:data:`DECODE_ERROR`), so a fresh dump restores it.
         """
         events: list[Event] = []
         notes: list[Decoded] = []
@@ -244,12 +258,14 @@ class Session:
             if not data:
                 break
             for msg in messages(data):
-                self._handle(msg, events, notes)
+                if not self._handle(msg, events, notes):
+                    stale = stale or DECODE_ERROR
         if stale is not None:
             self.resync(stale)
         return events, notes, stale
 
-    def _handle(self, msg: Message, events: list[Event], notes: list[Decoded]) -> None:
+    def _handle(self, msg: Message, events: list[Event], notes: list[Decoded]) -> bool:
+        """Take one message; False when it was a notification that failed to decode."""
         dump = self._dump
         # Replies carry our sequence number and come from the kernel (pid 0
         # is the sender port of notifications too, so match seq first).
@@ -262,31 +278,42 @@ class Session:
                 if err == errno.ENOBUFS:
                     # The first chunk did not fit the receive buffer. The
                     # kernel keeps the dump running and sends it as we read.
-                    return
+                    return True
                 self._dump_done(dump, events, failed=True)
-                return
+                return True
             if msg.type == NLMSG_DONE:
-                self._dump_done(dump, events, failed=False)
-                return
-            item = decode_dump_item(msg, dump.what)
+                self._dump_done(dump, events, failed=dump.broken)
+                return True
+            try:
+                item = decode_dump_item(msg, dump.what)
+            except DECODE_ERRORS:
+                dump.broken = True
+                return True
             if item is not None:
                 dump.items.append(item)
-            return
+            return True
         target = self._nsid.pop(msg.seq, None) if msg.seq else None
         if target is not None:
             if msg.type == RTM_NEWNSID:
-                nsid = decode_nsid(msg)
+                try:
+                    nsid = decode_nsid(msg)
+                except DECODE_ERRORS:
+                    return True  # the veth stays unresolved; nothing else is lost
                 if nsid is not None:
                     events.append(NsidLearned(self.inode, nsid, target))
-            return
-        decoded = decode_notification(msg, self.inode)
+            return True
+        try:
+            decoded = decode_notification(msg, self.inode)
+        except DECODE_ERRORS:
+            return False
         if decoded is None:
-            return
+            return True
         notes.append(decoded)
         if self._dump is not None and self._dump.reason != STATS:
             self._held.append(decoded)
         else:
             events.append(decoded.event)
+        return True
 
     def _dump_done(self, dump: _Request, events: list[Event], *, failed: bool) -> None:
         self._dump = None
@@ -296,6 +323,7 @@ class Session:
             # it may be inconsistent. Run it again before trusting it.
             dump.items.clear()
             dump.interrupted = False
+            dump.broken = False
             self._queue.appendleft(dump)
         else:
             if failed:

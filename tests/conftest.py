@@ -14,7 +14,20 @@ import structlog
 from nswatch.daemon import Daemon, Settings
 from nswatch.dirwatch import DirWatcher
 from nswatch.http import Api, HttpServer
-from tests.kernel import Lab
+from tests import kernel
+from tests.kernel import Lab, require_kernel_mark
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Before any fixture of the test: note whether it may use root and the kernel."""
+    kernel.UNMARKED_TEST[0] = None if item.get_closest_marker("kernel") else item.nodeid
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    """Fixtures torn down after a test (module-scoped ones too) may clean up the kernel."""
+    kernel.UNMARKED_TEST[0] = None
 
 
 @pytest.fixture(autouse=True)
@@ -52,7 +65,8 @@ def _no_leaks() -> Iterator[None]:
 
 
 def require_root() -> None:
-    """Real-kernel tests need root: fail loudly, never skip."""
+    """Real-kernel tests need root and the kernel mark: fail loudly, never skip."""
+    require_kernel_mark("root")
     if os.geteuid() != 0:
         pytest.fail("this test needs root (real network namespaces); run the suite as root")
 
@@ -83,6 +97,7 @@ class Running:
 
 def start_daemon(settings: Settings, **kw: object) -> Running:
     """Start a daemon plus HTTP server and wait for its first sync."""
+    require_kernel_mark("a daemon with real netlink sessions")
     daemon = Daemon(settings, dirwatch_factory=DirWatcher, **kw)  # type: ignore[arg-type]
     api = Api(view=daemon.view, alive=lambda: True, ready=daemon.ready.is_set)
     server = HttpServer(("127.0.0.1", 0), api)

@@ -17,9 +17,23 @@ from typing import Any
 
 from nswatch.state import state_json
 
+# The node id of the running test when it is not marked `kernel` (set by
+# tests/conftest.py), else None. Such a test that reaches for the kernel
+# anyway fails at once, so `pytest -m "not kernel"` stays kernel-free even
+# when run as root. Outside pytest (the benchmark) it stays None.
+UNMARKED_TEST: list[str | None] = [None]
+
+
+def require_kernel_mark(what: str) -> None:
+    """Fail the running test if it uses ``what`` (root or the kernel) without the kernel mark."""
+    test = UNMARKED_TEST[0]
+    if test is not None:
+        raise AssertionError(f"{test} uses {what}: mark it @pytest.mark.kernel")
+
 
 def ip(*args: str, check: bool = True) -> str:
     """Run `ip ARGS` and return stdout; raise with stderr on failure."""
+    require_kernel_mark("`ip`")
     proc = subprocess.run(["ip", *args], capture_output=True, text=True)
     if check and proc.returncode != 0:
         raise RuntimeError(f"ip {' '.join(args)}: {proc.stderr.strip()}")
@@ -28,6 +42,7 @@ def ip(*args: str, check: bool = True) -> str:
 
 def ip_batch(lines: Iterable[str]) -> None:
     """Run many `ip` commands in one process (`ip -batch -`)."""
+    require_kernel_mark("`ip -batch`")
     text = "\n".join(lines) + "\n"
     proc = subprocess.run(["ip", "-batch", "-"], input=text, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -45,6 +60,7 @@ class Lab:
     """Namespaces and links made by one test, removed at the end whatever happens."""
 
     def __init__(self, prefix: str | None = None) -> None:
+        require_kernel_mark("a Lab")
         self.prefix = prefix or f"nswT{secrets.token_hex(2)}"
         self.namespaces: list[str] = []
         self.host_links: list[str] = []

@@ -5,11 +5,16 @@ from __future__ import annotations
 import subprocess
 import time
 
+import pytest
+
 from nswatch.apply import Applier, ApplyEngine
 from nswatch.config import parse_config, render_host_name
 from nswatch.daemon import Daemon, Settings
 from nswatch.dirwatch import DirWatcher
+from nswatch.plan import plan
 from tests.kernel import Lab, ip, ip_json, wait_for
+
+pytestmark = pytest.mark.kernel
 
 
 def profile_yaml(prefix: str, enforce: bool) -> str:
@@ -149,6 +154,32 @@ def test_drift_is_reported_when_not_enforced(lab: Lab) -> None:
         stop(daemon, engine)
 
 
+def settled(daemon: Daemon, engine: ApplyEngine, names: list[str]) -> bool:
+    """True when this instance's model shows every namespace complete and its engine has nothing left to do.
+
+    Complete: the plan holds nothing but sysctls (which the model cannot
+    see). Nothing left: no namespace queued or in its post-apply grace, and
+    each one set up (seen) by this engine.
+    """
+    model = daemon.view()
+    profile = engine.config.profiles[0]
+    complete = all(
+        {s.op for s in plan(profile, n, model, engine.config.settings.host_label)} <= {"set_sysctl"}
+        for n in names
+    )
+    with engine.lock:
+        seen = set(engine._seen)
+    with engine._dirty_lock:
+        dirty = set(engine._dirty)
+    return (
+        complete
+        and set(names) <= seen
+        and not dirty
+        and not engine._grace
+        and engine._queue.empty()
+    )
+
+
 def test_two_daemons_never_share_a_subnet(lab: Lab) -> None:
     """Two nswatch instances applying the same profile to namespaces created together hand out distinct subnets, one per namespace."""
     first = run_engine(lab, enforce=True)
@@ -157,7 +188,8 @@ def test_two_daemons_never_share_a_subnet(lab: Lab) -> None:
         names = [lab.name(f"t{i}") for i in range(8)]
         add_namespaces(lab, names)
         wait_for(lambda: all(default_route(n) for n in names), timeout=10)
-        time.sleep(1.0)  # let the slower instance finish whatever it started
+        # Both instances done with every namespace: nothing either could still add.
+        wait_for(lambda: settled(*first, names) and settled(*second, names), timeout=10)
         subnets = []
         for n in names:
             infos = ip_json(n, "-4", "addr", "show", "eth0")[0]["addr_info"]

@@ -39,6 +39,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@pytest.mark.kernel
 def test_snapshot_shows_the_seed_pair(lab: Lab) -> None:
     """`nswatch snapshot` prints the pair and addresses; --json is the state document."""
     ns = lab.netns("s")
@@ -72,6 +73,7 @@ def test_check_config_exit_codes(tmp_path: Path) -> None:
     assert f"{bad}:8: profiles[0].veth.prefix:" in r.stderr
 
 
+@pytest.mark.kernel
 def test_apply_dry_run_then_apply(lab: Lab, tmp_path: Path) -> None:
     """`apply --dry-run` changes nothing and prints the plan; `apply --netns` does it once."""
     ns = lab.netns("ap")
@@ -210,6 +212,7 @@ def _get(url: str) -> tuple[int, bytes]:
         return 0, b""
 
 
+@pytest.mark.kernel
 def test_run_serves_and_stops_cleanly(lab: Lab, tmp_path: Path) -> None:
     """`nswatch run` becomes ready, serves state and metrics, reloads on SIGHUP and exits 0 within 2 s of SIGTERM."""
     port = free_port()

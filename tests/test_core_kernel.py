@@ -7,8 +7,12 @@ import time
 import urllib.request
 from typing import Any
 
+import pytest
+
 from tests.conftest import Running
 from tests.kernel import Lab, converge, ip, ip_batch, ip_json, state_of, wait_for
+
+pytestmark = pytest.mark.kernel
 
 
 def get_state(r: Running) -> dict[str, Any]:

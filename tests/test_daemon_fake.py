@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 
 from nswatch.daemon import Daemon, NetlinkSession, Settings
 from nswatch.decode import Decoded
-from nswatch.model import Dump, DumpKind, Event, Family, Link, LinkNew, Synced
+from nswatch.model import Change, Dump, DumpKind, Event, Family, Link, LinkNew, Synced
 from nswatch.observer import BaseObserver
 
 
@@ -38,10 +39,16 @@ class FakeSession:
         self.route_dumps: list[tuple[Family, str, int | None]] = []
         self.dumping = False
         self.closed = False
+        self.fail_next_read: Exception | None = None
 
     # what the test does
     def feed(self, events: list[Event], stale: str | None = None) -> None:
         self._pending.append((events, [], stale))
+        os.write(self._w, b"x")
+
+    def fail(self, err: Exception) -> None:
+        """Make the next read raise ``err`` (what it would have read is lost)."""
+        self.fail_next_read = err
         os.write(self._w, b"x")
 
     # the protocol
@@ -77,6 +84,10 @@ class FakeSession:
 
     def read(self) -> tuple[list[Event], list[Decoded], str | None]:
         os.read(self._r, 4096)
+        if self.fail_next_read is not None:
+            err, self.fail_next_read = self.fail_next_read, None
+            self._pending.clear()
+            raise err
         events: list[Event] = []
         stale = None
         for evs, _notes, st in self._pending:
@@ -100,6 +111,10 @@ class Recorder(BaseObserver):
         self.overruns: list[str] = []
         self.resyncs: list[tuple[str, str]] = []
         self.ready_calls = 0
+        self.errors: list[tuple[str | None, str, BaseException]] = []
+
+    def error(self, netns: str | None, where: str, err: BaseException) -> None:
+        self.errors.append((netns, where, err))
 
     def overrun(self, netns: str) -> None:
         self.overruns.append(netns)
@@ -111,8 +126,29 @@ class Recorder(BaseObserver):
         self.ready_calls += 1
 
 
+class Boom(BaseObserver):
+    """A sink with a bug: raises from changes() while armed."""
+
+    def __init__(self) -> None:
+        self.armed = False
+        self.calls = 0
+
+    def changes(self, changes: Sequence[Change], reason: str | None) -> None:
+        self.calls += 1
+        if self.armed:
+            raise RuntimeError("sink bug")
+
+
+Rig = tuple[Daemon, FakeClock, dict[int, FakeSession], Recorder]
+
+
 @pytest.fixture
-def rig(tmp_path: Path) -> Iterator[tuple[Daemon, FakeClock, dict[int, FakeSession], Recorder]]:
+def boom() -> Boom:
+    return Boom()
+
+
+@pytest.fixture
+def rig(tmp_path: Path, boom: Boom) -> Iterator[Rig]:
     clock = FakeClock()
     sessions: dict[int, FakeSession] = {}
 
@@ -124,7 +160,7 @@ def rig(tmp_path: Path) -> Iterator[tuple[Daemon, FakeClock, dict[int, FakeSessi
     rec = Recorder()
     daemon = Daemon(
         Settings(netns_dirs=(str(tmp_path),), reconcile_interval=0, stats_interval=0),
-        observers=[rec],
+        observers=[boom, rec],
         clock=clock,
         open_session=open_session,
     )
@@ -211,3 +247,112 @@ def test_veth_announced_without_peer_is_redumped(
     host.feed([LinkNew(host.inode, Link(index=9, name="v9", kind="veth"))])
     daemon.run_once(0.1)
     assert ("veth_incomplete", ("link",)) in host.resyncs
+
+
+def _synced_host(rig: Rig) -> FakeSession:
+    daemon, _clock, sessions, _rec = rig
+    daemon.run_once(0)
+    host = sessions[daemon.enterer.home.inode]
+    _sync(host)
+    daemon.run_once(0.1)
+    assert daemon.ready.is_set()
+    return host
+
+
+def _dev(index: int) -> Link:
+    return Link(index=index, name=f"d{index}", kind="device")
+
+
+def test_observer_exception_is_reported_and_the_loop_goes_on(rig: Rig, boom: Boom) -> None:
+    """A sink raising from changes() is reported through error(); the model and other sinks carry on."""
+    daemon, _clock, _sessions, rec = rig
+    host = _synced_host(rig)
+    boom.armed = True
+    host.feed([LinkNew(host.inode, _dev(3))])
+    daemon.run_once(0.1)
+    assert [(n, w, str(e)) for n, w, e in rec.errors] == [
+        (None, "observer:Boom.changes", "sink bug")
+    ]
+    ns = daemon.model.namespaces[host.inode]
+    assert 3 in ns.links
+    host.feed([LinkNew(host.inode, _dev(4))])
+    daemon.run_once(0.1)
+    assert 4 in ns.links and boom.calls >= 3 and len(rec.errors) == 2
+
+
+def test_timer_exception_is_reported_and_later_timers_still_run(rig: Rig) -> None:
+    """A timer callback that raises is reported as timer:<name>; the next timers and reads still run."""
+    daemon, clock, _sessions, rec = rig
+    host = _synced_host(rig)
+    ran: list[str] = []
+
+    def bad() -> None:
+        ran.append("bad")
+        raise ValueError("timer bug")
+
+    daemon.loop.call_later(0.5, "bad", bad)
+    daemon.loop.call_later(0.6, "good", lambda: ran.append("good"))
+    clock.now += 1.0
+    daemon.run_once(0)
+    assert ran == ["bad", "good"]
+    assert [(w, str(e)) for _n, w, e in rec.errors] == [("timer:bad", "timer bug")]
+    host.feed([LinkNew(host.inode, _dev(5))])
+    daemon.run_once(0.1)
+    assert 5 in daemon.model.namespaces[host.inode].links
+
+
+def test_periodic_job_that_raises_keeps_its_schedule(rig: Rig) -> None:
+    """A periodic safety net (rescan, stats, reconcile) that raises once is reported and still runs at its next interval."""
+    daemon, clock, _sessions, rec = rig
+    _synced_host(rig)
+    runs: list[float] = []
+
+    def flaky() -> None:
+        runs.append(clock.now)
+        if len(runs) == 1:
+            raise OSError("transient")
+
+    daemon._every(10.0, "flaky", flaky)
+    for _ in range(3):
+        clock.now += 10.0
+        daemon.run_once(0)
+    assert len(runs) == 3
+    assert [w for _n, w, _e in rec.errors] == ["timer:flaky"]
+
+
+def test_exception_in_a_session_read_resyncs_that_namespace(rig: Rig) -> None:
+    """A bug while reading a session is reported as netlink_session and re-dumps that namespace only."""
+    daemon, _clock, _sessions, rec = rig
+    host = _synced_host(rig)
+    host.resyncs.clear()
+    host.fail(RuntimeError("decoder bug"))
+    daemon.run_once(0.1)
+    assert [(n, w, str(e)) for n, w, e in rec.errors] == [
+        ("host", "netlink_session", "decoder bug")
+    ]
+    assert host.resyncs == [("error", ("link", "address", "route"))]
+    host.feed([LinkNew(host.inode, _dev(6))])
+    daemon.run_once(0.1)
+    assert 6 in daemon.model.namespaces[host.inode].links
+
+
+def test_broken_socket_is_closed_and_the_namespace_found_again(rig: Rig) -> None:
+    """EBADF from a session's read closes it; the next rescan opens a new session and dumps again."""
+    daemon, _clock, sessions, rec = rig
+    host = _synced_host(rig)
+    host.fail(OSError(errno.EBADF, "Bad file descriptor"))
+    daemon.run_once(0.1)
+    assert [w for _n, w, _e in rec.errors] == ["netlink_read"]
+    assert host.closed
+    daemon.run_once(0)
+    again = sessions[daemon.enterer.home.inode]
+    assert again is not host and again.started == ["initial"]
+
+
+def test_decode_error_is_a_resync_not_an_overrun(rig: Rig) -> None:
+    """A session that went stale for a reason other than ENOBUFS is resynced under that reason, not counted as an overrun."""
+    daemon, _clock, _sessions, rec = rig
+    host = _synced_host(rig)
+    host.feed([], stale="decode_error")
+    daemon.run_once(0.1)
+    assert rec.overruns == [] and rec.resyncs == [("host", "decode_error")]

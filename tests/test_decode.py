@@ -6,6 +6,7 @@ import socket
 from collections.abc import Iterator
 from typing import Any
 
+import pytest
 from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
@@ -84,6 +85,7 @@ def _pyroute2_link(msg: Any) -> tuple[Any, ...]:
     )
 
 
+@pytest.mark.kernel
 def test_decoder_agrees_with_pyroute2_on_live_dumps(lab: Lab) -> None:
     """Links, addresses and routes (multipath, v4/v6, tables, bridges) decode as pyroute2 decodes them."""
     ns = lab.netns("dec")

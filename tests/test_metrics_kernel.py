@@ -24,6 +24,8 @@ from tests.conftest import require_root
 from tests.kernel import Lab, ip, ip_json, wait_for
 from tests.test_metrics import Key, lab, one, parse, pick
 
+pytestmark = pytest.mark.kernel
+
 OM = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 STAT_NAMES = [
     f"nswatch_network_{d}_{what}_total"

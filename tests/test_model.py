@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from nswatch.model import (
@@ -125,6 +125,18 @@ def test_plain_delete_and_move_reasons() -> None:
     assert next(c for c in out if isinstance(c, LinkRemoved)).reason == "deleted"
 
 
+def test_peer_attributes_changing_unpair_and_repair() -> None:
+    """A veth end whose IFLA_LINK now names another ifindex loses its old pair and pairs with the new peer."""
+    m = base()
+    m.apply(LinkNew(A, veth(5, 6, None)))
+    m.apply(LinkNew(A, veth(6, 5, None)))
+    m.apply(LinkNew(A, veth(7, 5, None)))
+    out = m.apply(LinkNew(A, veth(5, 7, None)))
+    lost = next(c for c in out if isinstance(c, VethLost))
+    assert (lost.pair.a, lost.pair.b) == ((A, 5), (A, 6))
+    assert m.peers == {(A, 5): (A, 7), (A, 7): (A, 5)}
+
+
 def test_rename_keeps_the_pair() -> None:
     """A rename is a change on the same ifindex; the pair stays and is reported again."""
     m = base()
@@ -231,20 +243,36 @@ class FakeKernel:
     def nsid(self, frm: int, to: int) -> int | None:
         if frm == to:
             return None
-        return self.nsids.setdefault((frm, to), len([k for k in self.nsids if k[0] == frm]))
+        if (frm, to) not in self.nsids:
+            # Like the kernel's idr: the lowest free id, so a dead
+            # namespace's id is handed to the next one.
+            used = {v for (f, _), v in self.nsids.items() if f == frm}
+            self.nsids[(frm, to)] = min(set(range(len(used) + 1)) - used)
+        return self.nsids[(frm, to)]
 
     def link(self, ns: int, index: int) -> Link:
         pns, pidx = self.links[ns][index]
         return veth(index, pidx, self.nsid(ns, pns))
 
-    def events_for(self, ns: int) -> list[object]:
-        return [LinkNew(ns, self.link(ns, i)) for i in self.links[ns]]
+    def destroy(self, ns: int) -> list[tuple[int, int]]:
+        """Delete namespace ``ns``: its veths die and take their peers elsewhere along.
+
+        Returns the peer ends that die with it, outside ``ns``.
+        """
+        doomed = [peer for peer in self.links[ns].values() if peer[0] != ns]
+        for pns, pidx in doomed:
+            del self.links[pns][pidx]
+        self.links[ns] = {}
+        self.next_index[ns] = 2
+        self.nsids = {k: v for k, v in self.nsids.items() if ns not in k}
+        return doomed
 
 
 @settings(max_examples=150, deadline=None)
 @given(operations())
+@example([("pair", HOST, A), ("pair", A, B), ("gone_and_back", A, A), ("pair", HOST, A)])
 def test_model_follows_fake_kernel(ops: list[tuple[str, int, int]]) -> None:
-    """Whatever the order of pair/delete/move events, the model's pairs are exactly the kernel's."""
+    """Whatever the order of pair/delete/move/namespace-deletion events, the model's pairs and links are exactly the kernel's."""
     k = FakeKernel()
     m = Model()
     for n in NAMESPACES:
@@ -278,6 +306,22 @@ def test_model_follows_fake_kernel(ops: list[tuple[str, int, int]]) -> None:
             m.apply(
                 Dump(pns, "link", tuple(k.link(pns, p) for p in k.links[pns]), reason="peer_moved")
             )
+        elif op == "gone_and_back" and x != HOST:
+            # The namespace is deleted (the daemon drops it at once), the
+            # kernel then destroys the peers of its veths, and a new
+            # namespace appears under the same name (and, here, inode).
+            doomed = k.destroy(x)
+            out = m.apply(NamespaceGone(x))
+            assert x not in m.namespaces
+            assert not any(
+                isinstance(c, LinkRemoved) and c.reason != "namespace_deleted" for c in out
+            )
+            for pns, pidx in doomed:
+                removed = [c for c in m.apply(LinkDel(pns, pidx)) if isinstance(c, LinkRemoved)]
+                assert [c.reason for c in removed] == ["namespace_deleted"]
+            assert all(target != x for ns in m.namespaces.values() for target in ns.nsids.values())
+            m.apply(NamespaceSeen(x, (str(x),)))
+            m.apply(Dump(x, "link", ()))
         # Resolve every nsid the model asks about, as the daemon does.
         for ns in NAMESPACES:
             for (frm, to), nsid in k.nsids.items():
@@ -287,6 +331,9 @@ def test_model_follows_fake_kernel(ops: list[tuple[str, int, int]]) -> None:
     assert set(m.peers.items()) == want
     for a, b in m.peers.items():
         assert m.peers[b] == a
+    for n in NAMESPACES:
+        assert set(m.namespaces[n].links) == set(k.links[n])
+    assert m.veths.doomed == set()
 
 
 def test_route_dump_limited_to_a_link_leaves_the_others() -> None:

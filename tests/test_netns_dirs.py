@@ -6,6 +6,8 @@ import os
 import subprocess
 import tempfile
 
+import pytest
+
 from nswatch.daemon import Settings
 from nswatch.netns import NameFilter, NetnsEnterer, probe, scan
 from tests.conftest import start_daemon, stop_daemon
@@ -32,6 +34,7 @@ def test_unmounted_file_is_pending(tmp_path: os.PathLike[str]) -> None:
         enterer.close()
 
 
+@pytest.mark.kernel
 def test_directory_created_after_start(lab: Lab) -> None:
     """A namespace directory that does not exist at start is watched once it appears."""
     base = tempfile.mkdtemp(prefix=f"{lab.prefix}-")

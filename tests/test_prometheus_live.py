@@ -31,6 +31,8 @@ from tests.conftest import require_root
 from tests.kernel import Lab, ip, wait_for
 from tests.test_dashboard import expand, load, panels
 
+pytestmark = pytest.mark.kernel
+
 DASHBOARDS = Path(__file__).resolve().parent.parent / "dashboards"
 RATE_INTERVAL = "10s"  # Grafana's $__rate_interval at a 1 s scrape: at least 4 scrapes
 

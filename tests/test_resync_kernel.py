@@ -6,11 +6,15 @@ import os
 import random
 from collections.abc import Sequence
 
+import pytest
+
 from nswatch.daemon import Settings
 from nswatch.model import Change, Link, LinkNew
 from nswatch.observer import BaseObserver
 from tests.conftest import start_daemon, stop_daemon
 from tests.kernel import Lab, converge, ip, state_of, wait_for
+
+pytestmark = pytest.mark.kernel
 
 
 class Recorder(BaseObserver):
@@ -86,13 +90,25 @@ def test_reconcile_repairs_and_counts(lab: Lab) -> None:
         stop_daemon(running)
 
 
+def churn_seed() -> int:
+    """NSWATCH_CHURN_SEED when set (to replay a failure), else a fresh random seed."""
+    env = os.environ.get("NSWATCH_CHURN_SEED")
+    return int(env) if env else int.from_bytes(os.urandom(4), "big")
+
+
 def test_randomized_churn_ends_exact(lab: Lab) -> None:
     """Random namespace, veth, bridge, address, route, up/down, move and rename churn ends in exact agreement."""
-    seed = int.from_bytes(os.urandom(4), "big")
+    seed = churn_seed()
+    # Shown by pytest when the test fails (captured output), with how to replay it.
+    print(f"churn seed {seed}: replay with NSWATCH_CHURN_SEED={seed}")
     rng = random.Random(seed)
     running = start_daemon(Settings(include=f"^{lab.prefix}", reconcile_interval=0))
     namespaces: list[str] = []
-    links: dict[str, list[str]] = {}  # netns ("" = host) -> link names we made
+    # netns ("" = host) -> the links the kernel accepted from us, by name.
+    links: dict[str, list[str]] = {}
+    # Both ends of each veth we made, (netns, name) -> (netns, name): deleting
+    # one end, or the namespace of one end, deletes the other.
+    peers: dict[tuple[str, str], tuple[str, str]] = {}
     counter = 0
 
     def fresh(prefix: str) -> str:
@@ -107,10 +123,36 @@ def test_randomized_churn_ends_exact(lab: Lab) -> None:
         choices = namespaces + ([""] if with_host else [])
         return rng.choice(choices) if choices else ""
 
-    def try_ip(*args: str) -> None:
+    def try_ip(*args: str) -> bool:
         # Random operations may be invalid (e.g. a gateway not on-link); the
-        # kernel refusing them is part of the churn.
-        ip(*args, check=False)
+        # kernel refusing them is part of the churn. True when it accepted.
+        try:
+            ip(*args)
+        except RuntimeError:
+            return False
+        return True
+
+    def forget(end: tuple[str, str]) -> None:
+        """A link is gone: drop it, and its veth peer, from what we track."""
+        for e in (end, peers.pop(end, None)):
+            if e is None:
+                continue
+            peers.pop(e, None)
+            if e[1] in links.get(e[0], []):
+                links[e[0]].remove(e[1])
+
+    def rekey(old: tuple[str, str], new: tuple[str, str]) -> None:
+        """A link moved or was renamed: its peer now points at its new place."""
+        other = peers.pop(old, None)
+        if other is not None:
+            peers[new] = other
+            peers[other] = new
+
+    def add_veth(a: tuple[str, str], b: tuple[str, str]) -> None:
+        links[a[0]].append(a[1])
+        links[b[0]].append(b[1])
+        peers[a] = b
+        peers[b] = a
 
     try:
         for _ in range(4):
@@ -142,42 +184,45 @@ def test_randomized_churn_ends_exact(lab: Lab) -> None:
             elif op == "ns_del" and len(namespaces) > 2:
                 ns = namespaces.pop(rng.randrange(len(namespaces)))
                 ip("netns", "del", ns)
-                links.pop(ns, None)
+                for name in list(links.pop(ns, [])):
+                    forget((ns, name))
             elif op == "veth_host" and namespaces:
                 ns = pick_ns(with_host=False)
                 a, b = lab.name(fresh("h")), fresh("e")
-                ip("link", "add", a, "type", "veth", "peer", "name", b, "netns", ns)
-                lab.host_links.append(a)
-                links[""].append(a)
-                links[ns].append(b)
+                if try_ip("link", "add", a, "type", "veth", "peer", "name", b, "netns", ns):
+                    lab.host_links.append(a)
+                    add_veth(("", a), (ns, b))
             elif op == "veth_nsns" and len(namespaces) >= 2:
                 x, y = rng.sample(namespaces, 2) if rng.random() < 0.7 else [pick_ns(False)] * 2
                 a, b = fresh("x"), fresh("y")
-                try_ip("-n", x, "link", "add", a, "type", "veth", "peer", "name", b, "netns", y)
-                links[x].append(a)
-                links[y].append(b)
+                if try_ip("-n", x, "link", "add", a, "type", "veth", "peer", "name", b, "netns", y):
+                    add_veth((x, a), (y, b))
             elif op == "move":
                 src = pick_ns()
                 if links.get(src):
                     name = rng.choice(links[src])
-                    dst = pick_ns()
-                    if dst != src and name not in links[dst] and not name.startswith(lab.prefix):
-                        target = dst if dst else "1"
-                        if dst == "":
-                            continue  # moving into the host would need a pid; skip
-                        try_ip(*where(src), "link", "set", name, "netns", target)
+                    # Moving into the host would need a pid there; not done.
+                    dst = pick_ns(with_host=False)
+                    if (
+                        dst
+                        and dst != src
+                        and name not in links[dst]
+                        and not name.startswith(lab.prefix)
+                        and try_ip(*where(src), "link", "set", name, "netns", dst)
+                    ):
                         links[src].remove(name)
                         links[dst].append(name)
+                        rekey((src, name), (dst, name))
             elif op == "bridge":
                 ns = pick_ns(with_host=False)
                 if ns:
                     br = fresh("br")
-                    try_ip("-n", ns, "link", "add", br, "type", "bridge")
-                    links[ns].append(br)
-                    ports = [n for n in links[ns] if not n.startswith("br")]
-                    if ports:
-                        try_ip("-n", ns, "link", "set", rng.choice(ports), "master", br)
-                    try_ip("-n", ns, "link", "set", br, "up")
+                    if try_ip("-n", ns, "link", "add", br, "type", "bridge"):
+                        links[ns].append(br)
+                        ports = [n for n in links[ns] if not n.startswith("br")]
+                        if ports:
+                            try_ip("-n", ns, "link", "set", rng.choice(ports), "master", br)
+                        try_ip("-n", ns, "link", "set", br, "up")
             elif op in ("addr4", "addr6"):
                 ns = pick_ns()
                 if links.get(ns):
@@ -235,17 +280,18 @@ def test_randomized_churn_ends_exact(lab: Lab) -> None:
                     old = rng.choice(links[ns])
                     new = fresh("r")
                     try_ip("-n", ns, "link", "set", old, "down")
-                    try_ip("-n", ns, "link", "set", old, "name", new)
-                    links[ns][links[ns].index(old)] = new
+                    if try_ip("-n", ns, "link", "set", old, "name", new):
+                        links[ns][links[ns].index(old)] = new
+                        rekey((ns, old), (ns, new))
             elif op == "link_del":
                 ns = pick_ns()
                 if links.get(ns):
-                    name = links[ns].pop(rng.randrange(len(links[ns])))
-                    try_ip(*where(ns), "link", "del", name)
-        # Peers and lists may be stale after deletions; the kernel is the truth.
-        try:
-            converge(state_of(running.daemon.view), namespaces, timeout=10)
-        except AssertionError as e:
-            raise AssertionError(f"churn seed {seed}: {e}") from None
+                    name = rng.choice(links[ns])
+                    if try_ip(*where(ns), "link", "del", name):
+                        forget((ns, name))
+        # What we tracked is only a guide for picking; the kernel is the truth.
+        converge(state_of(running.daemon.view), namespaces, timeout=10)
+    except Exception as e:
+        raise AssertionError(f"churn seed {seed} (NSWATCH_CHURN_SEED={seed}): {e}") from e
     finally:
         stop_daemon(running)

@@ -433,6 +433,7 @@ def lab_a() -> Iterator[Lab]:
         lab.cleanup()
 
 
+@pytest.mark.kernel
 def test_daemon_ready_and_watchdog_follow_the_loop(lab_a: Lab, listener: Listener) -> None:
     """READY=1 comes after the first full sync and counts it; pings stop while the loop is wedged."""
     ns = lab_a.netns("n1")
@@ -491,6 +492,7 @@ def _collect(listener: Listener, seconds: float) -> list[Message]:
 # --- nswatch run, as systemd would start it ------------------------------------------
 
 
+@pytest.mark.kernel
 def test_nswatch_run_speaks_sd_notify(tmp_path: Path, listener: Listener) -> None:
     """`nswatch run` with NOTIFY_SOCKET: READY=1 once ready, pings, RELOADING=1/READY=1 on SIGHUP, STOPPING=1."""
     require_root()

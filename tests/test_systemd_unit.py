@@ -392,6 +392,7 @@ def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
         c.shutdown()
 
 
+@pytest.mark.kernel
 def test_verify_inside(box: Container) -> None:
     """With nswatch installed at /usr/local/bin, the unit as shipped verifies cleanly and rates <= 3.0."""
     p = box.run("systemd-analyze", "verify", "/etc/systemd/system/nswatch.service", check=False)
@@ -426,6 +427,7 @@ print(json.dumps(samples))
 """
 
 
+@pytest.mark.kernel
 def test_start_active_only_after_ready(box: Container) -> None:
     """`systemctl start`: activating until READY=1, which comes only once /readyz says 200."""
     # No namespace directory yet: `ip netns add` creates (and mounts) it later.
@@ -459,6 +461,7 @@ def test_start_active_only_after_ready(box: Container) -> None:
     assert "/root" in flags and "/home" in flags  # ProtectHome= covers them
 
 
+@pytest.mark.kernel
 def test_sees_namespaces_added_after_start(box: Container) -> None:
     """`ip netns add` after start (even creating /run/netns) is seen through the service's mount namespace."""
     box.ensure_running()
@@ -481,6 +484,7 @@ def test_sees_namespaces_added_after_start(box: Container) -> None:
     wait(lambda: "watching 2 namespaces" in box.show("StatusText")["StatusText"], 5)
 
 
+@pytest.mark.kernel
 def test_reload_applies_profiles_and_writes_sysctls(box: Container) -> None:
     """`systemctl reload` takes a new profile; it sets up a new namespace, sysctl included."""
     box.ensure_running()
@@ -510,6 +514,7 @@ def test_reload_applies_profiles_and_writes_sysctls(box: Container) -> None:
     assert box.run("ip", "link", "show", f"{lab}h").returncode == 0
 
 
+@pytest.mark.kernel
 def test_failed_reload_keeps_running(box: Container) -> None:
     """A bad config on reload: still active with the old config, and the metrics say so."""
     box.ensure_running()
@@ -522,6 +527,7 @@ def test_failed_reload_keeps_running(box: Container) -> None:
     (box.etc / "nswatch.yaml").unlink()
 
 
+@pytest.mark.kernel
 def test_restarts_after_kill_9(box: Container) -> None:
     """kill -9: Restart=on-failure brings it back, and it finds every namespace again."""
     box.ensure_running()
@@ -534,6 +540,7 @@ def test_restarts_after_kill_9(box: Container) -> None:
     assert {f"{box.prefix}l", f"{box.prefix}p"} <= set(box.state()["namespaces"])
 
 
+@pytest.mark.kernel
 def test_watchdog_restarts_a_wedged_process(box: Container) -> None:
     """With a 3 s watchdog, a running nswatch keeps it fed; a stopped one is killed and restarted."""
     dropin = "/run/systemd/system/nswatch.service.d/nswA-watchdog.conf"
@@ -563,6 +570,7 @@ def test_watchdog_restarts_a_wedged_process(box: Container) -> None:
         box.run("systemctl", "daemon-reload")
 
 
+@pytest.mark.kernel
 def test_stops_cleanly(box: Container) -> None:
     """`systemctl stop`: SIGTERM, a clean exit 0 within a second or two."""
     box.ensure_running()
