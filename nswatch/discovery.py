@@ -35,6 +35,7 @@ from typing import Any, Protocol
 
 from nswatch.holders import HolderWatch
 from nswatch.model import GoneReason, Owner
+from nswatch.mounts import MountWatch, nsfs_mounts
 from nswatch.naming import anonymous_name, escape
 from nswatch.netns import (
     NOT_A_MOUNT_POINT,
@@ -162,6 +163,7 @@ class Discovery:
         *,
         discover_processes: bool = False,
         proc: str = PROC,
+        follow_mounts: bool = True,
     ) -> None:
         self.dirs = dirs
         self.filter = name_filter
@@ -193,6 +195,7 @@ class Discovery:
         self._anon_names: dict[int, str] = {}
         self._owners: dict[int, Owner] = {}
         self._holder_watch = HolderWatch(loop, self._holder_exited)
+        self._mounts = MountWatch(loop, self._mounts_changed) if follow_mounts else None
         #: Directory entries that are no namespace: path (escaped) -> reason.
         self.strays: Mapping[str, str] = {}
         #: Namespaces that exist but are not watched: name -> reason.
@@ -206,12 +209,16 @@ class Discovery:
         if self._factory is not None:
             self._dirwatch = self._factory(self.dirs, notify)
             self._dirwatch.start()
+        if self._mounts is not None:
+            self._mounts.start()
 
     def stop(self) -> None:
-        """Stop the directory watcher and let go of every holder's pidfd."""
+        """Stop the directory and mount watchers and let go of every holder's pidfd."""
         if self._dirwatch is not None:
             self._dirwatch.stop()
             self._dirwatch = None
+        if self._mounts is not None:
+            self._mounts.stop()
         self._holder_watch.close()
 
     def reconfigure(
@@ -284,11 +291,13 @@ class Discovery:
                 seen = self._anonymous(inode, pids)
                 if seen is not None and self.filter(seen.names[0]):
                     want[inode] = seen
-        for inode in [i for i in watched if i not in want]:
-            reason: GoneReason = (
-                "unwatched" if inode in holders or inode in s.excluded else "deleted"
-            )
-            self._let_go(inode, why, reason)
+        lost = [i for i in watched if i not in want]
+        mounted = nsfs_mounts() if lost else {}
+        for inode in lost:
+            # Still alive if a process lives in it, or it is mounted somewhere
+            # (a filtered-out name, a file covered by another mount).
+            alive = inode in holders or inode in s.excluded or inode in mounted
+            self._let_go(inode, why, "unwatched" if alive else "deleted")
         for inode, seen in want.items():
             problem = self._offer(seen, why, now, holders.get(inode, ()))
             if problem == NOT_A_NETWORK_NAMESPACE and inode in paths:
@@ -389,6 +398,10 @@ class Discovery:
             # last process: do not hold it at all.
             self._let_go(seen.inode, why, "unwatched")
             self._trouble(seen, trouble_reason(e) or OPEN_FAILED, e, self._loop.clock())
+
+    def _mounts_changed(self) -> None:
+        # A namespace file mounted or unmounted, or a directory covered.
+        self.wanted = True
 
     def _holder_exited(self, inode: int) -> None:
         self._procs_wanted = True

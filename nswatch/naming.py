@@ -70,16 +70,16 @@ _NOT_A_UNIT = re.compile(r"^(session-.*\.scope|user@\d+\.service|init\.scope)$")
 
 def parse_cgroup(text: str) -> CgroupInfo:
     """The unit, container and pod a ``/proc/PID/cgroup`` text shows (cgroup v2 or v1)."""
-    path = ""
+    paths: dict[str, str] = {}
     for line in text.splitlines():
         hierarchy, _, rest = line.partition(":")
         controllers, _, p = rest.partition(":")
-        # The v2 line ("0::/...") wins; else the name=systemd one.
-        if hierarchy == "0" and controllers == "":
-            path = p
-            break
-        if controllers == "name=systemd" or not path:
-            path = p
+        paths.setdefault("v2" if hierarchy == "0" and not controllers else controllers, p)
+    # The unified hierarchy's path, unless it is the root (a hybrid setup,
+    # where systemd keeps its tree under name=systemd).
+    path = paths.get("v2", "/")
+    if path == "/":
+        path = paths.get("name=systemd", "/")
     parts = [c for c in path.split("/") if c]
     container = pod = unit = None
     for part in parts:
