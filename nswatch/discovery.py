@@ -275,8 +275,9 @@ class Discovery:
         young = self._age_pending(s.pending, now, strays)
 
         watched = list(self._owner.watched())
-        # Whether a namespace whose file went still lives needs a fresh look.
-        orphans = any(i not in named for i in watched)
+        # Whether a namespace whose file went still lives needs a fresh look
+        # (one held by a watched process is looked at again when that exits).
+        orphans = any(i not in named and i not in self._holder_watch for i in watched)
         if (procs and self.discover_processes) or orphans:
             self._holders = net_holders(self._proc)
         holders = self._holders or {}
