@@ -108,6 +108,7 @@ def test_periodic_scan_finds_a_namespace_without_veths(lab: Lab, sleeper: str) -
     r = start_daemon(settings(lab, rescan_interval=0.5), discover_processes=True)
     proc = spawn("unshare", "-n", sleeper, "60")
     try:
+        wait_for(lambda: ns_inode(proc.pid) != r.daemon.enterer.home.inode)
         wait_for(lambda: r.daemon.view().get(str(ns_inode(proc.pid))) is not None, timeout=3)
         ns = r.daemon.view().get(str(ns_inode(proc.pid)))
         assert ns is not None and ns.name.startswith(f"pid:{proc.pid}:")
