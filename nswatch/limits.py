@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import resource
 
 
@@ -22,5 +23,8 @@ def raise_fd_limit() -> tuple[int, int]:
             with open("/proc/sys/fs/nr_open") as f:
                 target = int(f.read())
         if soft != target:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            # Under a seccomp filter without @resources (the systemd unit)
+            # this fails with EPERM; LimitNOFILE= has set both there.
+            with contextlib.suppress(OSError, ValueError):
+                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)
