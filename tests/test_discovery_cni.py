@@ -95,8 +95,8 @@ def subnet(lab: Lab, offset: int) -> str:
 
 def host_end(result: Any, bridge: str | None = None) -> str:
     """The host side veth's name from a CNI ADD result (the bridge is listed too)."""
-    return next(
-        i["name"] for i in result["interfaces"] if "sandbox" not in i and i["name"] != bridge
+    return str(
+        next(i["name"] for i in result["interfaces"] if "sandbox" not in i and i["name"] != bridge)
     )
 
 
