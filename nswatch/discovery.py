@@ -359,7 +359,7 @@ class Discovery:
         tries = [seen]
         if seen.path is not None and seen.path.startswith(self._proc + "/"):
             tries += [
-                Seen(inode, seen.names, ns_path(p, self._proc), False, seen.owner)
+                Seen(inode, seen.names, ns_path(p, self._proc), False, owner_of(p, self._proc))
                 for p in pids
                 if ns_path(p, self._proc) != seen.path
             ]
