@@ -133,3 +133,44 @@ def test_anonymous_names_from_cgroups() -> None:
     assert anonymous_name(42, "sleep", session.unit, None) == "pid:42:sleep"
     hybrid = parse_cgroup("4:memory:/x\n1:name=systemd:/system.slice/bar.service\n0::/\n")
     assert hybrid.unit == "bar.service"
+
+
+NAMES = st.sampled_from(["host", "a", "b", "a@4026532001", "c"])
+EVENTS = st.lists(
+    st.one_of(
+        st.tuples(
+            st.just("seen"),
+            st.integers(0, 4),
+            st.lists(NAMES, min_size=1, max_size=3, unique=True),
+        ),
+        st.tuples(st.just("gone"), st.integers(0, 4), st.just([])),
+    ),
+    max_size=40,
+)
+
+
+@given(EVENTS)
+def test_labels_unique_and_index_exact_at_every_moment(
+    events: list[tuple[str, int, list[str]]],
+) -> None:
+    """After every event: labels are unique, the host has its label, and the index holds exactly the live names."""
+    m = Model()
+    m.apply(NamespaceSeen(HOST, ("host",), is_host=True))
+    for kind, i, names in events:
+        inode = A + i
+        if kind == "seen":
+            m.apply(NamespaceSeen(inode, tuple(sorted(names))))
+        else:
+            m.apply(NamespaceGone(inode))
+        live = m.namespaces.values()
+        labels = [ns.name for ns in live]
+        assert len(labels) == len(set(labels))
+        assert m.namespaces[HOST].name == "host"
+        keys = {ns.name for ns in live} | {n for ns in live for n in ns.names}
+        assert set(m.by_name) == keys
+        for key, owner in m.by_name.items():
+            ns = m.namespaces[owner]
+            assert key == ns.name or key in ns.names
+            holder = m.by_label.get(key)
+            if holder is not None:
+                assert owner == holder
