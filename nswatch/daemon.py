@@ -27,7 +27,17 @@ from nswatch.decode import Decoded
 from nswatch.discovery import DirWatch, DirWatchFactory, Discovery, Seen
 from nswatch.followups import followups
 from nswatch.loop import Loop
-from nswatch.model import Change, Dump, Event, Model, NamespaceGone, NamespaceSeen
+from nswatch.model import (
+    Change,
+    Dump,
+    Event,
+    GoneReason,
+    LinkAdded,
+    LinkChanged,
+    Model,
+    NamespaceGone,
+    NamespaceSeen,
+)
 from nswatch.netns import NameFilter, NetnsEnterer
 from nswatch.observer import Fanout, Observer
 from nswatch.periodic import Reconciler, StatsRefresher
@@ -53,6 +63,8 @@ class Daemon:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         open_session: SessionOpener | None = None,
+        discover_processes: bool | None = None,
+        proc: str = "/proc",
     ) -> None:
         self.settings = settings
         self.observers = Fanout(observers)
@@ -74,8 +86,11 @@ class Daemon:
             self.enterer.home.inode,
             self.enterer.home.dev,
             self,
-            self.loop.call_later,
+            self.loop,
             dirwatch_factory,
+            # Off unless asked for (settings.discover_processes, or this argument).
+            discover_processes=_discover_processes(settings, discover_processes),
+            proc=proc,
         )
         self.readiness = Readiness(self._is_complete, lambda: self.observers.ready(self.model))
         self.ready = self.readiness.event
@@ -111,6 +126,17 @@ class Daemon:
         """The file a namespace is mounted on, by any of its names (any thread)."""
         inode = self.model.by_name.get(name)
         return self.sessions.path_of(inode) if inode is not None else None
+
+    def unwatched(self) -> dict[str, str]:
+        """Namespaces that exist but are not watched now: name -> reason (any thread).
+
+        ``/readyz`` must not answer 200 while this is not empty.
+        """
+        return dict(self.discovery.unwatched)
+
+    def unwatched_counts(self) -> dict[str, int]:
+        """How many namespaces and directory entries are not watched, per reason (any thread)."""
+        return dict(self.discovery.unwatched_counts)
 
     def view(self) -> Model:
         """The model as of now, for readers on other threads: shared, never to be mutated.
@@ -212,7 +238,10 @@ class Daemon:
     def _reconfigure(self, settings: Settings) -> None:
         self.settings = settings
         self.discovery.reconfigure(
-            settings.netns_dirs, NameFilter(settings.include, settings.exclude), settings.host_label
+            settings.netns_dirs,
+            NameFilter(settings.include, settings.exclude),
+            settings.host_label,
+            _discover_processes(settings, None),
         )
         # Socket buffer sizes apply to new sockets; filters and directories
         # take effect with this rescan (namespaces now filtered out are let go).
@@ -230,25 +259,41 @@ class Daemon:
         return ns.names if ns is not None else ()
 
     def namespace_new(self, seen: Seen, why: str, dump: str = "initial") -> None:
-        """Open a session in a namespace that appeared, and dump it."""
+        """Open a session in a namespace that appeared, and dump it (OSError: cannot)."""
         session = self.sessions.open(seen.inode, seen.names[0], seen.path, why)
-        if session is None:
-            return
         self.readiness.watch(seen.inode)
-        self._apply([NamespaceSeen(seen.inode, seen.names, is_host=seen.is_host)], reason=why)
+        self._apply([_seen_event(seen)], reason=why)
         session.start(dump)
 
     def namespace_renamed(self, seen: Seen) -> None:
-        """A watched namespace's names changed."""
-        self._apply([NamespaceSeen(seen.inode, seen.names, is_host=seen.is_host)])
+        """A watched namespace's names, file or holder changed."""
+        self.sessions.moved(seen.inode, seen.path)
+        self._apply([_seen_event(seen)])
 
-    def namespace_gone(self, inode: int, why: str) -> None:
-        """A namespace went: let go of it at once, then drop it from the model."""
+    def namespace_gone(self, inode: int, why: str, reason: GoneReason = "deleted") -> None:
+        """A namespace went (or is no longer watched): let go of it at once, then drop it."""
         # Close the socket first: an open socket inside the namespace keeps it
         # alive, and with it the host end of its veths.
         self.sessions.close(inode)
-        self._apply([NamespaceGone(inode)], reason=why)
+        self._apply([NamespaceGone(inode, reason)], reason=why)
         self.readiness.check()
+
+    def cannot_watch(self, name: str, reason: str, err: BaseException | None) -> None:
+        """Something cannot be watched: said once per name and reason (discovery sees to it)."""
+        self.observers.error(name, reason, err or OSError(reason.replace("_", " ")))
+
+    def _unknown_peer(self, changes: Sequence[Change]) -> bool:
+        """True when a veth's peer may live in a namespace not watched (no candidate to ask)."""
+        for ch in changes:
+            if isinstance(ch, LinkAdded | LinkChanged) and ch.link.kind == "veth":
+                ns = self.model.namespaces.get(ch.inode)
+                if (
+                    ns is not None
+                    and self.model.veths.needs_nsid(ns, ch.link)
+                    and not self.model.peer_candidates(ch.inode, ch.link)
+                ):
+                    return True
+        return False
 
     def _reopen(self, inode: int, why: str) -> None:
         """Replace a namespace's socket: the kernel forgets a stuck dump with it."""
@@ -259,7 +304,12 @@ class Daemon:
         self.sessions.close(inode)
         self.observers.error(ns.name, "dump_stalled", TimeoutError("no dump reply in time"))
         self.observers.resync(ns.name, why)
-        self.namespace_new(Seen(inode, ns.names, path, ns.is_host), why, dump=why)
+        try:
+            self.namespace_new(Seen(inode, ns.names, path, ns.is_host, ns.owner), why, dump=why)
+        except OSError as e:
+            # Gone meanwhile, or out of fds: the next scan finds out which.
+            self.observers.error(ns.name, "open_namespace", e)
+            self._want_rescan()
 
     def _is_complete(self, inode: int) -> bool:
         # Synced, and no dump or nsid question outstanding: the veth peers of
@@ -286,9 +336,14 @@ class Daemon:
             return
         changes = self._apply(events)
         live = session.inode in self.sessions
-        self.sessions.carry_out(
-            followups(session.inode, events, changes, self.model, synced=session.synced and live)
+        actions = followups(
+            session.inode, events, changes, self.model, synced=session.synced and live
         )
+        self.sessions.carry_out(actions)
+        if self._unknown_peer(changes):
+            # A veth whose peer's namespace nobody here knows: it may be one
+            # no file holds. /proc says.
+            self.discovery.hint()
         self.observers.processed(time.perf_counter() - t0, self.wall_clock())
         # After the follow-ups: an nsid question just sent keeps the namespace unready.
         self.readiness.progress(session.inode)
@@ -319,3 +374,14 @@ class Daemon:
         for why, changes in batches:
             self.observers.changes(changes, why)
         return out
+
+
+def _seen_event(seen: Seen) -> NamespaceSeen:
+    return NamespaceSeen(seen.inode, seen.names, is_host=seen.is_host, owner=seen.owner)
+
+
+def _discover_processes(settings: Settings, given: bool | None) -> bool:
+    """The ``discover_processes`` switch: the argument if given, else the setting (default off)."""
+    if given is not None:
+        return given
+    return bool(getattr(settings, "discover_processes", False))

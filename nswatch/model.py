@@ -18,6 +18,13 @@ Family = Literal["inet", "inet6"]
 
 #: Removal reasons for links, as exported in ``nswatch_network_removed_total``.
 REMOVAL_REASONS = ("deleted", "namespace_deleted", "moved")
+#: The links of a namespace nswatch stopped watching though it still exists
+#: (its file went while a process lives in it, or a filter now excludes it)
+#: leave the model for this reason: they were not deleted.
+UNWATCHED = "unwatched"
+
+#: Why a namespace is no longer watched.
+GoneReason = Literal["deleted", "unwatched"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,13 +208,33 @@ class Rule:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class Owner:
+    """Who holds a namespace: one process living in it, and what its cgroup says it belongs to."""
+
+    pid: int
+    comm: str
+    unit: str | None = None
+    container_id: str | None = None
+    pod_uid: str | None = None
+
+
 @dataclass(slots=True)
 class Namespace:
-    """One network namespace: its names, inode, links, addresses and routes."""
+    """One network namespace: its names, inode, links, addresses and routes.
+
+    ``names`` are the files it is mounted on (escaped, see
+    :func:`nswatch.naming.escape`) or, for a namespace no file holds, the
+    name made from its holder (see :mod:`nswatch.naming`). ``label`` is the
+    name it goes by everywhere (the ``netns`` label, the JSON key): unique
+    among the watched namespaces, given by the model (see :meth:`Model.apply`).
+    """
 
     inode: int
     names: tuple[str, ...]
     is_host: bool = False
+    label: str = ""
+    owner: Owner | None = None
     links: dict[int, Link] = field(default_factory=dict)
     addresses: dict[AddressKey, Address] = field(default_factory=dict)
     routes: dict[RouteKey, Route] = field(default_factory=dict)
@@ -218,7 +245,8 @@ class Namespace:
 
     @property
     def name(self) -> str:
-        return self.names[0]
+        """The namespace's unique label."""
+        return self.label or self.names[0]
 
     def link_name(self, index: int | None) -> str | None:
         """The name of link ``index`` here, or None."""
@@ -240,18 +268,20 @@ class Namespace:
 
 @dataclass(frozen=True, slots=True)
 class NamespaceSeen:
-    """A namespace is present under these names (the full set; host included)."""
+    """A namespace is present under these names (the full set; host included), held by ``owner``."""
 
     inode: int
     names: tuple[str, ...]
     is_host: bool = False
+    owner: Owner | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class NamespaceGone:
-    """A namespace is no longer watched (all its names are gone, or filtered)."""
+    """A namespace is no longer watched: ``deleted``, or still alive but ``unwatched``."""
 
     inode: int
+    reason: GoneReason = "deleted"
 
 
 @dataclass(frozen=True, slots=True)
@@ -409,7 +439,7 @@ class NamespaceAdded:
 
 @dataclass(frozen=True, slots=True)
 class NamespaceRenamed:
-    """A watched namespace's set of names changed."""
+    """A watched namespace's set of names, or its label (``old_netns`` → ``netns``), changed."""
 
     kind: ClassVar[ChangeKind] = "namespace"
     action: ClassVar[ChangeAction] = "renamed"
@@ -418,11 +448,12 @@ class NamespaceRenamed:
     old: tuple[str, ...]
     names: tuple[str, ...]
     from_dump: bool = False
+    old_netns: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class NamespaceRemoved:
-    """A namespace is no longer watched (deleted, or filtered out)."""
+    """A namespace is no longer watched: ``deleted``, or ``unwatched`` (it still exists)."""
 
     kind: ClassVar[ChangeKind] = "namespace"
     action: ClassVar[ChangeAction] = "removed"
@@ -430,6 +461,7 @@ class NamespaceRemoved:
     inode: int
     names: tuple[str, ...]
     from_dump: bool = False
+    reason: GoneReason = "deleted"
 
 
 @dataclass(frozen=True, slots=True)
@@ -644,7 +676,13 @@ class Model:
 
     def __init__(self) -> None:
         self.namespaces: dict[int, Namespace] = {}
+        # Every label and every name of a live namespace -> its inode, and
+        # nothing else. A name two namespaces share (one file name in two
+        # directories) finds the one whose label it is, else the first seen.
         self.by_name: dict[str, int] = {}
+        self.by_label: dict[str, int] = {}
+        # name -> the live namespaces having it, in the order they came.
+        self._holders: dict[str, list[int]] = {}
         self.veths = VethPeers()
         # Bumped by every event applied: readers' views are made per version.
         self.version = 0
@@ -663,8 +701,10 @@ class Model:
     # -- queries --
 
     def get(self, name: str) -> Namespace | None:
-        """The namespace called ``name`` (any of its names), or None."""
+        """The namespace with label or name ``name``, else with inode ``name`` (decimal)."""
         inode = self.by_name.get(name)
+        if inode is None and name.isascii() and name.isdigit():
+            inode = int(name)
         return self.namespaces.get(inode) if inode is not None else None
 
     @property
@@ -712,11 +752,16 @@ class Model:
         """A copy that shares the immutable records but none of the containers."""
         m = Model()
         m.namespaces = {inode: _copy_namespace(ns) for inode, ns in self.namespaces.items()}
+        self._copy_indexes(m)
+        return m
+
+    def _copy_indexes(self, m: Model) -> None:
         m.by_name = dict(self.by_name)
+        m.by_label = dict(self.by_label)
+        m._holders = {k: list(v) for k, v in self._holders.items()}
         m.veths = self.veths.copy()
         m.version = self.version
         m.changes_made = self.changes_made
-        return m
 
     def snapshot(self, previous: Model | None = None) -> Model:
         """A copy for readers, sharing with ``previous`` every namespace unchanged since.
@@ -734,10 +779,7 @@ class Model:
                 kept if kept is not None and inode not in self._dirty else _copy_namespace(ns)
             )
         self._dirty.clear()
-        m.by_name = dict(self.by_name)
-        m.veths = self.veths.copy()
-        m.version = self.version
-        m.changes_made = self.changes_made
+        self._copy_indexes(m)
         return m
 
     # -- applying events --
@@ -751,7 +793,7 @@ class Model:
             case NamespaceSeen():
                 self._namespace_seen(event, out)
             case NamespaceGone():
-                self._namespace_gone(event.inode, out)
+                self._namespace_gone(event.inode, event.reason, out)
             case LinkNew():
                 ns = self.namespaces.get(event.inode)
                 if ns is not None:
@@ -813,42 +855,109 @@ class Model:
         names = tuple(ev.names)
         ns = self.namespaces.get(ev.inode)
         if ns is None:
-            ns = Namespace(inode=ev.inode, names=names, is_host=ev.is_host)
+            ns = Namespace(inode=ev.inode, names=names, is_host=ev.is_host, owner=ev.owner)
             self.namespaces[ev.inode] = ns
-            self._index_names(ns, ())
+            self._label(ns)
             out.append(NamespaceAdded(ns.name, ns.inode, names))
+            self._evict(ns, out)
             return
-        if names != ns.names:
-            old = ns.names
-            ns.names = names
-            self._index_names(ns, old)
-            out.append(NamespaceRenamed(ns.name, ns.inode, old, names))
+        ns.owner = ev.owner
+        if names != ns.names or ev.is_host != ns.is_host:
+            old, old_label = ns.names, ns.name
+            self._unlabel(ns)
+            ns.names, ns.is_host = names, ev.is_host
+            self._label(ns)
+            moved = old_label if old_label != ns.label else None
+            out.append(NamespaceRenamed(ns.name, ns.inode, old, names, old_netns=moved))
+            self._evict(ns, out)
 
-    def _index_names(self, ns: Namespace, old: tuple[str, ...]) -> None:
-        for name in old:
-            if self.by_name.get(name) == ns.inode:
-                del self.by_name[name]
+    # -- labels: one namespace, one label --
+    #
+    # The host's label is its own, always. Any other namespace goes by its
+    # first name; when another namespace already goes by that, by
+    # ``<name>@<inode>`` (inodes are unique). A label, once given, is kept
+    # while the name it came from stays among the namespace's names: series
+    # and JSON keys do not move because some other namespace came or went.
+
+    def _pick_label(self, ns: Namespace) -> str:
+        def free(label: str) -> bool:
+            return self.by_label.get(label, ns.inode) == ns.inode
+
+        if ns.is_host:
+            return ns.names[0]
+        kept = ns.label
+        if kept and free(kept) and any(kept in (n, f"{n}@{ns.inode}") for n in ns.names):
+            return kept
+        label = ns.names[0]
+        while not free(label):
+            label = f"{label}@{ns.inode}"
+        return label
+
+    def _label(self, ns: Namespace) -> None:
+        """Give ``ns`` its label and index it under its label and names."""
+        ns.label = self._pick_label(ns)
+        self.by_label[ns.label] = ns.inode
         for name in ns.names:
-            self.by_name[name] = ns.inode
+            self._holders.setdefault(name, []).append(ns.inode)
+        self._reindex((ns.label, *ns.names))
 
-    def _namespace_gone(self, inode: int, out: list[Change]) -> None:
+    def _unlabel(self, ns: Namespace) -> None:
+        """Drop ``ns`` from the indexes (its ``label`` stays set, for the change it is in)."""
+        if self.by_label.get(ns.label) == ns.inode:
+            del self.by_label[ns.label]
+        for name in ns.names:
+            holders = self._holders.get(name)
+            if holders is not None and ns.inode in holders:
+                holders.remove(ns.inode)
+                if not holders:
+                    del self._holders[name]
+        self._reindex((ns.label, *ns.names))
+
+    def _reindex(self, keys: Iterable[str]) -> None:
+        for key in keys:
+            inode = self.by_label.get(key)
+            if inode is None:
+                holders = self._holders.get(key)
+                inode = holders[0] if holders else None
+            if inode is None:
+                self.by_name.pop(key, None)
+            else:
+                self.by_name[key] = inode
+
+    def _evict(self, host: Namespace, out: list[Change]) -> None:
+        """The host took its label: any other namespace that went by it is relabelled."""
+        if not host.is_host:
+            return
+        for ns in self.namespaces.values():
+            if ns is not host and ns.label == host.label:
+                self._unlabel(ns)
+                self._label(ns)
+                self._dirty.add(ns.inode)
+                out.append(
+                    NamespaceRenamed(ns.name, ns.inode, ns.names, ns.names, False, host.label)
+                )
+
+    def _namespace_gone(self, inode: int, reason: GoneReason, out: list[Change]) -> None:
         ns = self.namespaces.get(inode)
         if ns is None:
             return
+        # A namespace let go of but still alive keeps its links: they are no
+        # longer watched, not deleted, and their peers are not doomed.
+        why = "namespace_deleted" if reason == "deleted" else UNWATCHED
         for index in list(ns.links):
-            self._link_remove(ns, index, "namespace_deleted", out, from_dump=False)
+            self._link_remove(ns, index, why, out, from_dump=False)
         ns.addresses.clear()
         ns.routes.clear()
         ns.rules.clear()
         del self.namespaces[inode]
-        self._index_names(ns, ns.names)
+        self._unlabel(ns)
         # The dead namespace's nsid is free for reuse in every other namespace.
         for other in self.namespaces.values():
             for nsid in [k for k, v in other.nsids.items() if v == inode]:
                 del other.nsids[nsid]
                 self._dirty.add(other.inode)
         self.veths.namespace_gone(inode)
-        out.append(NamespaceRemoved(ns.name, inode, ns.names))
+        out.append(NamespaceRemoved(ns.name, inode, ns.names, reason=reason))
 
     # -- links and veth peers --
 
@@ -1054,6 +1163,8 @@ def _copy_namespace(ns: Namespace) -> Namespace:
         inode=ns.inode,
         names=ns.names,
         is_host=ns.is_host,
+        label=ns.label,
+        owner=ns.owner,
         links=dict(ns.links),
         addresses=dict(ns.addresses),
         routes=dict(ns.routes),

@@ -12,16 +12,26 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
+import stat
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
+from nswatch.naming import escape
 from nswatch.patterns import user_regex
 
 CLONE_NEWNET = 0x40000000
+# ioctl on an nsfs fd: which kind of namespace it is (Linux 4.11).
+NS_GET_NSTYPE = 0xB703
+
+#: Why an entry of a namespace directory is not watched.
+NOT_A_MOUNT_POINT = "not_a_mount_point"
+NOT_A_NETWORK_NAMESPACE = "not_a_network_namespace"
+UNREADABLE = "unreadable"
 T = TypeVar("T")
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -38,6 +48,10 @@ def _setns(fd: int) -> None:
 def own_netns_path() -> str:
     """The calling thread's own namespace file (threads can differ after setns)."""
     return "/proc/thread-self/ns/net"
+
+
+class NotNetworkNamespace(OSError):
+    """An nsfs file of another kind of namespace (mount, pid, ...)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,30 +107,63 @@ def probe(path: str, nsfs_dev: int) -> int | None:
     return st.st_ino
 
 
-def scan(
-    dirs: Iterable[str], nsfs_dev: int, accept: Callable[[str], bool]
-) -> tuple[list[Found], list[str]]:
-    """List every namespace in ``dirs``: (mounted ones, files still waiting for their mount)."""
-    found: list[Found] = []
-    pending: list[str] = []
+@dataclass(slots=True)
+class Scan:
+    """What the namespace directories hold.
+
+    ``found``: files with a namespace mounted on them; ``pending``: empty
+    regular files, which may be waiting for ``ip netns add``'s mount;
+    ``strays``: entries that are no namespace at all (path -> reason);
+    ``excluded``: namespaces mounted only under names the filter rejects.
+    """
+
+    found: list[Found]
+    pending: list[str]
+    strays: dict[str, str]
+    excluded: set[int]
+
+
+def scan_dirs(dirs: Iterable[str], nsfs_dev: int, accept: Callable[[str], bool]) -> Scan:
+    """Look at every entry of ``dirs`` (names escaped, see :mod:`nswatch.naming`)."""
+    out = Scan([], [], {}, set())
     for d in dirs:
         try:
             names = os.listdir(d)
         except (FileNotFoundError, NotADirectoryError, PermissionError):
             continue
-        for name in names:
-            if not accept(name):
-                continue
-            path = os.path.join(d, name)
+        for raw in names:
+            name = escape(raw)
+            path = os.path.join(d, raw)
+            accepted = accept(name)
             try:
-                inode = probe(path, nsfs_dev)
-            except OSError:
+                st = os.stat(path)
+            except FileNotFoundError:
                 continue
-            if inode is None:
-                pending.append(path)
+            except OSError:
+                # A symlink loop, a dangling link, no permission: never a namespace.
+                if accepted:
+                    out.strays[path] = UNREADABLE
+                continue
+            if not accepted:
+                # Remembered so that a namespace filtered out on reload is
+                # said to be unwatched, not deleted.
+                if st.st_dev == nsfs_dev:
+                    out.excluded.add(st.st_ino)
+            elif st.st_dev == nsfs_dev:
+                out.found.append(Found(name, path, st.st_ino))
+            elif stat.S_ISREG(st.st_mode):
+                out.pending.append(path)
             else:
-                found.append(Found(name, path, inode))
-    return found, pending
+                out.strays[path] = NOT_A_NETWORK_NAMESPACE
+    return out
+
+
+def scan(
+    dirs: Iterable[str], nsfs_dev: int, accept: Callable[[str], bool]
+) -> tuple[list[Found], list[str]]:
+    """List every namespace in ``dirs``: (mounted ones, files still waiting for their mount)."""
+    s = scan_dirs(dirs, nsfs_dev, accept)
+    return s.found, s.pending
 
 
 class NetnsEnterer:
@@ -147,6 +194,8 @@ class NetnsEnterer:
             st = os.fstat(fd)
             if st.st_dev != self.home.dev or (inode is not None and st.st_ino != inode):
                 raise OSError(errno.ESTALE, f"{path} is no longer that namespace")
+            if fcntl.ioctl(fd, NS_GET_NSTYPE) != CLONE_NEWNET:
+                raise NotNetworkNamespace(errno.EINVAL, f"{path} is not a network namespace")
         except BaseException:
             os.close(fd)
             raise

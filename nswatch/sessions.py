@@ -10,6 +10,7 @@ session whose dump stalled. It knows nothing of the model.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
@@ -24,6 +25,8 @@ from nswatch.netns import NetnsEnterer
 # A dump with no reply for this long is abandoned with its socket (checked
 # at each periodic rescan).
 DUMP_STALL = 20.0
+# ioctl on a socket: an fd of the network namespace the socket lives in.
+SIOCGSKNS = 0x894C
 
 
 class NetlinkSession(Protocol):
@@ -109,20 +112,25 @@ class Sessions:
 
     # -- opening and closing --
 
-    def open(self, inode: int, name: str, path: str | None, reason: str) -> NetlinkSession | None:
-        """Open, register and start the first dump; None when the namespace is already gone."""
-        try:
-            session = self._open(inode, name, path)
-        except OSError as e:
-            # The namespace vanished between scan and open (ENOENT, ESTALE,
-            # EINVAL): normal under churn; the next scan sees the truth.
-            self._owner.error(name, "open_namespace", e)
-            return None
+    def open(self, inode: int, name: str, path: str | None, reason: str) -> NetlinkSession:
+        """Open and register a namespace's session (the caller starts its dump).
+
+        Raises OSError when it cannot be opened: the namespace vanished
+        between scan and open (ENOENT, ESTALE), is no network namespace, or
+        this process is out of file descriptors (EMFILE). The caller decides
+        what that means and how often to say so.
+        """
+        session = self._open(inode, name, path)
         self._by_inode[inode] = session
         if path is not None:
             self._paths[inode] = path
         self._loop.register(session, f"netlink:{name}", lambda: self._read(session))
         return session
+
+    def moved(self, inode: int, path: str | None) -> None:
+        """Namespace ``inode`` is now reached through ``path`` (its file went, a holder changed)."""
+        if inode in self._by_inode and path is not None:
+            self._paths[inode] = path
 
     def close(self, inode: int) -> None:
         """Close a namespace's socket at once: an open socket keeps the namespace alive."""
@@ -205,12 +213,28 @@ class Sessions:
 
         self._loop.call_later(action.delay, "route_followup", fire)
 
+    def _target_fd(self, target: int) -> int:
+        """An fd naming namespace ``target``, without opening its file if possible.
+
+        An fd opened on a namespace file pins its bind mount: a plain
+        ``umount`` of the file at that moment fails with EBUSY. The target's
+        own netlink socket names its namespace too (SIOCGSKNS), and that fd
+        pins no mount.
+        """
+        if target == self._enterer.home.inode:
+            return self._enterer.home_fd()
+        other = self._by_inode.get(target)
+        if other is not None:
+            try:
+                fd: int = fcntl.ioctl(other.fileno(), SIOCGSKNS)
+                return fd
+            except OSError:
+                pass  # not a real socket (tests), or a kernel before 4.9
+        return self._enterer.open_ns(self._paths[target], target)
+
     def _ask_nsid(self, session: NetlinkSession, target: int) -> None:
         try:
-            if target == self._enterer.home.inode:
-                fd = self._enterer.home_fd()
-            else:
-                fd = self._enterer.open_ns(self._paths[target], target)
+            fd = self._target_fd(target)
         except (OSError, KeyError) as e:
             self._owner.error(session.name, "nsid_open", e)
             return

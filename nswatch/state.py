@@ -154,6 +154,19 @@ def namespace_json(model: Model, ns: Namespace) -> dict[str, Any]:
         "name": ns.name,
         "names": list(ns.names),
         "inode": ns.inode,
+        # One process living in it (for a namespace no file holds, the one
+        # it is named after), when process discovery is on.
+        "owner": (
+            None
+            if ns.owner is None
+            else {
+                "pid": ns.owner.pid,
+                "comm": ns.owner.comm,
+                "unit": ns.owner.unit,
+                "container_id": ns.owner.container_id,
+                "pod_uid": ns.owner.pod_uid,
+            }
+        ),
         "synced": ns.synced,
         "links": [link_json(model, ns, ns.links[i]) for i in sorted(ns.links)],
         "addresses": [

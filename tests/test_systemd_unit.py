@@ -118,7 +118,8 @@ def test_unit_contract() -> None:
     assert s["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
     assert s["Restart"] == ["on-failure"]
     assert s["WatchdogSec"] == ["30s"]
-    assert s["CapabilityBoundingSet"] == ["CAP_NET_ADMIN CAP_SYS_ADMIN"]
+    assert s["CapabilityBoundingSet"] == ["CAP_NET_ADMIN CAP_SYS_ADMIN CAP_SYS_PTRACE"]
+    assert s["LimitNOFILE"] == ["524288"]
     assert s["ReadWritePaths"] == ["/proc/sys/net"]
     assert s["RestrictNamespaces"] == ["net"]
     assert set(s["RestrictAddressFamilies"][0].split()) == {
@@ -444,9 +445,10 @@ def test_start_active_only_after_ready(box: Container) -> None:
     # The hardening is in force on the running process.
     status = box.run("cat", f"/proc/{props['MainPID']}/status").stdout
     fields = dict(re.findall(r"^(\w+):\s*(.*)$", status, re.M))
-    cap_net_admin, cap_sys_admin = 1 << 12, 1 << 21
-    assert int(fields["CapEff"], 16) == cap_net_admin | cap_sys_admin
-    assert int(fields["CapBnd"], 16) == cap_net_admin | cap_sys_admin
+    cap_net_admin, cap_sys_ptrace, cap_sys_admin = 1 << 12, 1 << 19, 1 << 21
+    caps = cap_net_admin | cap_sys_ptrace | cap_sys_admin
+    assert int(fields["CapEff"], 16) == caps
+    assert int(fields["CapBnd"], 16) == caps
     assert fields["NoNewPrivs"] == "1"
     assert fields["Seccomp"] == "2"
     # Its view of the file system: read-only but for /proc/sys/net.
