@@ -30,6 +30,7 @@ from nswatch.config import (
 from nswatch.daemon import Daemon
 from nswatch.dirwatch import DirWatcher
 from nswatch.http import Api, HttpServer
+from nswatch.limits import raise_fd_limit
 from nswatch.model import Model
 from nswatch.observer import BaseObserver, Observer
 from nswatch.state import state_json, table_name
@@ -101,6 +102,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from nswatch import metrics
     from nswatch.apply import Applier, ApplyEngine
 
+    # One socket per namespace: the default soft limit (1,024) is far too low.
+    raise_fd_limit()
     config = load(args)
     web = (
         load_web_config(config.settings.web_config_file)
@@ -131,6 +134,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         alive=lambda: time.monotonic() - daemon.last_tick < STALL_AFTER,
         ready=daemon.ready.is_set,
         metrics=sink.render,
+        unwatched=daemon.unwatched,
     )
     listen = config.settings.listen
     server = HttpServer(listen, api, web)

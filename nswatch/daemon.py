@@ -88,8 +88,9 @@ class Daemon:
             self,
             self.loop,
             dirwatch_factory,
-            # Off unless asked for (settings.discover_processes, or this argument).
-            discover_processes=_discover_processes(settings, discover_processes),
+            discover_processes=(
+                settings.discover_processes if discover_processes is None else discover_processes
+            ),
             proc=proc,
         )
         self.readiness = Readiness(self._is_complete, lambda: self.observers.ready(self.model))
@@ -241,7 +242,7 @@ class Daemon:
             settings.netns_dirs,
             NameFilter(settings.include, settings.exclude),
             settings.host_label,
-            _discover_processes(settings, None),
+            settings.discover_processes,
         )
         # Socket buffer sizes apply to new sockets; filters and directories
         # take effect with this rescan (namespaces now filtered out are let go).
@@ -378,10 +379,3 @@ class Daemon:
 
 def _seen_event(seen: Seen) -> NamespaceSeen:
     return NamespaceSeen(seen.inode, seen.names, is_host=seen.is_host, owner=seen.owner)
-
-
-def _discover_processes(settings: Settings, given: bool | None) -> bool:
-    """The ``discover_processes`` switch: the argument if given, else the setting (default off)."""
-    if given is not None:
-        return given
-    return bool(getattr(settings, "discover_processes", False))

@@ -64,11 +64,15 @@ class Api:
         alive: Callable[[], bool],
         ready: Callable[[], bool],
         metrics: MetricsRenderer | None = None,
+        unwatched: Callable[[], dict[str, str]] = dict,
     ) -> None:
         self.view = view
         self.alive = alive
         self.ready = ready
         self.metrics = metrics
+        # Namespaces that exist but cannot be watched (name -> reason): while
+        # there are any, the picture is incomplete and /readyz says so.
+        self.unwatched = unwatched
 
 
 @dataclass(frozen=True)
@@ -153,8 +157,12 @@ class Router:
             ok = api.alive()
             return json_response(200 if ok else 503, {"status": "ok" if ok else "stalled"})
         if path == "/readyz":
-            ok = api.ready()
-            return json_response(200 if ok else 503, {"ready": ok})
+            unwatched = api.unwatched()
+            ok = api.ready() and not unwatched
+            status: dict[str, object] = {"ready": ok}
+            if unwatched:
+                status["unwatched"] = unwatched
+            return json_response(200 if ok else 503, status)
         if path == "/api/v1/state":
             return json_response(200, state_json(api.view()))
         if path.startswith(_NS_PREFIX):

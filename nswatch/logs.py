@@ -143,8 +143,11 @@ class LogObserver(BaseObserver):
             case NamespaceAdded():
                 self.log.info(event, inode=ch.inode, names=ch.names, **fields)
             case NamespaceRemoved():
-                self.log.info(event, inode=ch.inode, **fields)
+                # "unwatched": the namespace still exists, nswatch only let go of it.
+                self.log.info(event, inode=ch.inode, reason=ch.reason, **fields)
             case NamespaceRenamed():
+                if ch.old_netns is not None:
+                    fields["old_netns"] = ch.old_netns
                 self.log.info(event, old=ch.old, new=ch.names, **fields)
             case VethResolved(pair=pair) | VethLost(pair=pair):
                 if isinstance(ch, VethLost) and ch.reason:

@@ -67,10 +67,11 @@ class Settings:
         ),
     )
     netns_dirs: tuple[str, ...] = _setting(
-        ("/run/netns",),
+        ("/run/netns", "/run/docker/netns"),
         Setting(
-            "directories of named namespaces, repeatable (e.g. `/run/docker/netns`);"
-            " a directory that does not exist yet is picked up when it appears",
+            "directories of named namespaces (`ip netns`'s and Docker's), repeatable: a flag"
+            " replaces the whole list; a directory that does not exist yet is picked up when"
+            " it appears",
             values.netns_dirs,
             flag="--netns-dir",
             commands=COMMON,
@@ -165,6 +166,15 @@ class Settings:
         Setting(
             "how often link counters are refreshed by a link dump; at least 1 s, or 0: never",
             lambda v: values.seconds(v, floor=1.0, off=True),
+        ),
+    )
+    discover_processes: bool = _setting(
+        True,
+        Setting(
+            "also watch namespaces no file holds (containers, `unshare -n`,"
+            " `PrivateNetwork=yes`), found in /proc and entered through a process inside",
+            values.boolean,
+            doc_default="on (`false`: off)",
         ),
     )
     web_config_file: str | None = _setting(

@@ -268,3 +268,25 @@ def test_handler_error_is_a_json_500(server: HttpServer) -> None:
         assert request(srv, "GET", "/healthz")[0] == 200
     finally:
         srv.stop()
+
+
+def test_readyz_is_503_naming_what_cannot_be_watched() -> None:
+    """/readyz stays 503 while a namespace exists that nswatch cannot watch, and says which and why."""
+    unwatched = {"ns1": "out_of_fds"}
+    api = Api(
+        view=_model().copy,
+        alive=lambda: True,
+        ready=lambda: True,
+        unwatched=lambda: dict(unwatched),
+    )
+    srv = HttpServer(("127.0.0.1", 0), api)
+    srv.start()
+    try:
+        assert request(srv, "GET", "/readyz") == (
+            503,
+            {"ready": False, "unwatched": {"ns1": "out_of_fds"}},
+        )
+        unwatched.clear()
+        assert request(srv, "GET", "/readyz") == (200, {"ready": True})
+    finally:
+        srv.stop()
