@@ -73,6 +73,18 @@ def test_check_config_exit_codes(tmp_path: Path) -> None:
     assert f"{bad}:8: profiles[0].veth.prefix:" in r.stderr
 
 
+def test_check_config_warns_when_a_profile_matches_the_host_label(tmp_path: Path) -> None:
+    """A catch-all profile would match a namespace named like the host label: check-config warns, still exits 0."""
+    f = tmp_path / "c.yaml"
+    f.write_text("host_label: x\nprofiles:\n  - {name: all, match: '*', loopback: up}\n")
+    r = nswatch("check-config", str(f))
+    assert r.returncode == 0, r.stderr
+    assert "profiles[0] (all) matches 'x', the host label" in r.stderr
+    f.write_text("profiles:\n  - {name: lab, match: 'lab-*', loopback: up}\n")
+    r = nswatch("check-config", str(f))
+    assert r.returncode == 0 and "warning" not in r.stderr
+
+
 @pytest.mark.kernel
 def test_apply_dry_run_then_apply(lab: Lab, tmp_path: Path) -> None:
     """`apply --dry-run` changes nothing and prints the plan; `apply --netns` does it once."""
