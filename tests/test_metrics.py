@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -128,6 +129,89 @@ class Harness:
         body, ctype = self.sink.render(accept)
         om = ctype.startswith("application/openmetrics-text")
         return parse(body, openmetrics=om)
+
+
+GOLDEN = Path(__file__).resolve().parent / "data" / "metrics"
+# build_info's values depend on the installation, not on the model.
+BUILD_INFO = re.compile(rb"^nswatch_build_info\{[^}]*\} 1(\.0)?$", re.MULTILINE)
+
+
+def rich_harness() -> Harness:
+    """A model touching every branch of every collector, plus counters and apply stats."""
+    h = Harness(base_events())
+    weird = 'nswM "q" \\ \n é \udcff'
+    h.apply(
+        [
+            NamespaceSeen(NS_B, ("host",)),
+            LinkNew(NS_B, Link(1, "lo", "loopback")),
+            NamespaceSeen(4026532003, ("nswM-a.b",)),
+            NamespaceSeen(4026532004, (weird,)),
+            LinkNew(4026532004, Link(1, 'a"b\\c.d-e', "veth", "02:00:00:00:00:01")),
+            LinkNew(4026532004, Link(2, "ünï", "dummy", mtu=1400)),
+            LinkNew(4026532004, Link(3, "ünï", "dummy")),
+            LinkNew(HOST, Link(40, "nswM-br0", "bridge", "02:00:00:00:00:40", 1500, True, "UP")),
+            LinkNew(
+                HOST,
+                Link(41, "nswM-v.x", "veth", "02:00:00:00:00:41", 1500, True, "UP", 40, 9, 99),
+            ),
+            LinkNew(NS_A, Link(5, "br0", "bridge")),
+            LinkDel(NS_A, 5),
+            LinkNew(NS_A, Link(6, "mv", "macvlan")),
+            LinkDel(NS_A, 6, moved=True),
+            RouteNew(
+                NS_A,
+                Route(254, "inet6", "unicast", "default", gateway="2001:db8::1", dev=2, priority=1),
+            ),
+            RouteNew(
+                NS_A,
+                Route(254, "inet6", "unicast", "default", gateway="2001:db8::1", dev=2, priority=2),
+            ),
+            RouteNew(
+                NS_A,
+                Route(
+                    100,
+                    "inet",
+                    "unicast",
+                    "default",
+                    nexthops=(Nexthop("198.18.0.1", 2), Nexthop("198.18.0.5", None)),
+                ),
+            ),
+            RouteNew(NS_A, Route(101, "inet", "blackhole", "default")),
+            RouteNew(HOST, Route(254, "inet", "unicast", "default", dev=99)),
+        ],
+        "reconcile",
+    )
+    h.apply([NamespaceSeen(4026532005, ("nswM-x",))], "periodic")
+    h.apply([NamespaceSeen(4026532006, ("nswM-gone",)), NamespaceGone(4026532006)], "event")
+    sink = h.sink
+    sink.netlink_events({("link", "new"): 12345678901, ("route", "del"): 2, ("nsid", "new"): 1})
+    sink.overrun("host")
+    sink.resync("host", "overrun")
+    sink.resync("host", "whatever")
+    sink.processed(0.001, 1764383462.123456)
+    sink.config_reloaded(False)
+    sink.config_reloaded(True)
+    sink.bind_apply(_FakeApply())
+    return h
+
+
+def rich_exposition(accept: str | None) -> bytes:
+    """The nswatch_* part of a scrape of :func:`rich_harness`, build info's values blanked."""
+    encoder, _ = choose_encoder(accept or "")
+    fast = fast_encoder(encoder)
+    assert fast is not None
+    body = fast.encode(rich_harness().sink.families())
+    return BUILD_INFO.sub(b"nswatch_build_info{BUILD} 1", body)
+
+
+GOLDEN_FORMATS = {"text": "text/plain; version=0.0.4", "openmetrics": OM}
+
+
+@pytest.mark.parametrize("fmt", sorted(GOLDEN_FORMATS))
+def test_exposition_matches_the_golden_file(fmt: str) -> None:
+    """A rich model's series render byte for byte as frozen in tests/data/metrics (names, labels, types, help, values, order)."""
+    want = (GOLDEN / f"rich.{fmt}").read_bytes()
+    assert rich_exposition(GOLDEN_FORMATS[fmt]) == want
 
 
 def test_exact_series_for_a_veth_pair() -> None:
@@ -673,3 +757,10 @@ def test_config_reloads_and_apply_engine() -> None:
         assert one(s, "nswatch_drift_objects", netns="nswM-a.b", profile="web", kind="link") == 0
         assert one(s, "nswatch_apply_failing", netns="nswM-a.b") == 1
     assert_same_bytes(h.sink.families())
+
+
+if __name__ == "__main__":
+    # Re-freezes the golden files: only for a deliberate change of the exposition.
+    GOLDEN.mkdir(parents=True, exist_ok=True)
+    for name, accept in GOLDEN_FORMATS.items():
+        (GOLDEN / f"rich.{name}").write_bytes(rich_exposition(accept))
