@@ -1,10 +1,10 @@
 """A specialised encoder for the collectors' families, byte-identical to prometheus-client's.
 
-A scrape of 1000 namespaces is ~57,000 samples; prometheus-client's generic
-encoders take 0.26 s (text) and 0.50 s (OpenMetrics) for them on the
-project's machine, this one 0.05 s (tests/bench/README.md). The tests hold
-its output to prometheus-client's for every format ``choose_encoder``
-negotiates.
+A scrape of 1000 namespaces is ~57,000 samples, which prometheus-client's
+generic encoders format several times slower than this one (measured side
+by side by ``tests.bench.bench --codec``; see tests/bench/README.md). The
+tests hold its output to prometheus-client's for every format
+``choose_encoder`` negotiates.
 
 Name escaping (the ``escaping`` of an Accept header, prometheus-client 0.23
 and later) is written out here rather than taken from prometheus-client's
