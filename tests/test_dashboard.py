@@ -13,47 +13,14 @@ from typing import Any
 import pytest
 import yaml
 
+from nswatch import metrics
+
 DASHBOARD = Path(__file__).resolve().parent.parent / "dashboards" / "nswatch.json"
 DS_UID = "${datasource}"
 RULES = DASHBOARD.parent / "nswatch-alerts.yml"
 
 # Every family nswatch exports (the metrics contract); each must be on the dashboard.
-METRICS = {
-    "nswatch_build_info",
-    "nswatch_synced",
-    "nswatch_namespaces",
-    "nswatch_namespace_info",
-    "nswatch_network_info",
-    "nswatch_network_up",
-    "nswatch_network_admin_up",
-    "nswatch_network_mtu_bytes",
-    *(
-        f"nswatch_network_{d}_{s}_total"
-        for d in ("receive", "transmit")
-        for s in ("bytes", "packets", "errs", "drop")
-    ),
-    "nswatch_veth_peer_info",
-    "nswatch_veth_unpaired",
-    "nswatch_network_addresses",
-    "nswatch_routes",
-    "nswatch_default_route_info",
-    "nswatch_network_removed_total",
-    "nswatch_namespace_events_total",
-    "nswatch_netlink_events_total",
-    "nswatch_netlink_overruns_total",
-    "nswatch_resyncs_total",
-    "nswatch_reconcile_discrepancies_total",
-    "nswatch_event_processing_seconds",
-    "nswatch_last_event_timestamp_seconds",
-    "nswatch_apply_total",
-    "nswatch_drift_objects",
-    "nswatch_config_reload_total",
-    "nswatch_config_last_reload_success",
-    "nswatch_apply_failing",
-    # Issue 16: per-namespace sync state, for the alerts' gate (the exporter
-    # is to add it; until then the dashboard's query for it returns nothing).
-    "nswatch_namespace_synced",
-}
+METRICS = set(metrics.metric_names())
 
 # Series that are not nswatch's own: Prometheus' per-target series and alerts,
 # and the process collector's.

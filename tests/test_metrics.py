@@ -4,19 +4,29 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import REGISTRY, CollectorRegistry
-from prometheus_client.exposition import choose_encoder
+from prometheus_client.exposition import choose_encoder, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as om_families,
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from nswatch.metrics import Family, MetricsSink, build_families, fast_encoder
+from nswatch.metrics import (
+    COLLECTORS,
+    Family,
+    MetricsSink,
+    ScrapeView,
+    collect,
+    fast_encoder,
+    metric_names,
+)
+from nswatch.metrics import sink as sink_module
 from nswatch.model import (
     Address,
     AddressNew,
@@ -128,6 +138,93 @@ class Harness:
         body, ctype = self.sink.render(accept)
         om = ctype.startswith("application/openmetrics-text")
         return parse(body, openmetrics=om)
+
+
+GOLDEN = Path(__file__).resolve().parent / "data" / "metrics"
+# build_info's values depend on the installation, not on the model.
+BUILD_INFO = re.compile(rb"^nswatch_build_info\{[^}]*\} 1(\.0)?$", re.MULTILINE)
+# prometheus-client before 0.25 writes exponents of 10 and more as "e+010"
+# (Prometheus reads both); the golden files hold today's "e+10".
+OLD_EXPONENT = re.compile(rb"e\+0(\d{2,})\b")
+
+
+def rich_harness() -> Harness:
+    """A model touching every branch of every collector, plus counters and apply stats."""
+    h = Harness(base_events())
+    weird = 'nswM "q" \\ \n é \udcff'
+    h.apply(
+        [
+            NamespaceSeen(NS_B, ("host",)),
+            LinkNew(NS_B, Link(1, "lo", "loopback")),
+            NamespaceSeen(4026532003, ("nswM-a.b",)),
+            NamespaceSeen(4026532004, (weird,)),
+            LinkNew(4026532004, Link(1, 'a"b\\c.d-e', "veth", "02:00:00:00:00:01")),
+            LinkNew(4026532004, Link(2, "ünï", "dummy", mtu=1400)),
+            LinkNew(4026532004, Link(3, "ünï", "dummy")),
+            LinkNew(HOST, Link(40, "nswM-br0", "bridge", "02:00:00:00:00:40", 1500, True, "UP")),
+            LinkNew(
+                HOST,
+                Link(41, "nswM-v.x", "veth", "02:00:00:00:00:41", 1500, True, "UP", 40, 9, 99),
+            ),
+            LinkNew(NS_A, Link(5, "br0", "bridge")),
+            LinkDel(NS_A, 5),
+            LinkNew(NS_A, Link(6, "mv", "macvlan")),
+            LinkDel(NS_A, 6, moved=True),
+            RouteNew(
+                NS_A,
+                Route(254, "inet6", "unicast", "default", gateway="2001:db8::1", dev=2, priority=1),
+            ),
+            RouteNew(
+                NS_A,
+                Route(254, "inet6", "unicast", "default", gateway="2001:db8::1", dev=2, priority=2),
+            ),
+            RouteNew(
+                NS_A,
+                Route(
+                    100,
+                    "inet",
+                    "unicast",
+                    "default",
+                    nexthops=(Nexthop("198.18.0.1", 2), Nexthop("198.18.0.5", None)),
+                ),
+            ),
+            RouteNew(NS_A, Route(101, "inet", "blackhole", "default")),
+            RouteNew(HOST, Route(254, "inet", "unicast", "default", dev=99)),
+        ],
+        "reconcile",
+    )
+    h.apply([NamespaceSeen(4026532005, ("nswM-x",))], "periodic")
+    h.apply([NamespaceSeen(4026532006, ("nswM-gone",)), NamespaceGone(4026532006)], "event")
+    sink = h.sink
+    sink.netlink_events({("link", "new"): 12345678901, ("route", "del"): 2, ("nsid", "new"): 1})
+    sink.overrun("host")
+    sink.resync("host", "overrun")
+    sink.resync("host", "whatever")
+    sink.processed(0.001, 1764383462.123456)
+    sink.config_reloaded(False)
+    sink.config_reloaded(True)
+    sink.bind_apply(_FakeApply())
+    return h
+
+
+def rich_exposition(accept: str | None) -> bytes:
+    """The nswatch_* part of a scrape of :func:`rich_harness`, build info's values blanked."""
+    encoder, _ = choose_encoder(accept or "")
+    fast = fast_encoder(encoder)
+    assert fast is not None
+    body = fast.encode(rich_harness().sink.families())
+    body = OLD_EXPONENT.sub(rb"e+\1", body)
+    return BUILD_INFO.sub(b"nswatch_build_info{BUILD} 1", body)
+
+
+GOLDEN_FORMATS = {"text": "text/plain; version=0.0.4", "openmetrics": OM}
+
+
+@pytest.mark.parametrize("fmt", sorted(GOLDEN_FORMATS))
+def test_exposition_matches_the_golden_file(fmt: str) -> None:
+    """A rich model's series render byte for byte as frozen in tests/data/metrics (names, labels, types, help, values, order)."""
+    want = (GOLDEN / f"rich.{fmt}").read_bytes()
+    assert rich_exposition(GOLDEN_FORMATS[fmt]) == want
 
 
 def test_exact_series_for_a_veth_pair() -> None:
@@ -576,23 +673,38 @@ def test_fast_encoder_matches_prometheus_client_property(
     assert_same_bytes([g, c, n])
 
 
-def test_unknown_encoder_falls_back_to_prometheus_client() -> None:
-    """An encoder the fast path does not know is used as is, over the sink's own registry."""
-    assert fast_encoder(lambda registry: b"") is None
-    h = Harness(base_events())
-    body = b"".join(
+def nswatch_lines(body: bytes) -> bytes:
+    """The nswatch_* samples of a text scrape (the process collectors' values move)."""
+    return b"".join(
         line + b"\n"
-        for line in h.sink.render(None)[0].splitlines()
+        for line in body.splitlines()
         if line.startswith(b"nswatch_") and b"_created" not in line
     )
-    from prometheus_client.exposition import generate_latest
 
-    ref = b"".join(
-        line + b"\n"
-        for line in generate_latest(h.sink.registry).splitlines()
-        if line.startswith(b"nswatch_") and b"_created" not in line
+
+def test_unknown_encoder_falls_back_to_prometheus_client(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An encoder the fast path does not know renders the sink's whole registry itself."""
+    calls: list[CollectorRegistry] = []
+
+    def future_format(registry: CollectorRegistry) -> bytes:
+        calls.append(registry)
+        return generate_latest(registry)
+
+    assert fast_encoder(future_format) is None
+    monkeypatch.setattr(
+        sink_module, "choose_encoder", lambda accept: (future_format, "text/x-future")
     )
-    assert body == ref
+    h = Harness(base_events())
+    body, ctype = h.sink.render("text/x-future")
+    assert ctype == "text/x-future"
+    assert calls == [h.sink.registry]
+    s = parse(body)
+    assert one(s, "nswatch_network_mtu_bytes", netns="nswM-a.b", device="e-th.0") == 9000
+    assert one(s, "nswatch_event_processing_seconds_count") == 0
+    assert pick(s, "process_cpu_seconds_total")
+    # The same series as the fast path, from prometheus-client's encoder.
+    monkeypatch.undo()
+    assert nswatch_lines(body) == nswatch_lines(h.sink.render(None)[0])
 
 
 def test_openmetrics_scrape_has_one_eof_and_parses() -> None:
@@ -618,13 +730,48 @@ def test_sinks_use_their_own_registry() -> None:
     assert set(REGISTRY._collector_to_names) == before
 
 
-def test_build_families_is_pure() -> None:
-    """build_families reads a model and counters without touching either."""
-    h = Harness(base_events())
-    before = h.model.copy()
-    build_families(h.model, h.sink._counters.snapshot(), True)
-    assert before.namespaces.keys() == h.model.namespaces.keys()
-    assert before.peers == h.model.peers
+def test_collectors_are_pure() -> None:
+    """Collecting reads the model, the live counters and the apply stats without changing any of them."""
+    h = rich_harness()
+    counters = h.sink._counters
+    apply = _FakeApply()
+    before = (
+        h.model.copy(),
+        dict(h.model.by_name),
+        counters.snapshot(),
+        (dict(apply.applied), dict(apply.drift), dict(apply.last_error)),
+    )
+    families = collect(ScrapeView.of(h.model, counters, True, apply))
+    assert sum(len(f.values) for f in families) > 100
+    assert h.model.namespaces == before[0].namespaces
+    assert h.model.by_name == before[1]
+    assert h.model.peers == before[0].peers
+    assert counters == before[2]
+    assert (apply.applied, apply.drift, apply.last_error) == before[3]
+
+
+def test_collectors_export_only_what_they_declare() -> None:
+    """Every family a collector yields matches one of its declared specs, in order, and the rich model exercises them all."""
+    h = rich_harness()
+    view = h.sink.scrape_view()
+    seen: set[str] = set()
+    for collector in COLLECTORS:
+        got = [(f.name, f.doc, f.type, f.labels) for f in collector.collect(view)]
+        want = [(s.name, s.doc, s.type, s.labels) for s in collector.specs]
+        assert got == want, type(collector).__name__
+        seen |= {name for name, *_ in got}
+    assert seen == {n for n, t in metric_names().items() if t != "histogram"}
+
+
+def test_metric_names_cover_a_whole_scrape() -> None:
+    """metric_names() lists every nswatch_* family of a scrape (the histogram too) with its type, and nothing else."""
+    h = rich_harness()
+    body, _ = h.sink.render(OM)
+    parsed = om_families(body.decode("utf-8"))  # type: ignore[no-untyped-call]
+    fams = {f.name: f.type for f in parsed if f.name.startswith("nswatch_")}
+    # OpenMetrics names a counter without its _total.
+    want = {n.removesuffix("_total") if t == "counter" else n: t for n, t in metric_names().items()}
+    assert fams == want
 
 
 @pytest.mark.parametrize("n", [0, 3])
@@ -673,3 +820,10 @@ def test_config_reloads_and_apply_engine() -> None:
         assert one(s, "nswatch_drift_objects", netns="nswM-a.b", profile="web", kind="link") == 0
         assert one(s, "nswatch_apply_failing", netns="nswM-a.b") == 1
     assert_same_bytes(h.sink.families())
+
+
+if __name__ == "__main__":
+    # Re-freezes the golden files: only for a deliberate change of the exposition.
+    GOLDEN.mkdir(parents=True, exist_ok=True)
+    for name, accept in GOLDEN_FORMATS.items():
+        (GOLDEN / f"rich.{name}").write_bytes(rich_exposition(accept))

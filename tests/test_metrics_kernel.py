@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import socket
@@ -384,7 +385,12 @@ def _raw(addr: tuple[str, int], data: bytes, half_close: bool = False) -> bytes:
     with socket.create_connection(addr, timeout=5) as sock:
         sock.sendall(data)
         if half_close:
-            sock.shutdown(socket.SHUT_WR)
+            try:
+                sock.shutdown(socket.SHUT_WR)
+            except OSError as e:
+                # The server may refuse garbage and reset the connection first.
+                if e.errno != errno.ENOTCONN:
+                    raise
         chunks = []
         try:
             while chunk := sock.recv(65536):

@@ -2,6 +2,7 @@
 
     sudo .venv/bin/python -m tests.bench.bench --sizes 100,1000 --repeat 3
     sudo .venv/bin/python -m tests.bench.bench --quick      # N=50, 1 run, < 1 min
+    sudo .venv/bin/python -m tests.bench.bench --codec      # decode and /metrics only
 
 Builds its own scene with ``ip -batch`` (namespaces ``nswB*``, see
 scene.py), measures, removes everything (also leftovers of an earlier run)
@@ -34,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
-from tests.bench import scene
+from tests.bench import codec, scene
 from tests.bench.scene import PREFIX, BatchFiles, NetlinkBurst, Scene, Storm, in_netns
 from tests.kernel import diff_namespace
 
@@ -1056,6 +1057,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--changes", type=int, default=200, help="idle latency samples")
     p.add_argument("--latency-gap", type=float, default=0.4, help="seconds between changes")
     p.add_argument("--churn", type=int, default=200, help="namespaces created and deleted")
+    p.add_argument(
+        "--codec",
+        action="store_true",
+        help="only the decoder and /metrics encoder against pyroute2 and prometheus-client\n"
+        "(a small live capture and a synthetic model; ~1 min; also part of a full run)",
+    )
+    p.add_argument("--codec-namespaces", type=int, default=10, help="namespaces captured")
+    p.add_argument("--codec-messages", type=int, default=35000, help="messages decoded")
     args = p.parse_args(argv)
     if args.quick:
         args.sizes, args.repeat, args.changes, args.churn = "50", 1, 20, 20
@@ -1072,8 +1081,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     t0 = time.monotonic()
     with guarded():
-        for n in sizes:
-            results["sizes"].append(run_size(n, args, full=n == sizes[-1]))
+        if not args.codec:
+            for n in sizes:
+                results["sizes"].append(run_size(n, args, full=n == sizes[-1]))
+        log("codec: decoder and encoder against pyroute2 and prometheus-client")
+        results["codec"] = codec.run(args.codec_namespaces, args.codec_messages, args.repeat)
     results["wall_s"] = time.monotonic() - t0
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -1084,7 +1096,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{m['iproute2']}; Linux {m['kernel']}, {m['cores']} cores ({m['cpu']}), "
         f"{m['memory_mb']} MB; {m['date']}; medians of {args.repeat} runs\n"
     )
-    print(table(results))
+    if results["sizes"]:
+        print(table(results) + "\n")
+    print(codec.table(results["codec"]))
     print(f"\n{out} written; {results['wall_s']:.0f} s in all")
     return 0
 

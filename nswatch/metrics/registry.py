@@ -1,0 +1,44 @@
+"""The collectors, in exposition order, and the list of every metric they can export."""
+
+from __future__ import annotations
+
+from nswatch.metrics.family import Family, MetricType
+from nswatch.metrics.internal import (
+    PROCESSING,
+    ApplyCollector,
+    EventCollector,
+    StatusCollector,
+)
+from nswatch.metrics.network import (
+    AddressCollector,
+    LinkCollector,
+    NamespaceCollector,
+    RemovalCollector,
+    RouteCollector,
+    VethCollector,
+)
+from nswatch.metrics.view import Collector, ScrapeView
+
+COLLECTORS: tuple[Collector, ...] = (
+    StatusCollector(),
+    NamespaceCollector(),
+    LinkCollector(),
+    VethCollector(),
+    AddressCollector(),
+    RouteCollector(),
+    RemovalCollector(),
+    EventCollector(),
+    ApplyCollector(),
+)
+
+
+def collect(view: ScrapeView, collectors: tuple[Collector, ...] = COLLECTORS) -> list[Family]:
+    """Every collector's families for one scrape (pure: reads the view, no I/O, no locks)."""
+    return [fam for c in collectors for fam in c.collect(view)]
+
+
+def metric_names() -> dict[str, MetricType]:
+    """Every nswatch_* family nswatch can export, name -> type, whatever the model holds."""
+    specs = [spec for c in COLLECTORS for spec in c.specs]
+    specs.append(PROCESSING)
+    return {spec.name: spec.type for spec in specs}
