@@ -227,6 +227,10 @@ def test_exposition_matches_the_golden_file(fmt: str) -> None:
     assert rich_exposition(GOLDEN_FORMATS[fmt]) == want
 
 
+# nswatch_namespace_info's owner labels, for a namespace no process was found for.
+NO_OWNER = dict.fromkeys(("pid", "comm", "unit", "container_id", "pod_uid"), "")
+
+
 def test_exact_series_for_a_veth_pair() -> None:
     """A host<->namespace veth pair yields exactly node_exporter-style series with the model's values."""
     h = Harness(base_events())
@@ -235,8 +239,8 @@ def test_exact_series_for_a_veth_pair() -> None:
     assert one(s, "nswatch_namespaces") == 2
     assert one(s, "nswatch_synced") == 1
     assert pick(s, "nswatch_namespace_info") == {
-        ("nswatch_namespace_info", lab(netns="host", inode=str(HOST))): 1,
-        ("nswatch_namespace_info", lab(netns=ns, inode=str(NS_A))): 1,
+        ("nswatch_namespace_info", lab(netns="host", inode=str(HOST), **NO_OWNER)): 1,
+        ("nswatch_namespace_info", lab(netns=ns, inode=str(NS_A), **NO_OWNER)): 1,
     }
     info = {k[1] for k in pick(s, "nswatch_network_info", netns=ns)}
     assert info == {
@@ -283,11 +287,25 @@ def test_exact_series_for_a_veth_pair() -> None:
     assert pick(s, "nswatch_veth_peer_info") == {
         (
             "nswatch_veth_peer_info",
-            lab(netns="host", device="v-h.1", peer_netns=ns, peer_device="e-th.0"),
+            lab(
+                netns="host",
+                device="v-h.1",
+                peer_netns=ns,
+                peer_device="e-th.0",
+                ifindex="30",
+                peer_ifindex="2",
+            ),
         ): 1,
         (
             "nswatch_veth_peer_info",
-            lab(netns=ns, device="e-th.0", peer_netns="host", peer_device="v-h.1"),
+            lab(
+                netns=ns,
+                device="e-th.0",
+                peer_netns="host",
+                peer_device="v-h.1",
+                ifindex="2",
+                peer_ifindex="30",
+            ),
         ): 1,
     }
     assert one(s, "nswatch_veth_unpaired", netns=ns) == 0
@@ -343,15 +361,20 @@ def test_counters_known_in_advance_start_at_zero() -> None:
     assert pick(s, "process_cpu_seconds_total")
 
 
-def test_synced_needs_the_daemon_ready_and_every_namespace_synced() -> None:
-    """nswatch_synced is 1 only when the daemon is ready and every namespace had its first sync."""
+def test_synced_is_first_sync_done_and_each_namespace_has_its_own() -> None:
+    """nswatch_synced follows the daemon's first sync and stays; nswatch_namespace_synced is per namespace."""
     events = base_events()
-    h = Harness([e for e in events if not isinstance(e, Synced)], ready=True)
+    h = Harness([e for e in events if not isinstance(e, Synced)], ready=False)
     assert one(h.scrape(), "nswatch_synced") == 0
-    h.apply([Synced(HOST), Synced(NS_A)])
+    assert one(h.scrape(), "nswatch_namespace_synced", netns="host") == 0
+    h.apply([Synced(HOST)])
+    assert one(h.scrape(), "nswatch_namespace_synced", netns="host") == 1
+    assert one(h.scrape(), "nswatch_namespace_synced", netns="nswM-a.b") == 0
+    h.ready = True
+    # A namespace still being read does not take the host-wide flag back to 0.
     assert one(h.scrape(), "nswatch_synced") == 1
-    h.ready = False
-    assert one(h.scrape(), "nswatch_synced") == 0
+    h.apply([Synced(NS_A)])
+    assert one(h.scrape(), "nswatch_namespace_synced", netns="nswM-a.b") == 1
 
 
 def test_link_deleted_counts_and_its_series_vanish() -> None:

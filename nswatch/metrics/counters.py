@@ -6,12 +6,13 @@ import threading
 from dataclasses import dataclass, field
 from typing import Protocol
 
-NETLINK_TYPES = ("link", "address", "route")
+NETLINK_TYPES = ("link", "address", "rule", "route")
 NETLINK_ACTIONS = ("new", "del")
 NAMESPACE_ACTIONS = ("added", "removed")
-DISCREPANCY_KINDS = ("link", "address", "route", "namespace")
-# Resync reasons the daemon reports (Observer.resync); others appear when first seen.
-RESYNC_REASONS = ("overrun", "reconcile", "stalled")
+DISCREPANCY_KINDS = ("link", "address", "rule", "route", "namespace")
+# Resync reasons the daemon reports (Observer.resync), exported at 0 from the
+# start so increase() sees the first; others appear when first seen.
+RESYNC_REASONS = ("decode_error", "overrun", "reconcile", "stalled")
 RELOAD_RESULTS = ("success", "failure")
 
 

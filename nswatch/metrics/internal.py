@@ -55,16 +55,29 @@ class StatusCollector:
         ("version", "pyroute2_version", "python_version"),
     )
     SYNCED = FamilySpec(
-        "nswatch_synced", "1 once every namespace had its first full sync.", "gauge"
+        "nswatch_synced",
+        "1 once the first full sync after start finished (it stays 1; see"
+        " nswatch_namespace_synced for each namespace).",
+        "gauge",
     )
-    specs = (BUILD, SYNCED)
+    UNWATCHED = FamilySpec(
+        "nswatch_namespaces_unwatched",
+        "Namespaces (or namespace directory entries) that exist but are not watched, by reason.",
+        "gauge",
+        ("reason",),
+    )
+    specs = (BUILD, SYNCED, UNWATCHED)
 
     def collect(self, view: ScrapeView) -> Iterator[Family]:
         build, synced = self.BUILD.family(), self.SYNCED.family()
         build.add((__version__, str(_PYROUTE2_VERSION), platform.python_version()), 1)
-        synced.add((), 1 if (view.ready and view.model.synced) else 0)
+        synced.add((), 1 if view.ready else 0)
         yield build
         yield synced
+        unwatched = self.UNWATCHED.family()
+        for reason, n in sorted(view.unwatched.items()):
+            unwatched.add((reason,), n)
+        yield unwatched
 
 
 class EventCollector:

@@ -35,17 +35,35 @@ class NamespaceCollector:
 
     COUNT = FamilySpec("nswatch_namespaces", "Network namespaces watched.", "gauge")
     INFO = FamilySpec(
-        "nswatch_namespace_info", "A watched network namespace.", "gauge", ("netns", "inode")
+        "nswatch_namespace_info",
+        "A watched network namespace: its inode (its identity), and who holds it (a process"
+        " inside, and the unit, container or pod its cgroup names) where known.",
+        "gauge",
+        ("netns", "inode", "pid", "comm", "unit", "container_id", "pod_uid"),
     )
-    specs = (COUNT, INFO)
+    SYNCED = FamilySpec(
+        "nswatch_namespace_synced",
+        "1 once nswatch holds a complete read of the namespace (its first full dump is done).",
+        "gauge",
+        ("netns",),
+    )
+    specs = (COUNT, INFO, SYNCED)
 
     def collect(self, view: ScrapeView) -> Iterator[Family]:
-        count, info = self.COUNT.family(), self.INFO.family()
+        count, info, synced = self.COUNT.family(), self.INFO.family(), self.SYNCED.family()
         count.add((), len(view.namespaces))
         for nv in view.namespaces:
-            info.add((nv.netns, str(nv.ns.inode)), 1)
+            o = nv.ns.owner
+            owner = (
+                (str(o.pid), sanitize(o.comm), o.unit or "", o.container_id or "", o.pod_uid or "")
+                if o is not None
+                else ("", "", "", "", "")
+            )
+            info.add((nv.netns, str(nv.ns.inode), *owner), 1)
+            synced.add((nv.netns,), 1 if nv.ns.synced else 0)
         yield count
         yield info
+        yield synced
 
 
 class LinkCollector:
@@ -126,9 +144,10 @@ class VethCollector:
 
     PEER = FamilySpec(
         "nswatch_veth_peer_info",
-        "Which veth end pairs with which (one series for each end).",
+        "Which veth end pairs with which (one series for each end); the ifindexes tell a"
+        " pair renamed between two scrapes from a new one.",
         "gauge",
-        ("netns", "device", "peer_netns", "peer_device"),
+        ("netns", "device", "peer_netns", "peer_device", "ifindex", "peer_ifindex"),
     )
     UNPAIRED = FamilySpec(
         "nswatch_veth_unpaired", "Veth ends whose peer is not resolved.", "gauge", ("netns",)
@@ -151,7 +170,17 @@ class VethCollector:
                 if peer_ns is None or peer is None:
                     n_unpaired += 1
                 else:
-                    peer_info.add((nv.netns, link.name, sanitize(peer_ns.name), peer.name), 1)
+                    peer_info.add(
+                        (
+                            nv.netns,
+                            link.name,
+                            sanitize(peer_ns.name),
+                            peer.name,
+                            str(index),
+                            str(peer.index),
+                        ),
+                        1,
+                    )
             unpaired.add((nv.netns,), n_unpaired)
         yield peer_info
         yield unpaired
@@ -224,6 +253,25 @@ class RouteCollector:
                 default.add((nv.netns, *d), 1)
         yield routes
         yield default
+
+
+class RuleCollector:
+    """Policy routing rules (`ip rule`) per namespace and family."""
+
+    COUNT = FamilySpec(
+        "nswatch_rules", "Policy routing rules, by family.", "gauge", ("netns", "family")
+    )
+    specs = (COUNT,)
+
+    def collect(self, view: ScrapeView) -> Iterator[Family]:
+        count = self.COUNT.family()
+        for nv in view.namespaces:
+            n = dict.fromkeys(FAMILIES, 0)
+            for rule in nv.ns.rules.values():
+                n[rule.family] += 1
+            for fam_name in FAMILIES:
+                count.add((nv.netns, fam_name), n[fam_name])
+        yield count
 
 
 class RemovalCollector:

@@ -15,6 +15,7 @@ from nswatch.metrics.network import (
     NamespaceCollector,
     RemovalCollector,
     RouteCollector,
+    RuleCollector,
     VethCollector,
 )
 from nswatch.metrics.view import Collector, ScrapeView
@@ -26,6 +27,7 @@ COLLECTORS: tuple[Collector, ...] = (
     VethCollector(),
     AddressCollector(),
     RouteCollector(),
+    RuleCollector(),
     RemovalCollector(),
     EventCollector(),
     ApplyCollector(),

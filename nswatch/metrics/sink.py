@@ -32,6 +32,7 @@ from nswatch.observer import BaseObserver
 
 class _Bindable(Protocol):
     def view(self) -> Model: ...
+    def unwatched_counts(self) -> dict[str, int]: ...
 
     @property
     def ready(self) -> threading.Event: ...
@@ -53,9 +54,11 @@ class MetricsSink(BaseObserver):
         self,
         view: Callable[[], Model] | None = None,
         ready: Callable[[], bool] | None = None,
+        unwatched: Callable[[], dict[str, int]] | None = None,
     ) -> None:
         self._view: Callable[[], Model] = view or _empty_model
         self._ready: Callable[[], bool] = ready or (lambda: False)
+        self._unwatched: Callable[[], dict[str, int]] = unwatched or dict
         self._apply: ApplySource | None = None
         self._counters = Counters()
         # One scrape renders at a time: concurrent renders would only compete
@@ -83,6 +86,7 @@ class MetricsSink(BaseObserver):
         """Read the model and readiness from ``daemon``."""
         self._view = daemon.view
         self._ready = daemon.ready.is_set
+        self._unwatched = daemon.unwatched_counts
 
     def bind_apply(self, engine: ApplySource) -> None:
         """Export what the apply engine did (``engine.snapshot()``: an ``ApplyStats``)."""
@@ -116,7 +120,7 @@ class MetricsSink(BaseObserver):
                         continue
                     case NamespaceRenamed():
                         continue
-                if reason == "reconcile" and ch.kind in ("link", "address", "route"):
+                if reason == "reconcile" and ch.kind in ("link", "address", "rule", "route"):
                     c.discrepancies[ch.kind] += 1
 
     def _removed_for(self, inode: int, kind: str) -> dict[tuple[str, str], int]:
@@ -155,7 +159,7 @@ class MetricsSink(BaseObserver):
         ready = self._ready()
         counters = self._counters.snapshot()
         apply = self._apply.snapshot() if self._apply is not None else None
-        return ScrapeView.of(model, counters, ready, apply)
+        return ScrapeView.of(model, counters, ready, apply, self._unwatched())
 
     def families(self) -> list[Family]:
         """Every nswatch_* family but the histogram, from a fresh view of the model."""

@@ -30,13 +30,21 @@ class ScrapeView:
     ready: bool
     apply: ApplyStats | None
     namespaces: list[NamespaceView]
+    # Namespaces (and directory entries) that exist but are not watched, by reason.
+    unwatched: dict[str, int]
 
     @classmethod
     def of(
-        cls, model: Model, counters: Counters, ready: bool, apply: ApplyStats | None = None
+        cls,
+        model: Model,
+        counters: Counters,
+        ready: bool,
+        apply: ApplyStats | None = None,
+        unwatched: dict[str, int] | None = None,
     ) -> ScrapeView:
         """The view of a model copy and a counters snapshot (the caller's own)."""
-        return cls(model, counters, ready, apply, [_view(ns) for ns in _ns_order(model)])
+        namespaces = [_view(ns) for ns in _ns_order(model)]
+        return cls(model, counters, ready, apply, namespaces, dict(unwatched or {}))
 
 
 def _ns_order(model: Model) -> list[Namespace]:
