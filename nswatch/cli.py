@@ -89,7 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     chk = sub.add_parser("check-config", help="validate a config file")
     chk.add_argument(
-        "file", nargs="?", default=None, help=f"config file (default {DEFAULT_CONFIG_PATH})"
+        "file",
+        nargs="?",
+        default=None,
+        metavar="FILE",
+        help=f"config file (default {DEFAULT_CONFIG_PATH})",
     )
 
     app = with_config("apply", help="apply the profiles once, without the daemon")
@@ -166,7 +170,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, on_signal)
-    log.info("starting", version=__version__, listen=f"{listen[0]}:{listen[1]}")
+    bound = server.address
+    log.info("starting", version=__version__, listen=f"{bound[0]}:{bound[1]}")
     server.start()
     engine.start()
     thread = daemon.start()
@@ -207,7 +212,7 @@ def startup_summary(config: Config, address: tuple[str, int], *, tls: bool) -> s
     url = f"{'https' if tls else 'http'}://{f'[{host}]' if ':' in host else host}:{port}"
     return (
         f"nswatch {__version__} watches {watched}; {applies} ({source})\n"
-        f"serving {url}/ : {url}/api/v1/state, {url}/metrics; Ctrl-C stops\n"
+        f"serving {url}/ (the state: /api/v1/state, metrics: /metrics); Ctrl-C stops\n"
     )
 
 
