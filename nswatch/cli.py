@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import gc
 import ipaddress
 import json
@@ -67,7 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     def with_config(name: str, **kw: Any) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, **kw)
-        sp.add_argument("--config", help=f"config file (default {DEFAULT_CONFIG_PATH} if present)")
+        sp.add_argument(
+            "--config",
+            metavar="FILE",
+            help=f"config file (default {DEFAULT_CONFIG_PATH} if present)",
+        )
         _add_setting_flags(sp, name)
         return sp
 
@@ -75,12 +80,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     snap = with_config("snapshot", help="print every namespace once and exit")
     snap.add_argument("--json", action="store_true", help="the state JSON of /api/v1/state")
+    snap.add_argument(
+        "--netns",
+        action="append",
+        metavar="NAME",
+        help="only namespaces with a name matching this glob (e.g. 'lab*'), repeatable"
+        " (default all)",
+    )
 
     chk = sub.add_parser("check-config", help="validate a config file")
-    chk.add_argument("file", nargs="?", default=None)
+    chk.add_argument(
+        "file",
+        nargs="?",
+        default=None,
+        metavar="FILE",
+        help=f"config file (default {DEFAULT_CONFIG_PATH})",
+    )
 
     app = with_config("apply", help="apply the profiles once, without the daemon")
-    app.add_argument("--netns", metavar="NAME", help="only this namespace")
+    app.add_argument(
+        "--netns", metavar="NAME", help="only this namespace (default every namespace)"
+    )
     app.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
     return p
 
@@ -138,6 +158,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     listen = config.settings.listen
     server = HttpServer(listen, api, web)
+    if sys.stderr.isatty():
+        # A person at a terminal first learns what is watched and where to look.
+        tls = web is not None and web.tls is not None
+        sys.stderr.write(startup_summary(config, server.address, tls=tls))
     stop = threading.Event()
     reload = threading.Event()
 
@@ -150,7 +174,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, on_signal)
-    log.info("starting", version=__version__, listen=f"{listen[0]}:{listen[1]}")
+    bound = server.address
+    log.info("starting", version=__version__, listen=f"{bound[0]}:{bound[1]}")
     server.start()
     engine.start()
     thread = daemon.start()
@@ -172,6 +197,31 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1
     log.info("stopped")
     return 0
+
+
+def startup_summary(config: Config, address: tuple[str, int], *, tls: bool) -> str:
+    """What ``nswatch run`` watches and where it serves, in two lines for a terminal."""
+    s = config.settings
+    dirs = ", ".join(s.netns_dirs)
+    watched = f"the host and every namespace in {dirs}" if dirs else "the host"
+    if s.discover_processes:
+        watched += " or held by a process"
+    elif not dirs:
+        watched += " only"
+    only = [f"names matching {s.include}"] if s.include else []
+    if s.exclude:
+        only.append(f"except {s.exclude}")
+    if only:
+        watched += f" ({', '.join(only)})"
+    n = len(config.profiles)
+    applies = f"applies {n} profile{'s' if n != 1 else ''}" if n else "applies no profile"
+    source = f"config {config.source}" if config.source else "no config file"
+    host, port = address
+    url = f"{'https' if tls else 'http'}://{f'[{host}]' if ':' in host else host}:{port}"
+    return (
+        f"nswatch {__version__} watches {watched}; {applies} ({source})\n"
+        f"serving {url}/ (the state: /api/v1/state, metrics: /metrics); Ctrl-C stops\n"
+    )
 
 
 class _FreezeAfterSync(BaseObserver):
@@ -263,14 +313,39 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     try:
         complete = daemon.sync_once()
         model = daemon.model
+        shown = selected(model, args.netns)
+        if not shown:
+            print(f"no namespace matches {' '.join(args.netns)}", file=sys.stderr)
+            return 1
         if args.json:
-            json.dump(state_json(model), sys.stdout, indent=2)
+            json.dump(select_state(state_json(model), model, shown), sys.stdout, indent=2)
             sys.stdout.write("\n")
         else:
-            sys.stdout.write(render_table(model))
+            sys.stdout.write(render_table(model, shown))
     finally:
         daemon.close()
     return 0 if complete else 1
+
+
+def selected(model: Model, globs: Sequence[str] | None) -> set[int]:
+    """Inodes of the namespaces with a name (any of them) matching one of ``globs`` (None: all)."""
+    return {
+        inode
+        for inode, ns in model.namespaces.items()
+        if globs is None or any(fnmatch.fnmatchcase(n, g) for n in ns.names for g in globs)
+    }
+
+
+def select_state(state: dict[str, Any], model: Model, shown: set[int]) -> dict[str, Any]:
+    """The state JSON cut down to the ``shown`` namespaces and the veth pairs with an end in one."""
+    names = {model.namespaces[inode].name for inode in shown}
+    return {
+        **state,
+        "namespaces": {k: v for k, v in state["namespaces"].items() if k in names},
+        "veth_pairs": [
+            p for p in state["veth_pairs"] if {p["a"]["netns"], p["b"]["netns"]} & names
+        ],
+    }
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
@@ -312,10 +387,11 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return status
 
 
-def render_table(model: Model) -> str:
-    """A human-readable listing of the model."""
+def render_table(model: Model, shown: set[int] | None = None) -> str:
+    """A human-readable listing of the model (only the ``shown`` namespaces, when given)."""
     lines: list[str] = []
-    for ns in sorted(model.namespaces.values(), key=lambda n: (not n.is_host, n.name)):
+    namespaces = [ns for i, ns in model.namespaces.items() if shown is None or i in shown]
+    for ns in sorted(namespaces, key=lambda n: (not n.is_host, n.name)):
         alias = f" (also {', '.join(ns.names[1:])})" if len(ns.names) > 1 else ""
         lines.append(f"netns {ns.name}{alias}  inode {ns.inode}")
         for link in sorted(ns.links.values(), key=lambda link: link.index):
@@ -346,6 +422,7 @@ def render_table(model: Model) -> str:
         f"  {model.namespaces[a[0]].name}/{model.namespaces[a[0]].links[a[1]].name} <-> "
         f"{model.namespaces[b[0]].name}/{model.namespaces[b[0]].links[b[1]].name}"
         for a, b in model.veth_pairs()
+        if shown is None or a[0] in shown or b[0] in shown
     ]
     if pairs:
         lines.append("veth pairs")

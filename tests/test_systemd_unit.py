@@ -2,11 +2,12 @@
 
 The real systemd boots in a container on this machine's own root file system
 (`systemd-nspawn -D / --volatile=yes -b`, with its own network namespace so
-nothing it does reaches the host's interfaces). The project and the unit are
-bound in, nswatch runs as if installed at /usr/local/bin/nswatch, and the
-tests drive it with systemctl: start (active only after READY=1), namespaces
-added later, profiles writing sysctls, reload, kill -9, a wedged process and
-the watchdog, stop.
+nothing it does reaches the host's interfaces). A clean copy of the checkout
+is bound in and installed there by the shell block of systemd/README.md's
+Install section, run as written (pip offline, from a wheelhouse built here),
+and the tests drive it with systemctl: start (active only after READY=1),
+namespaces added later, profiles writing sysctls, reload, kill -9, a wedged
+process and the watchdog, stop.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import sysconfig
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -166,14 +166,49 @@ After=basic.target
 AllowIsolate=yes
 """
 
-# nswatch "installed": this checkout and its venv's packages, run by the
-# container's python3 (a venv's interpreter may live under /root, which
-# ProtectHome=yes hides from the service).
-WRAPPER = """\
-#!/bin/sh
-export PYTHONPATH=/opt/nswA/src:/opt/nswA/site-packages
-exec /usr/bin/python3 -m nswatch "$@"
-"""
+CHECKOUT = "/opt/nswA/checkout"
+WHEELS = "/opt/nswA/wheels"
+
+
+def readme_install_block() -> str:
+    """The first shell block of the Install section of systemd/README.md."""
+    install = README.read_text().split("\n## Install\n", 1)[1].split("\n## ", 1)[0]
+    m = re.search(r"^```sh\n(.*?)^```$", install, re.M | re.S)
+    assert m is not None, "systemd/README.md: no sh block under ## Install"
+    return m.group(1)
+
+
+def clean_copy(dest: Path) -> None:
+    """The checkout as a clone has it: no venv, caches or build output."""
+    shutil.copytree(
+        ROOT,
+        dest,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".*_cache"
+        ),
+    )
+
+
+def wheelhouse(dest: Path, checkout: Path) -> None:
+    """Wheels of nswatch's dependencies and build backend (the container has no network)."""
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-build-isolation",
+            "-w",
+            str(dest),
+            str(checkout),
+            "setuptools>=77,<81",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+
 
 PROFILE = """\
 profiles:
@@ -201,18 +236,21 @@ class Container:
         self.etc = workdir / "etc-nswatch"
         self.proc: subprocess.Popen[bytes] | None = None
         self.leader = 0
+        self.installed: subprocess.CompletedProcess[str] | None = None
+        self.after_install: dict[str, str] = {}
 
     def boot(self) -> None:
         nspawn = tool("systemd-nspawn", "systemd-container")
+        # An empty, writable /usr/local for the README's symlink.
         local = self.workdir / "local"
         (local / "bin").mkdir(parents=True)
-        wrapper = local / "bin" / "nswatch"
-        wrapper.write_text(WRAPPER)
-        wrapper.chmod(0o755)
+        checkout = self.workdir / "checkout"
+        clean_copy(checkout)
+        wheels = self.workdir / "wheels"
+        wheelhouse(wheels, checkout)
         target = self.workdir / "nswA-test.target"
         target.write_text(TARGET)
         self.etc.mkdir()
-        site = sysconfig.get_paths()["purelib"]
         log = open(self.workdir / "boot.log", "wb")  # noqa: SIM115 (the child keeps it)
         with log:
             self.proc = subprocess.Popen(
@@ -228,10 +266,9 @@ class Container:
                     # Its own network namespace: the container's "host" is not ours.
                     "--private-network",
                     "--console=pipe",
-                    f"--bind-ro={ROOT}:/opt/nswA/src",
-                    f"--bind-ro={site}:/opt/nswA/site-packages",
-                    f"--bind-ro={local}:/usr/local",
-                    f"--bind-ro={UNIT}:/etc/systemd/system/nswatch.service",
+                    f"--bind={checkout}:{CHECKOUT}",
+                    f"--bind-ro={wheels}:{WHEELS}",
+                    f"--bind={local}:/usr/local",
                     f"--bind-ro={target}:/etc/systemd/system/nswA-test.target",
                     f"--bind={self.etc}:/etc/nswatch",
                     # Boot no further than basic.target: the first boot of an
@@ -259,6 +296,18 @@ class Container:
             if time.monotonic() > deadline:
                 raise AssertionError(f"container did not boot: {p.stdout} {self.boot_log()}")
             time.sleep(0.2)
+
+    def install(self) -> subprocess.CompletedProcess[str]:
+        """Run the README's install block as written, in the checkout, with pip offline."""
+        script = f"cd {CHECKOUT}\n{readme_install_block()}"
+        # Only what a root shell has: none of this machine's pip settings.
+        env = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/root"]
+        env += ["PIP_NO_INDEX=1", f"PIP_FIND_LINKS={WHEELS}", "PIP_DISABLE_PIP_VERSION_CHECK=1"]
+        self.installed = self.run(
+            "env", "-i", *env, "bash", "-euxo", "pipefail", "-c", script, check=False, timeout=300
+        )
+        self.after_install = self.show("ActiveState", "StatusText")
+        return self.installed
 
     def boot_log(self) -> str:
         return (self.workdir / "boot.log").read_text(errors="replace")[-3000:]
@@ -388,9 +437,36 @@ def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
     c = Container(tmp_path_factory.mktemp("nspawn"))
     try:
         c.boot()
+        c.install()
+        # The tests below start it themselves (the README's block started it).
+        c.run("systemctl", "stop", "nswatch", check=False)
         yield c
     finally:
         c.shutdown()
+
+
+@pytest.mark.kernel
+def test_readme_install(box: Container) -> None:
+    """systemd/README.md's install block, run as written, installs a built nswatch and starts it."""
+    p = box.installed
+    assert p is not None and p.returncode == 0, (p.stdout + p.stderr)[-3000:] if p else None
+    # Installed from a build into /opt/nswatch, not run from the checkout.
+    assert (
+        box.run("readlink", "/usr/local/bin/nswatch").stdout.strip() == "/opt/nswatch/bin/nswatch"
+    )
+    where = box.run(
+        "/opt/nswatch/bin/python", "-c", "import nswatch; print(nswatch.__file__)", timeout=30
+    ).stdout.strip()
+    assert where.startswith("/opt/nswatch/lib/python3"), where
+    assert box.run("/usr/local/bin/nswatch", "--version").stdout.startswith("nswatch ")
+    shipped = box.run("cat", "/etc/systemd/system/nswatch.service").stdout
+    assert shipped == UNIT.read_text()
+    assert box.run("systemctl", "is-enabled", "nswatch").stdout.strip() == "enabled"
+    # `enable --now` returned after READY=1, with the summary of what it watched.
+    assert box.after_install == {
+        "ActiveState": "active",
+        "StatusText": "watching 1 namespace, 1 link, 0 veth pairs",
+    }
 
 
 @pytest.mark.kernel
@@ -471,16 +547,14 @@ def test_sees_namespaces_added_after_start(box: Container) -> None:
     box.run("ip", "netns", "add", ns)
     box.run("ip", "link", "add", f"{ns}h", "type", "veth", "peer", "name", "eth0", "netns", ns)
 
+    ends = [{"netns": "host", "link": f"{ns}h"}, {"netns": ns, "link": "eth0"}]
+
     def paired() -> bool:
         state = box.state()
-        return (
-            ns in state["namespaces"]
-            and {
-                "a": {"netns": "host", "link": f"{ns}h"},
-                "b": {"netns": ns, "link": "eth0"},
-            }
-            in state["veth_pairs"]
-        )
+        # a/b follow the namespaces' inode numbers, which the kernel reuses:
+        # a new namespace may well get a lower one than the container's own.
+        pairs = [sorted((p["a"], p["b"]), key=json.dumps) for p in state["veth_pairs"]]
+        return ns in state["namespaces"] and sorted(ends, key=json.dumps) in pairs
 
     wait(paired, 10)
     wait(lambda: "watching 2 namespaces" in box.show("StatusText")["StatusText"], 5)
