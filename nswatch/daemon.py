@@ -25,15 +25,13 @@ from collections.abc import Callable, Sequence
 
 from nswatch.decode import Decoded
 from nswatch.discovery import DirWatch, DirWatchFactory, Discovery, Seen
-from nswatch.followups import followups
+from nswatch.followups import LookInProc, followups
 from nswatch.loop import Loop
 from nswatch.model import (
     Change,
     Dump,
     Event,
     GoneReason,
-    LinkAdded,
-    LinkChanged,
     Model,
     NamespaceGone,
     NamespaceSeen,
@@ -283,19 +281,6 @@ class Daemon:
         """Something cannot be watched: said once per name and reason (discovery sees to it)."""
         self.observers.error(name, reason, err or OSError(reason.replace("_", " ")))
 
-    def _unknown_peer(self, changes: Sequence[Change]) -> bool:
-        """True when a veth's peer may live in a namespace not watched (no candidate to ask)."""
-        for ch in changes:
-            if isinstance(ch, LinkAdded | LinkChanged) and ch.link.kind == "veth":
-                ns = self.model.namespaces.get(ch.inode)
-                if (
-                    ns is not None
-                    and self.model.veths.needs_nsid(ns, ch.link)
-                    and not self.model.peer_candidates(ch.inode, ch.link)
-                ):
-                    return True
-        return False
-
     def _reopen(self, inode: int, why: str) -> None:
         """Replace a namespace's socket: the kernel forgets a stuck dump with it."""
         ns = self.model.namespaces.get(inode)
@@ -340,11 +325,9 @@ class Daemon:
         actions = followups(
             session.inode, events, changes, self.model, synced=session.synced and live
         )
-        self.sessions.carry_out(actions)
-        if self._unknown_peer(changes):
-            # A veth whose peer's namespace nobody here knows: it may be one
-            # no file holds. /proc says.
+        if any(isinstance(a, LookInProc) for a in actions):
             self.discovery.hint()
+        self.sessions.carry_out(actions)
         self.observers.processed(time.perf_counter() - t0, self.wall_clock())
         # After the follow-ups: an nsid question just sent keeps the namespace unready.
         self.readiness.progress(session.inode)

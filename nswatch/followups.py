@@ -61,7 +61,12 @@ class AskNsid:
     target: int
 
 
-Action = RedumpRoutes | Resync | AskNsid
+@dataclass(frozen=True, slots=True)
+class LookInProc:
+    """A veth's peer lives in a namespace nobody watched knows: scan /proc for process-held ones."""
+
+
+Action = RedumpRoutes | Resync | AskNsid | LookInProc
 
 
 def ipv4_stale_links(changes: Iterable[Change]) -> set[int]:
@@ -123,6 +128,22 @@ def nsid_questions(changes: Iterable[Change], model: Model) -> list[AskNsid]:
     return out
 
 
+def _peer_nowhere(ch: Change, model: Model) -> bool:
+    """A veth whose peer's netnsid is unknown and no watched namespace could hold the peer.
+
+    Then the peer is in a namespace no file holds (a container, `unshare -n`):
+    only /proc can find it.
+    """
+    if not isinstance(ch, LinkAdded | LinkChanged) or ch.link.kind != "veth":
+        return False
+    ns = model.namespaces.get(ch.inode)
+    return (
+        ns is not None
+        and model.veths.needs_nsid(ns, ch.link)
+        and not model.veths.candidates(ch.inode, ch.link)
+    )
+
+
 def followups(
     inode: int,
     events: Sequence[Event],
@@ -170,5 +191,7 @@ def followups(
         ):
             out.append(RedumpRoutes(inode, "inet6", ROUTE_FOLLOWUP_DELAYS[0]))
     out.extend(nsid_questions(changes, model))
+    if any(_peer_nowhere(ch, model) for ch in changes):
+        out.append(LookInProc())
     # Two rules may ask for the same re-dump; the order stays the kernel's.
     return list(dict.fromkeys(out))

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
 
 from nswatch.decode import Decoded
-from nswatch.followups import Action, AskNsid, RedumpRoutes, Resync
+from nswatch.followups import Action, AskNsid, LookInProc, RedumpRoutes, Resync
 from nswatch.loop import Loop
 from nswatch.model import DumpKind, Event, Family
 from nswatch.netlink import Session, make_socket
@@ -199,6 +199,9 @@ class Sessions:
                     if session is not None and (inode, target) not in self._asked:
                         self._asked.add((inode, target))
                         self._ask_nsid(session, target)
+                case LookInProc():
+                    # Discovery's, not a session's: the daemon passes it on.
+                    pass
 
     def _later_route_dump(self, action: RedumpRoutes) -> None:
         if action in self._route_dumps_due:

@@ -159,7 +159,13 @@ def rig(tmp_path: Path, boom: Boom) -> Iterator[Rig]:
 
     rec = Recorder()
     daemon = Daemon(
-        Settings(netns_dirs=(str(tmp_path),), reconcile_interval=0, stats_interval=0),
+        # The fake kernel has no processes to look for in /proc.
+        Settings(
+            netns_dirs=(str(tmp_path),),
+            reconcile_interval=0,
+            stats_interval=0,
+            discover_processes=False,
+        ),
         observers=[boom, rec],
         clock=clock,
         open_session=open_session,

@@ -9,6 +9,7 @@ from nswatch.followups import (
     ROUTE_FOLLOWUP_DELAYS,
     Action,
     AskNsid,
+    LookInProc,
     RedumpRoutes,
     Resync,
     followups,
@@ -200,7 +201,8 @@ def test_nsid_is_asked_only_of_namespaces_holding_a_matching_end() -> None:
     """Only a namespace with a veth at the peer's ifindex pointing back is asked about, once it exists."""
     m = model()
     run(m, B, [LinkNew(B, veth(9, 77, 4))])  # points elsewhere: not a candidate
-    assert run(m, A, [LinkNew(A, veth(5, 9, 0))]) == []
+    # No watched namespace can hold its peer yet: only /proc might.
+    assert run(m, A, [LinkNew(A, veth(5, 9, 0))]) == [LookInProc()]
     out = run(m, HOST, [LinkNew(HOST, veth(9, 5, 3))])
     assert out == [AskNsid(HOST, A)]
     # The first end asks about the host too, when its next message comes.
@@ -225,3 +227,14 @@ def test_same_namespace_veth_asks_nothing() -> None:
     m = model()
     assert run(m, A, [LinkNew(A, veth(5, 6, None)), LinkNew(A, veth(6, 5, None))]) == []
     assert m.peers[(A, 5)] == (A, 6)
+
+
+def test_a_veth_whose_peer_no_watched_namespace_can_hold_asks_to_look_in_proc() -> None:
+    """A veth pointing at an unknown netnsid with no candidate namespace means a process-held one: look in /proc."""
+    m = model()
+    out = run(m, A, [LinkNew(A, veth(7, 9, 4))])
+    assert LookInProc() in out
+    # Once a watched namespace holds a matching end, asking its nsid is enough.
+    m.apply(LinkNew(B, veth(9, 7, 2)))
+    out = run(m, A, [LinkNew(A, veth(7, 9, 4, up=False))])
+    assert LookInProc() not in out and AskNsid(A, B) in out
