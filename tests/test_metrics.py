@@ -87,6 +87,8 @@ def lab(**labels: str) -> tuple[tuple[str, str], ...]:
 
 
 STATS = LinkStats(1000, 2000, 10, 20, 1, 2, 3, 4)
+# Every field different, so a sum or a swap shows.
+FULL_STATS = LinkStats(*(2**i for i in range(24)))
 
 
 def base_events() -> list[Event]:
@@ -190,6 +192,52 @@ def rich_harness() -> Harness:
             ),
             RouteNew(NS_A, Route(101, "inet", "blackhole", "default")),
             RouteNew(HOST, Route(254, "inet", "unicast", "default", dev=99)),
+            # node_exporter's netclass and route series, and a lower device.
+            LinkNew(
+                NS_A,
+                Link(
+                    7,
+                    "mv0",
+                    "macvlan",
+                    "02:00:00:00:00:07",
+                    1500,
+                    True,
+                    "LOWERLAYERDOWN",
+                    stats=FULL_STATS,
+                    carrier=False,
+                    carrier_changes=3,
+                    carrier_up_count=1,
+                    carrier_down_count=2,
+                    txqlen=500,
+                    flags=0x1003,
+                    promiscuity=1,
+                    ifalias='uplink "a"',
+                    broadcast="ff:ff:ff:ff:ff:ff",
+                    parent_index=2,
+                    parent_netnsid=0,
+                    ifi_type=1,
+                    link_mode=1,
+                    group=4,
+                ),
+            ),
+            AddressNew(
+                NS_A, Address(7, "inet6", "2001:db8::7", 64, flags=("tentative", "dadfailed"))
+            ),
+            RouteNew(
+                NS_A,
+                Route(
+                    102,
+                    "inet",
+                    "unicast",
+                    "default",
+                    gateway="198.18.0.9",
+                    dev=7,
+                    protocol="dhcp",
+                    priority=20,
+                    prefsrc="198.18.0.10",
+                    flags=("linkdown",),
+                ),
+            ),
         ],
         "reconcile",
     )
@@ -251,6 +299,8 @@ def test_exact_series_for_a_veth_pair() -> None:
             address="00:00:00:00:00:00",
             operstate="down",
             master="",
+            broadcast="",
+            ifalias="",
         ),
         lab(
             netns=ns,
@@ -259,6 +309,8 @@ def test_exact_series_for_a_veth_pair() -> None:
             address="02:00:00:00:00:02",
             operstate="up",
             master="",
+            broadcast="",
+            ifalias="",
         ),
     }
     assert all(v == 1 for v in pick(s, "nswatch_network_info").values())
