@@ -45,6 +45,13 @@ from nswatch.model import (
     RouteNew,
     Synced,
 )
+from nswatch.procnet import (
+    NETSTAT_COUNTERS,
+    NETSTAT_GAUGES,
+    SOCKSTAT_FIELDS,
+    NetStats,
+    ProcNetSnapshot,
+)
 
 OM = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 Key = tuple[str, tuple[tuple[str, str], ...]]
@@ -252,6 +259,7 @@ def rich_harness() -> Harness:
     sink.config_reloaded(False)
     sink.config_reloaded(True)
     sink.bind_apply(_FakeApply())
+    sink.bind_procnet(_FakeProcNet())
     return h
 
 
@@ -857,6 +865,23 @@ def test_every_namespace_reports_unpaired(n: int) -> None:
     s = Harness(events).scrape()
     assert len(pick(s, "nswatch_veth_unpaired")) == n + 1
     assert one(s, "nswatch_namespaces") == n + 1
+
+
+class _FakeProcNet:
+    """Stands in for the /proc poller: the host without conntrack, a namespace with it, a gone one."""
+
+    def snapshot(self) -> ProcNetSnapshot:
+        full = {k: i + 1 for i, k in enumerate((*NETSTAT_COUNTERS, *NETSTAT_GAUGES))}
+        return ProcNetSnapshot(
+            {
+                HOST: NetStats({"sockets_used": 9, "TCP_inuse": 2, "TCP6_inuse": 1}, {}, None),
+                NS_A: NetStats(dict.fromkeys(SOCKSTAT_FIELDS, 3), full, (7, 262144)),
+                4026532006: NetStats({"sockets_used": 1}, {}, (1, 2)),
+            },
+            {"enter": 2, "read": 0},
+            1.5,
+            4,
+        )
 
 
 class _FakeApply:
