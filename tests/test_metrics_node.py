@@ -32,12 +32,14 @@ IFF_UP, IFF_BROADCAST, IFF_PROMISC, IFF_RUNNING, IFF_MULTICAST, IFF_LOWER_UP = (
 )
 
 
-def scrape(events: list[Event], **sink_args: int) -> dict[Key, float]:
+def scrape(events: list[Event], max_objects_per_namespace: int = 10_000) -> dict[Key, float]:
     """One text scrape of a model built from ``events``."""
     model = Model()
     for ev in events:
         model.apply(ev)
-    sink = MetricsSink(view=model.copy, ready=lambda: True, **sink_args)
+    sink = MetricsSink(
+        view=model.copy, ready=lambda: True, max_objects_per_namespace=max_objects_per_namespace
+    )
     return parse(sink.render(None)[0])
 
 
