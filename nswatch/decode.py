@@ -81,6 +81,7 @@ IFLA_LINK_NETNSID = 37
 IFLA_NEW_NETNSID = 45
 IFLA_CARRIER_UP_COUNT = 47
 IFLA_CARRIER_DOWN_COUNT = 48
+IFLA_ALLMULTI = 61
 IFLA_INFO_KIND = 1
 
 IFA_ADDRESS = 1
@@ -341,6 +342,7 @@ def decode_link(msg: Message) -> Link:
         ifi_type=ifi_type,
         link_mode=raw[0] if (raw := a.get(IFLA_LINKMODE)) else 0,
         group=_u32(a.get(IFLA_GROUP)) or 0,
+        allmulti=_u32(a.get(IFLA_ALLMULTI)),
     )
 
 

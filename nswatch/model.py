@@ -105,6 +105,9 @@ class Link:
     ifi_type: int = 0
     link_mode: int = 0
     group: int = 0
+    # IFLA_ALLMULTI (Linux 6.6; None before): like promiscuity, a count of
+    # holders (a bridge holds its ports) that ifi_flags does not show.
+    allmulti: int | None = None
 
 
 AddressKey: TypeAlias = tuple[int, str, str, int]

@@ -218,6 +218,7 @@ def rich_harness() -> Harness:
                     txqlen=500,
                     flags=0x1003,
                     promiscuity=1,
+                    allmulti=1,
                     ifalias='uplink "a"',
                     broadcast="ff:ff:ff:ff:ff:ff",
                     parent_index=2,

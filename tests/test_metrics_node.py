@@ -22,14 +22,8 @@ from nswatch.model import (
 )
 from tests.test_metrics import HOST, NS_A, Key, lab, one, parse, pick
 
-IFF_UP, IFF_BROADCAST, IFF_PROMISC, IFF_RUNNING, IFF_MULTICAST, IFF_LOWER_UP = (
-    0x1,
-    0x2,
-    0x100,
-    0x40,
-    0x1000,
-    0x10000,
-)
+IFF_UP, IFF_BROADCAST, IFF_PROMISC, IFF_ALLMULTI = 0x1, 0x2, 0x100, 0x200
+IFF_RUNNING, IFF_MULTICAST, IFF_LOWER_UP = 0x40, 0x1000, 0x10000
 
 
 def scrape(events: list[Event], max_objects_per_namespace: int = 10_000) -> dict[Key, float]:
@@ -102,17 +96,17 @@ def test_decoder_reads_the_whole_rtnl_link_stats64() -> None:
 
 
 def test_flags_are_the_devices_own_as_sysfs_shows_them() -> None:
-    """nswatch_network_flags drops the bits ifi_flags computes (RUNNING, LOWER_UP) and shows PROMISC held by anyone."""
+    """nswatch_network_flags drops the bits ifi_flags computes (RUNNING, LOWER_UP) and shows PROMISC and ALLMULTI held by anyone."""
     msg = IFF_UP | IFF_BROADCAST | IFF_MULTICAST | IFF_RUNNING | IFF_LOWER_UP
     s = scrape(
         host(
-            Link(2, "eth0", "device", flags=msg),
-            Link(3, "port", "veth", flags=msg, promiscuity=1),
+            Link(2, "eth0", "device", flags=msg, allmulti=0),
+            Link(3, "port", "veth", flags=msg, promiscuity=1, allmulti=1),
         )
     )
     assert one(s, "nswatch_network_flags", device="eth0") == IFF_UP | IFF_BROADCAST | IFF_MULTICAST
     assert one(s, "nswatch_network_flags", device="port") == (
-        IFF_UP | IFF_BROADCAST | IFF_MULTICAST | IFF_PROMISC
+        IFF_UP | IFF_BROADCAST | IFF_MULTICAST | IFF_PROMISC | IFF_ALLMULTI
     )
 
 

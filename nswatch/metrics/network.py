@@ -76,11 +76,16 @@ def device_flags(link: Link) -> int:
     """The device's own flags (``/sys/class/net/*/flags``) from a message's ifi_flags.
 
     ifi_flags adds RUNNING, LOWER_UP and DORMANT from the device's state and
-    shows PROMISC only when a user asked for it; the device's flags are PROMISC
-    whenever anything (a bridge, a capture) holds it promiscuous.
+    shows PROMISC and ALLMULTI only when a user asked for them; the device's
+    flags have them whenever anything (a bridge, a capture) holds them.
+    Kernels before 6.6 do not send the ALLMULTI count: the user's bit only.
     """
-    flags = link.flags & ~(IFF_COMPUTED | IFF_PROMISC)
-    return flags | (IFF_PROMISC if link.promiscuity or link.flags & IFF_PROMISC else 0)
+    flags = link.flags & ~IFF_COMPUTED
+    if link.promiscuity:
+        flags |= IFF_PROMISC
+    if link.allmulti:
+        flags |= IFF_ALLMULTI
+    return flags
 
 
 class NamespaceCollector:
