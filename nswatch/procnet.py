@@ -309,6 +309,9 @@ class ProcNetPoller:
     def _error(self, reason: str, inode: int, err: BaseException) -> None:
         with self._lock:
             self._errors[reason] = self._errors.get(reason, 0) + 1
+            if reason == "enter":
+                # Gone or replaced: its last figures are no longer its own.
+                self._stats.pop(inode, None)
         # A namespace going away between listing and reading is routine: one line per reason.
         if reason not in self._logged:
             self._logged.add(reason)
