@@ -53,7 +53,7 @@ Sample = tuple[str, dict[str, str], float]
 def samples(body: str, prefix: str) -> list[Sample]:
     """Every sample of a text scrape whose name starts with ``prefix``."""
     out: list[Sample] = []
-    for fam in text_string_to_metric_families(body):  # type: ignore[no-untyped-call]
+    for fam in text_string_to_metric_families(body):
         for s in fam.samples:
             if s.name.startswith(prefix):
                 out.append((s.name, dict(s.labels), float(s.value)))
