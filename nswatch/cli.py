@@ -101,6 +101,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     """Run the daemon until SIGTERM/SIGINT; SIGHUP reloads the config."""
     from nswatch import metrics
     from nswatch.apply import Applier, ApplyEngine
+    from nswatch.procnet import ProcNetPoller
 
     # One socket per namespace: the default soft limit (1,024) is far too low.
     raise_fd_limit()
@@ -119,6 +120,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         dirwatch_factory=DirWatcher,
     )
     sink.bind(daemon)
+    # Per-namespace /proc statistics; started once the daemon is ready.
+    sink.bind_procnet(ProcNetPoller(daemon.view, daemon.sessions.path_of))
     # The engine hands its config's host label to its applier, now and on reload.
     engine = ApplyEngine(config, daemon.view, Applier(daemon.enterer, daemon.path_of))
     daemon.observers.append(engine)

@@ -235,10 +235,14 @@ class ProcNetPoller:
 
     def _run(self) -> None:
         self._enterer = NetnsEnterer()
+        # The first pass reads everything at once, so that figures are there
+        # from the first scrapes; later ones are spread over the interval.
+        spread = 0.0
         try:
             while not self._stop.is_set():
                 start = time.monotonic()
-                self.poll_once(spread=self.interval)
+                self.poll_once(spread=spread)
+                spread = self.interval
                 # A pass with nothing to read still waits a whole interval.
                 self._stop.wait(max(0.0, self.interval - (time.monotonic() - start)))
         finally:
