@@ -101,13 +101,15 @@ class Link:
     parent_netnsid: int | None = None
     # ifi_type (ARPHRD_*: 1 ether, 772 loopback, ...), IFLA_LINKMODE and
     # IFLA_GROUP, as node_exporter's protocol_type, iface_link_mode and
-    # net_dev_group show them.
-    ifi_type: int = 0
+    # net_dev_group show them. A device's type never changes: not state.
+    ifi_type: int = field(default=0, compare=False)
     link_mode: int = 0
     group: int = 0
     # IFLA_ALLMULTI (Linux 6.6; None before): like promiscuity, a count of
-    # holders (a bridge holds its ports) that ifi_flags does not show.
-    allmulti: int | None = None
+    # holders (a bridge holds its ports) that ifi_flags does not show. The
+    # kernel only says when it crosses zero, so a reconcile may find it
+    # moved: not a change.
+    allmulti: int | None = field(default=None, compare=False)
 
 
 AddressKey: TypeAlias = tuple[int, str, str, int]
