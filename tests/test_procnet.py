@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from nswatch.metrics import MetricsSink
 from nswatch.model import Model, NamespaceGone, NamespaceSeen
 from nswatch.procnet import (
     NetStats,
     ProcNetPoller,
+    ProcNetSnapshot,
     parse_snmp,
     parse_sockstat,
     read_current,
 )
+from tests.kernel import wait_for
 
 SOCKSTAT = """sockets: used 28
 TCP: inuse 3 orphan 1 tw 20 alloc 5 mem 206
@@ -129,3 +132,46 @@ def test_poller_unreadable_file_is_a_read_error(tmp_path: Path) -> None:
     snap = poller.snapshot()
     assert snap.errors["read"] == 1
     assert snap.stats[1].netstat["Tcp_RetransSegs"] == 17
+
+
+def test_poller_thread_reads_at_once_then_stops(tmp_path: Path) -> None:
+    """The thread's first pass reads every namespace without waiting for the interval, and stop() ends it."""
+    model = Model()
+    model.apply(NamespaceSeen(1, ("host",), is_host=True))
+    poller = ProcNetPoller(
+        model.copy, lambda inode: None, interval=3600.0, proc=str(fake_proc(tmp_path))
+    )
+    poller.start()
+    try:
+        wait_for(lambda: poller.snapshot().passes >= 1, timeout=5)
+        assert 1 in poller.snapshot().stats
+    finally:
+        poller.stop()
+    assert poller._thread is not None and not poller._thread.is_alive()
+
+
+class _Recorder:
+    """A poller stand-in that records its lifecycle calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def snapshot(self) -> ProcNetSnapshot:
+        return ProcNetSnapshot()
+
+    def start(self) -> None:
+        self.calls.append("start")
+
+    def stop(self) -> None:
+        self.calls.append("stop")
+
+
+def test_sink_starts_the_poller_when_ready_and_stops_it_with_the_daemon() -> None:
+    """The metrics sink owns the poller it is bound to: started at the first full sync, stopped at shutdown."""
+    sink = MetricsSink()
+    rec = _Recorder()
+    sink.bind_procnet(rec)
+    assert rec.calls == []
+    sink.ready(Model())
+    sink.stopping()
+    assert rec.calls == ["start", "stop"]
