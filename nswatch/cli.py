@@ -121,6 +121,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     """Run the daemon until SIGTERM/SIGINT; SIGHUP reloads the config."""
     from nswatch import metrics
     from nswatch.apply import Applier, ApplyEngine
+    from nswatch.procnet import ProcNetPoller
 
     # One socket per namespace: the default soft limit (1,024) is far too low.
     raise_fd_limit()
@@ -132,13 +133,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     logs.configure(config.settings.log_format, config.settings.log_level)
     log = structlog.get_logger("nswatch")
-    sink = metrics.MetricsSink()
+    sink = metrics.MetricsSink(
+        max_objects_per_namespace=config.settings.metrics_max_objects_per_namespace
+    )
     daemon = Daemon(
         config.settings,
         observers=[logs.LogObserver(), sink],
         dirwatch_factory=DirWatcher,
     )
     sink.bind(daemon)
+    # Per-namespace /proc statistics; started once the daemon is ready.
+    if config.settings.procnet_interval > 0:
+        sink.bind_procnet(
+            ProcNetPoller(
+                daemon.view, daemon.sessions.path_of, interval=config.settings.procnet_interval
+            )
+        )
     # The engine hands its config's host label to its applier, now and on reload.
     engine = ApplyEngine(config, daemon.view, Applier(daemon.enterer, daemon.path_of))
     daemon.observers.append(engine)

@@ -71,15 +71,18 @@ IFLA_MASTER = 10
 IFLA_TXQLEN = 13
 IFLA_OPERSTATE = 16
 IFLA_LINKINFO = 18
+IFLA_LINKMODE = 17
 IFLA_IFALIAS = 20
 IFLA_STATS64 = 23
 IFLA_PROMISCUITY = 30
 IFLA_CARRIER = 33
 IFLA_CARRIER_CHANGES = 35
+IFLA_GROUP = 27
 IFLA_LINK_NETNSID = 37
 IFLA_NEW_NETNSID = 45
 IFLA_CARRIER_UP_COUNT = 47
 IFLA_CARRIER_DOWN_COUNT = 48
+IFLA_ALLMULTI = 61
 IFLA_INFO_KIND = 1
 
 IFA_ADDRESS = 1
@@ -337,13 +340,23 @@ def decode_link(msg: Message) -> Link:
         broadcast=_mac(brd) if brd else None,
         parent_index=parent_index,
         parent_netnsid=parent_netnsid,
+        ifi_type=ifi_type,
+        link_mode=raw[0] if (raw := a.get(IFLA_LINKMODE)) else 0,
+        group=_u32(a.get(IFLA_GROUP)) or 0,
+        allmulti=_u32(a.get(IFLA_ALLMULTI)),
     )
 
 
+# struct rtnl_link_stats64 up to rx_nohandler: the 8 counters every kernel
+# sends, then 16 more LinkStats keeps in the kernel's order.
+STATS64_FIELDS = 24
+
+
 def _stats(raw: bytes) -> tuple[int, ...]:
-    rx_p, tx_p, rx_b, tx_b, rx_e, tx_e, rx_d, tx_d = STATS64.unpack_from(raw, 0)
+    n = min(len(raw) // 8, STATS64_FIELDS)
+    rx_p, tx_p, rx_b, tx_b, rx_e, tx_e, rx_d, tx_d, *rest = struct.unpack_from(f"={n}Q", raw, 0)
     # LinkStats' field order: bytes, packets, errors, drops; rx before tx.
-    return (rx_b, tx_b, rx_p, tx_p, rx_e, tx_e, rx_d, tx_d)
+    return (rx_b, tx_b, rx_p, tx_p, rx_e, tx_e, rx_d, tx_d, *rest)
 
 
 def decode_address(msg: Message) -> Address | None:

@@ -39,6 +39,24 @@ class LinkStats:
     tx_errors: int = 0
     rx_dropped: int = 0
     tx_dropped: int = 0
+    # The rest of struct rtnl_link_stats64, in its order (0 where an older
+    # kernel's message is shorter).
+    multicast: int = 0
+    collisions: int = 0
+    rx_length_errors: int = 0
+    rx_over_errors: int = 0
+    rx_crc_errors: int = 0
+    rx_frame_errors: int = 0
+    rx_fifo_errors: int = 0
+    rx_missed_errors: int = 0
+    tx_aborted_errors: int = 0
+    tx_carrier_errors: int = 0
+    tx_fifo_errors: int = 0
+    tx_heartbeat_errors: int = 0
+    tx_window_errors: int = 0
+    rx_compressed: int = 0
+    tx_compressed: int = 0
+    rx_nohandler: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +99,17 @@ class Link:
     # peer; often another namespace (a pod's macvlan on a host link).
     parent_index: int | None = None
     parent_netnsid: int | None = None
+    # ifi_type (ARPHRD_*: 1 ether, 772 loopback, ...), IFLA_LINKMODE and
+    # IFLA_GROUP, as node_exporter's protocol_type, iface_link_mode and
+    # net_dev_group show them. A device's type never changes: not state.
+    ifi_type: int = field(default=0, compare=False)
+    link_mode: int = 0
+    group: int = 0
+    # IFLA_ALLMULTI (Linux 6.6; None before): like promiscuity, a count of
+    # holders (a bridge holds its ports) that ifi_flags does not show. The
+    # kernel only says when it crosses zero, so a reconcile may find it
+    # moved: not a change.
+    allmulti: int | None = field(default=None, compare=False)
 
 
 AddressKey: TypeAlias = tuple[int, str, str, int]

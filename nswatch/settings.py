@@ -168,6 +168,22 @@ class Settings:
             lambda v: values.seconds(v, floor=1.0, off=True),
         ),
     )
+    procnet_interval: float = _setting(
+        30.0,
+        Setting(
+            "how often each namespace's socket, TCP and conntrack figures are read from its"
+            " /proc/net (spread over the interval, off the event loop); at least 5 s, or 0: never",
+            lambda v: values.seconds(v, floor=5.0, off=True),
+        ),
+    )
+    metrics_max_objects_per_namespace: int = _setting(
+        10_000,
+        Setting(
+            "at most this many address and route info series per namespace in a scrape (the"
+            " rest are counted in `nswatch_network_{addresses,routes}_not_exported`)",
+            lambda v: values.integer(v, 1, 10_000_000),
+        ),
+    )
     discover_processes: bool = _setting(
         True,
         Setting(

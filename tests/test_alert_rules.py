@@ -40,6 +40,10 @@ NETWORK_ALERTS = {
     "NswatchVethMTUMismatch",
     "NswatchExpectedObjectMissing",
     "NswatchApplyFailing",
+    "NswatchAddressDADFailed",
+    "NswatchDefaultRouteLinkdown",
+    "NswatchConntrackNearLimit",
+    "NswatchListenOverflows",
 }
 ALERTS = PROCESS_ALERTS | NETWORK_ALERTS
 
@@ -58,7 +62,9 @@ SCENARIOS: dict[str, set[str]] = {
 }
 # A namespace has no name of its own to rename (a renamed namespace is a new
 # series under a new name, which the rename tests of the other alerts cover).
-SCENARIOS["NswatchNamespaceNotSynced"].discard("rename")
+# The same for the per-namespace /proc figures, which have no device.
+for _name in ("NswatchNamespaceNotSynced", "NswatchConntrackNearLimit", "NswatchListenOverflows"):
+    SCENARIOS[_name].discard("rename")
 # Further silences a group may check.
 EXTRA = {"silent while"}
 
@@ -122,7 +128,13 @@ def test_alert_conventions() -> None:
         assert ann["runbook_url"] == f"docs/runbook.md#{name.lower()}", name
         assert name.lower() in anchors, f"docs/runbook.md has no section {name}"
     # The alerts about objects name the namespace and device in the description.
-    for name in ("NswatchVethDisappeared", "NswatchVethDown", "NswatchVethMTUMismatch"):
+    for name in (
+        "NswatchVethDisappeared",
+        "NswatchVethDown",
+        "NswatchVethMTUMismatch",
+        "NswatchAddressDADFailed",
+        "NswatchDefaultRouteLinkdown",
+    ):
         description = got[name]["annotations"]["description"]
         assert "$labels.netns" in description and "$labels.device" in description, name
     veth = got["NswatchVethDisappeared"]["annotations"]["description"]
@@ -131,6 +143,8 @@ def test_alert_conventions() -> None:
         "NswatchDefaultRouteMissing",
         "NswatchExpectedObjectMissing",
         "NswatchApplyFailing",
+        "NswatchConntrackNearLimit",
+        "NswatchListenOverflows",
     ):
         assert "$labels.netns" in got[name]["annotations"]["description"], name
 
@@ -141,7 +155,7 @@ def test_job_selector() -> None:
     for rule in rules():
         expr = rule["expr"]
         for m in re.finditer(
-            r"(?<![:\w\"])(nswatch_[a-z_]+|up|process_[a-z_]+)\b(?![:(])(\{[^}]*\})?", expr
+            r"(?<![:\w\"])(nswatch_[A-Za-z0-9_]+|up|process_[a-z_]+)\b(?![:(])(\{[^}]*\})?", expr
         ):
             selectors += 1
             assert m.group(2) and JOB in m.group(2), (
@@ -311,6 +325,26 @@ MUTATIONS = {
     "restart loop counts one restart": (
         'changes(process_start_time_seconds{job="nswatch"}[30m]) >= 3',
         'changes(process_start_time_seconds{job="nswatch"}[30m]) >= 1',
+    ),
+    "DADFailed fires for a tentative address": (
+        'flags=~"(.*,)?dadfailed(,.*)?"',
+        'flags=~".+"',
+    ),
+    "DefaultRouteLinkdown waits no teardown": (
+        """          nswatch_default_route_linkdown{job="nswatch"} == 1
+          and on (instance, job, netns) (nswatch_namespace_synced{job="nswatch"} == 1)
+        for: 5m""",
+        """          nswatch_default_route_linkdown{job="nswatch"} == 1
+          and on (instance, job, netns) (nswatch_namespace_synced{job="nswatch"} == 1)
+        for: 1m""",
+    ),
+    "ConntrackNearLimit threshold too high": (
+        '/ nswatch_nf_conntrack_entries_limit{job="nswatch"} > 0.75',
+        '/ nswatch_nf_conntrack_entries_limit{job="nswatch"} > 0.9',
+    ),
+    "ListenOverflows fires on any overflow ever": (
+        'rate(nswatch_netstat_TcpExt_ListenOverflows_total{job="nswatch"}[5m]) > 0',
+        'nswatch_netstat_TcpExt_ListenOverflows_total{job="nswatch"} > 0',
     ),
     "blind ignores an unsynced nswatch": (
         'up{job="nswatch"} unless on (instance, job) (nswatch_synced{job="nswatch"} == 1)',

@@ -71,6 +71,17 @@ PER_DEVICE = {
     "nswatch_veth_peer_info",
     "nswatch_network_addresses",
     "nswatch_default_route_info",
+    "nswatch_default_route_linkdown",
+    # node_exporter's series per device, address or route, and its per-namespace
+    # ones (sockstat, netstat, conntrack): reading one namespace bounds them too.
+    *(
+        name
+        for name in METRICS
+        if name.startswith(
+            ("nswatch_network_", "nswatch_sockstat_", "nswatch_netstat_", "nswatch_nf_conntrack_")
+        )
+        and name != "nswatch_network_removed_total"
+    ),
 }
 # Families with one series per host.
 PER_HOST = {
@@ -80,6 +91,8 @@ PER_HOST = {
     "nswatch_last_event_timestamp_seconds",
     "nswatch_config_last_reload_success",
     "nswatch_netlink_overruns_total",
+    "nswatch_procnet_cpu_seconds_total",
+    "nswatch_procnet_passes_total",
     "nswatch_event_processing_seconds_bucket",
     "nswatch_event_processing_seconds_sum",
     "nswatch_event_processing_seconds_count",
@@ -127,7 +140,7 @@ def _literal(value: str) -> Callable[[re.Match[str]], str]:
 
 def metric_names(expr: str) -> set[str]:
     """The exported families a query reads (recording rules' names left out)."""
-    names = set(re.findall(r"(?<![:\w])nswatch_[a-z_]+\b(?!:)", expr))
+    names = set(re.findall(r"(?<![:\w])nswatch_[A-Za-z0-9_]+\b(?!:)", expr))
     # Histogram series belong to their family.
     return {re.sub(r"_(bucket|sum|count)$", "", n) for n in names}
 
@@ -224,7 +237,7 @@ def test_series_per_panel_bounded() -> None:
             continue
         per_device = [
             selector
-            for name, selector in re.findall(r"(?<![:\w])(nswatch_[a-z_]+)(\{[^}]*\})", expr)
+            for name, selector in re.findall(r"(?<![:\w])(nswatch_[A-Za-z0-9_]+)(\{[^}]*\})", expr)
             if name in PER_DEVICE
         ]
         names = set(re.findall(r"(?<![:\w])[A-Za-z_]+(?=\{)", expr))
@@ -250,7 +263,7 @@ def test_rates_and_units() -> None:
         for e in exprs:
             # A counter is only ever read through rate() (or changes() of a start time).
             for m in re.finditer(
-                r"(?<![:\w])(nswatch_[a-z_]+_total|[a-z_]+_bucket)\{[^}]*\}(\[[^]]+\])?", e
+                r"(?<![:\w])(nswatch_[A-Za-z0-9_]+_total|[a-z_]+_bucket)\{[^}]*\}(\[[^]]+\])?", e
             ):
                 assert m.group(2), f"{p['title']}: {m.group(0)} read without rate()"
                 assert "rate(" + m.group(0) in e, f"{p['title']}: {m.group(0)}"

@@ -45,6 +45,13 @@ from nswatch.model import (
     RouteNew,
     Synced,
 )
+from nswatch.procnet import (
+    NETSTAT_COUNTERS,
+    NETSTAT_GAUGES,
+    SOCKSTAT_FIELDS,
+    NetStats,
+    ProcNetSnapshot,
+)
 
 OM = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 Key = tuple[str, tuple[tuple[str, str], ...]]
@@ -87,6 +94,8 @@ def lab(**labels: str) -> tuple[tuple[str, str], ...]:
 
 
 STATS = LinkStats(1000, 2000, 10, 20, 1, 2, 3, 4)
+# Every field different, so a sum or a swap shows.
+FULL_STATS = LinkStats(*(2**i for i in range(24)))
 
 
 def base_events() -> list[Event]:
@@ -190,6 +199,53 @@ def rich_harness() -> Harness:
             ),
             RouteNew(NS_A, Route(101, "inet", "blackhole", "default")),
             RouteNew(HOST, Route(254, "inet", "unicast", "default", dev=99)),
+            # node_exporter's netclass and route series, and a lower device.
+            LinkNew(
+                NS_A,
+                Link(
+                    7,
+                    "mv0",
+                    "macvlan",
+                    "02:00:00:00:00:07",
+                    1500,
+                    True,
+                    "LOWERLAYERDOWN",
+                    stats=FULL_STATS,
+                    carrier=False,
+                    carrier_changes=3,
+                    carrier_up_count=1,
+                    carrier_down_count=2,
+                    txqlen=500,
+                    flags=0x1003,
+                    promiscuity=1,
+                    allmulti=1,
+                    ifalias='uplink "a"',
+                    broadcast="ff:ff:ff:ff:ff:ff",
+                    parent_index=2,
+                    parent_netnsid=0,
+                    ifi_type=1,
+                    link_mode=1,
+                    group=4,
+                ),
+            ),
+            AddressNew(
+                NS_A, Address(7, "inet6", "2001:db8::7", 64, flags=("tentative", "dadfailed"))
+            ),
+            RouteNew(
+                NS_A,
+                Route(
+                    102,
+                    "inet",
+                    "unicast",
+                    "default",
+                    gateway="198.18.0.9",
+                    dev=7,
+                    protocol="dhcp",
+                    priority=20,
+                    prefsrc="198.18.0.10",
+                    flags=("linkdown",),
+                ),
+            ),
         ],
         "reconcile",
     )
@@ -204,6 +260,7 @@ def rich_harness() -> Harness:
     sink.config_reloaded(False)
     sink.config_reloaded(True)
     sink.bind_apply(_FakeApply())
+    sink.bind_procnet(_FakeProcNet())
     return h
 
 
@@ -251,6 +308,8 @@ def test_exact_series_for_a_veth_pair() -> None:
             address="00:00:00:00:00:00",
             operstate="down",
             master="",
+            broadcast="",
+            ifalias="",
         ),
         lab(
             netns=ns,
@@ -259,6 +318,8 @@ def test_exact_series_for_a_veth_pair() -> None:
             address="02:00:00:00:00:02",
             operstate="up",
             master="",
+            broadcast="",
+            ifalias="",
         ),
     }
     assert all(v == 1 for v in pick(s, "nswatch_network_info").values())
@@ -805,6 +866,23 @@ def test_every_namespace_reports_unpaired(n: int) -> None:
     s = Harness(events).scrape()
     assert len(pick(s, "nswatch_veth_unpaired")) == n + 1
     assert one(s, "nswatch_namespaces") == n + 1
+
+
+class _FakeProcNet:
+    """Stands in for the /proc poller: the host without conntrack, a namespace with it, a gone one."""
+
+    def snapshot(self) -> ProcNetSnapshot:
+        full = {k: i + 1 for i, k in enumerate((*NETSTAT_COUNTERS, *NETSTAT_GAUGES))}
+        return ProcNetSnapshot(
+            {
+                HOST: NetStats({"sockets_used": 9, "TCP_inuse": 2, "TCP6_inuse": 1}, {}, None),
+                NS_A: NetStats(dict.fromkeys(SOCKSTAT_FIELDS, 3), full, (7, 262144)),
+                4026532006: NetStats({"sockets_used": 1}, {}, (1, 2)),
+            },
+            {"enter": 2, "read": 0},
+            1.5,
+            4,
+        )
 
 
 class _FakeApply:

@@ -18,12 +18,13 @@ from nswatch.daemon import Daemon, Settings
 from nswatch.dirwatch import DirWatcher
 from nswatch.http import Api, HttpServer
 from nswatch.metrics import MetricsSink
+from nswatch.metrics.network import LinkCollector
 from nswatch.model import Model
 from nswatch.observer import BaseObserver
 from nswatch.state import table_name
 from tests.conftest import require_root
 from tests.kernel import Lab, ip, ip_json, wait_for
-from tests.test_metrics import Key, lab, one, parse, pick
+from tests.test_metrics import NO_OWNER, Key, lab, one, parse, pick
 
 pytestmark = pytest.mark.kernel
 
@@ -170,10 +171,12 @@ def test_veth_pair_exact_series(watched: Watched) -> None:
         )
 
     s = w.until(complete)
+    ia = str(ip_json(None, "link", "show", a)[0]["ifindex"])
+    ib = str(ip_json(ns, "link", "show", b)[0]["ifindex"])
     assert one(s, "nswatch_synced") == 1
     assert one(s, "nswatch_namespaces") == 2
     assert pick(s, "nswatch_namespace_info", netns=ns) == {
-        ("nswatch_namespace_info", lab(netns=ns, inode=inode)): 1
+        ("nswatch_namespace_info", lab(netns=ns, inode=inode, **NO_OWNER)): 1
     }
     assert set(pick(s, "nswatch_network_info", device=a)) == {
         (
@@ -185,6 +188,8 @@ def test_veth_pair_exact_series(watched: Watched) -> None:
                 address="02:4d:00:00:00:0a",
                 operstate="up",
                 master="",
+                broadcast="ff:ff:ff:ff:ff:ff",
+                ifalias="",
             ),
         )
     }
@@ -198,6 +203,8 @@ def test_veth_pair_exact_series(watched: Watched) -> None:
                 address="00:00:00:00:00:00",
                 operstate="down",
                 master="",
+                broadcast="00:00:00:00:00:00",
+                ifalias="",
             ),
         ),
         (
@@ -209,6 +216,8 @@ def test_veth_pair_exact_series(watched: Watched) -> None:
                 address="02:4d:00:00:00:0b",
                 operstate="up",
                 master="",
+                broadcast="ff:ff:ff:ff:ff:ff",
+                ifalias="",
             ),
         ),
     }
@@ -227,11 +236,25 @@ def test_veth_pair_exact_series(watched: Watched) -> None:
     ) == {
         (
             "nswatch_veth_peer_info",
-            lab(netns="host", device=a, peer_netns=ns, peer_device=b),
+            lab(
+                netns="host",
+                device=a,
+                peer_netns=ns,
+                peer_device=b,
+                ifindex=ia,
+                peer_ifindex=ib,
+            ),
         ): 1,
         (
             "nswatch_veth_peer_info",
-            lab(netns=ns, device=b, peer_netns="host", peer_device=a),
+            lab(
+                netns=ns,
+                device=b,
+                peer_netns="host",
+                peer_device=a,
+                ifindex=ib,
+                peer_ifindex=ia,
+            ),
         ): 1,
     }
     assert one(s, "nswatch_veth_unpaired", netns=ns) == 0
@@ -279,20 +302,27 @@ def test_veth_pair_exact_series(watched: Watched) -> None:
     per_metric: dict[str, int] = {}
     for name, _ in netns_series(s, ns):
         per_metric[name] = per_metric.get(name, 0) + 1
-    routes_n = len(want)
+    # Every device family has lo's and the veth end's series, but carrier:
+    # lo is down, and sysfs (so node_exporter) has no carrier for it.
+    per_device = {spec.name for spec in LinkCollector.specs} - {"nswatch_network_carrier"}
     assert per_metric == {
+        **dict.fromkeys(per_device, 2),
+        "nswatch_network_carrier": 1,
         "nswatch_namespace_info": 1,
-        "nswatch_network_info": 2,
-        "nswatch_network_up": 2,
-        "nswatch_network_admin_up": 2,
-        "nswatch_network_mtu_bytes": 2,
-        # lo's link messages carry stats too.
-        **{n: 2 for n in STAT_NAMES},
+        "nswatch_namespace_synced": 1,
         "nswatch_veth_peer_info": 2,  # its own end, and the host end's peer_netns
         "nswatch_veth_unpaired": 1,
         "nswatch_network_addresses": 4,
-        "nswatch_routes": routes_n,
+        "nswatch_network_address_info": 2,
+        "nswatch_network_addresses_not_exported": 1,
+        "nswatch_routes": len(want),
+        "nswatch_rules": 2,
         "nswatch_default_route_info": 1,
+        "nswatch_default_route_linkdown": 1,
+        # The default route, the /30 and the /64 (local routes are not unicast).
+        "nswatch_network_route_info": 3,
+        "nswatch_network_routes": 1,
+        "nswatch_network_routes_not_exported": 1,
         "nswatch_network_removed_total": 6,
     }
 

@@ -42,7 +42,8 @@ RATE_INTERVAL = "10s"  # Grafana's $__rate_interval at a 1 s scrape: at least 4 
 
 
 # Dashboard queries that list what is broken: empty while nothing is.
-PROBLEM_PANELS = {"Broken now", "Alerts"}
+# Lower devices: this scene has no macvlan or vxlan.
+PROBLEM_PANELS = {"Broken now", "Alerts", "Lower devices"}
 
 
 def _metrics(port: int) -> str | None:

@@ -6,6 +6,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from nswatch.procnet import ProcNetSnapshot
+
 NETLINK_TYPES = ("link", "address", "rule", "route")
 NETLINK_ACTIONS = ("new", "del")
 NAMESPACE_ACTIONS = ("added", "removed")
@@ -66,3 +68,9 @@ class ApplyStats(Protocol):
 
 class ApplySource(Protocol):
     def snapshot(self) -> ApplyStats: ...
+
+
+class ProcNetSource(Protocol):
+    """What :class:`nswatch.procnet.ProcNetPoller` offers a scrape."""
+
+    def snapshot(self) -> ProcNetSnapshot: ...

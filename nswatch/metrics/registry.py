@@ -10,28 +10,41 @@ from nswatch.metrics.internal import (
     StatusCollector,
 )
 from nswatch.metrics.network import (
+    MAX_OBJECTS_PER_NAMESPACE,
     AddressCollector,
     LinkCollector,
     NamespaceCollector,
+    ParentCollector,
     RemovalCollector,
     RouteCollector,
     RuleCollector,
     VethCollector,
 )
+from nswatch.metrics.procnet import ProcNetCollector
 from nswatch.metrics.view import Collector, ScrapeView
 
-COLLECTORS: tuple[Collector, ...] = (
-    StatusCollector(),
-    NamespaceCollector(),
-    LinkCollector(),
-    VethCollector(),
-    AddressCollector(),
-    RouteCollector(),
-    RuleCollector(),
-    RemovalCollector(),
-    EventCollector(),
-    ApplyCollector(),
-)
+
+def collectors(
+    max_objects_per_namespace: int = MAX_OBJECTS_PER_NAMESPACE,
+) -> tuple[Collector, ...]:
+    """Every collector, in exposition order; address and route info series capped per namespace."""
+    return (
+        StatusCollector(),
+        NamespaceCollector(),
+        LinkCollector(),
+        VethCollector(),
+        ParentCollector(),
+        AddressCollector(max_objects_per_namespace),
+        RouteCollector(max_objects_per_namespace),
+        RuleCollector(),
+        RemovalCollector(),
+        ProcNetCollector(),
+        EventCollector(),
+        ApplyCollector(),
+    )
+
+
+COLLECTORS: tuple[Collector, ...] = collectors()
 
 
 def collect(view: ScrapeView, collectors: tuple[Collector, ...] = COLLECTORS) -> list[Family]:

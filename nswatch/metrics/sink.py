@@ -10,11 +10,12 @@ from prometheus_client import CollectorRegistry, Histogram, PlatformCollector, P
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
 
-from nswatch.metrics.counters import ApplySource, Counters
+from nswatch.metrics.counters import ApplySource, Counters, ProcNetSource
 from nswatch.metrics.encoder import fast_encoder
 from nswatch.metrics.family import Family
 from nswatch.metrics.internal import PROCESSING, PROCESSING_BUCKETS
-from nswatch.metrics.registry import collect
+from nswatch.metrics.network import MAX_OBJECTS_PER_NAMESPACE
+from nswatch.metrics.registry import collect, collectors
 from nswatch.metrics.view import ScrapeView
 from nswatch.model import (
     REMOVAL_REASONS,
@@ -55,11 +56,14 @@ class MetricsSink(BaseObserver):
         view: Callable[[], Model] | None = None,
         ready: Callable[[], bool] | None = None,
         unwatched: Callable[[], dict[str, int]] | None = None,
+        max_objects_per_namespace: int = MAX_OBJECTS_PER_NAMESPACE,
     ) -> None:
         self._view: Callable[[], Model] = view or _empty_model
         self._ready: Callable[[], bool] = ready or (lambda: False)
         self._unwatched: Callable[[], dict[str, int]] = unwatched or dict
         self._apply: ApplySource | None = None
+        self._procnet: ProcNetSource | None = None
+        self._collectors = collectors(max_objects_per_namespace)
         self._counters = Counters()
         # One scrape renders at a time: concurrent renders would only compete
         # with each other and with the event loop for the GIL.
@@ -91,6 +95,24 @@ class MetricsSink(BaseObserver):
     def bind_apply(self, engine: ApplySource) -> None:
         """Export what the apply engine did (``engine.snapshot()``: an ``ApplyStats``)."""
         self._apply = engine
+
+    def bind_procnet(self, poller: ProcNetSource) -> None:
+        """Export the per-namespace /proc statistics ``poller`` reads (``poller.snapshot()``).
+
+        A poller with ``start``/``stop`` (:class:`nswatch.procnet.ProcNetPoller`)
+        is started once the daemon is ready and stopped with it.
+        """
+        self._procnet = poller
+
+    def ready(self, model: Model) -> None:
+        start = getattr(self._procnet, "start", None)
+        if start is not None:
+            start()
+
+    def stopping(self) -> None:
+        stop = getattr(self._procnet, "stop", None)
+        if stop is not None:
+            stop()
 
     def config_reloaded(self, ok: bool) -> None:
         """A config reload (SIGHUP) succeeded or was refused."""
@@ -159,11 +181,12 @@ class MetricsSink(BaseObserver):
         ready = self._ready()
         counters = self._counters.snapshot()
         apply = self._apply.snapshot() if self._apply is not None else None
-        return ScrapeView.of(model, counters, ready, apply, self._unwatched())
+        procnet = self._procnet.snapshot() if self._procnet is not None else None
+        return ScrapeView.of(model, counters, ready, apply, self._unwatched(), procnet)
 
     def families(self) -> list[Family]:
         """Every nswatch_* family but the histogram, from a fresh view of the model."""
-        return collect(self.scrape_view())
+        return collect(self.scrape_view(), self._collectors)
 
     def render(self, accept: str | None) -> tuple[bytes, str]:
         """The body and content type of ``/metrics`` for this Accept header."""

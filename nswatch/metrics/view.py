@@ -9,6 +9,7 @@ from typing import Protocol
 from nswatch.metrics.counters import ApplyStats, Counters
 from nswatch.metrics.family import Family, FamilySpec, sanitize
 from nswatch.model import Link, Model, Namespace
+from nswatch.procnet import ProcNetSnapshot
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +33,8 @@ class ScrapeView:
     namespaces: list[NamespaceView]
     # Namespaces (and directory entries) that exist but are not watched, by reason.
     unwatched: dict[str, int]
+    # The latest /proc statistics per namespace (None: no poller runs).
+    procnet: ProcNetSnapshot | None = None
 
     @classmethod
     def of(
@@ -41,10 +44,11 @@ class ScrapeView:
         ready: bool,
         apply: ApplyStats | None = None,
         unwatched: dict[str, int] | None = None,
+        procnet: ProcNetSnapshot | None = None,
     ) -> ScrapeView:
         """The view of a model copy and a counters snapshot (the caller's own)."""
         namespaces = [_view(ns) for ns in _ns_order(model)]
-        return cls(model, counters, ready, apply, namespaces, dict(unwatched or {}))
+        return cls(model, counters, ready, apply, namespaces, dict(unwatched or {}), procnet)
 
 
 def _ns_order(model: Model) -> list[Namespace]:

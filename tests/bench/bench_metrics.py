@@ -43,6 +43,14 @@ from nswatch.model import (
     Synced,
     apply_all,
 )
+from nswatch.procnet import (
+    ERROR_REASONS,
+    NETSTAT_COUNTERS,
+    NETSTAT_GAUGES,
+    SOCKSTAT_FIELDS,
+    NetStats,
+    ProcNetSnapshot,
+)
 
 OM = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 HOST = 1
@@ -113,6 +121,29 @@ def timeit(fn: Callable[[], Any], repeat: int) -> tuple[float, float]:
     return statistics.median(times), max(times)
 
 
+class SyntheticProcNet:
+    """The /proc poller's figures for every namespace of ``model``, every field it keeps."""
+
+    def __init__(self, model: Model) -> None:
+        st = NetStats(
+            dict.fromkeys(SOCKSTAT_FIELDS, 3),
+            dict.fromkeys((*NETSTAT_COUNTERS, *NETSTAT_GAUGES), 123456),
+            (42, 262144),
+        )
+        self._stats = dict.fromkeys(model.namespaces, st)
+
+    def snapshot(self) -> ProcNetSnapshot:
+        return ProcNetSnapshot(dict(self._stats), dict.fromkeys(ERROR_REASONS, 0), 1.0, 1)
+
+
+def synthetic_sink(n: int) -> tuple[Model, MetricsSink]:
+    """The synthetic model and a sink over it that has /proc figures for every namespace."""
+    model = synthetic(n)
+    sink = MetricsSink(view=model.copy, ready=lambda: True)
+    sink.bind_procnet(SyntheticProcNet(model))
+    return model, sink
+
+
 def report(label: str, t: tuple[float, float], budget: float | None = None) -> bool:
     ok = budget is None or t[1] < budget
     mark = "" if budget is None else ("  OK" if ok else f"  OVER BUDGET ({budget * 1000:.0f} ms)")
@@ -121,8 +152,7 @@ def report(label: str, t: tuple[float, float], budget: float | None = None) -> b
 
 
 def bench_pure(n: int, repeat: int) -> bool:
-    model = synthetic(n)
-    sink = MetricsSink(view=model.copy, ready=lambda: True)
+    model, sink = synthetic_sink(n)
     body, _ = sink.render(None)
     samples = sum(1 for line in body.splitlines() if not line.startswith(b"#"))
     print(f"synthetic model: {n} namespaces, {samples} samples, {len(body) / 1e6:.1f} MB text")

@@ -36,10 +36,9 @@ from prometheus_client.openmetrics.exposition import generate_latest as om_lates
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
 from nswatch import decode
-from nswatch.metrics import MetricsSink
 from nswatch.model import DumpKind
 from tests.bench import scene
-from tests.bench.bench_metrics import synthetic
+from tests.bench.bench_metrics import synthetic_sink
 from tests.bench.scene import Scene, in_netns
 
 KINDS: tuple[DumpKind, ...] = ("link", "address", "route")
@@ -200,8 +199,7 @@ def _nswatch_lines(body: bytes) -> list[bytes]:
 
 
 def bench_encode(namespaces: int, repeat: int) -> dict[str, Any]:
-    model = synthetic(namespaces)
-    sink = MetricsSink(view=model.copy, ready=lambda: True)
+    _, sink = synthetic_sink(namespaces)
     text: Callable[[Any], bytes] = text_latest
     om: Callable[[Any], bytes] = om_latest
     body, _ = sink.render(None)
