@@ -33,6 +33,7 @@ from nswatch.http import Api, HttpServer
 from nswatch.model import Model
 from nswatch.observer import BaseObserver, Observer
 from nswatch.state import state_json, table_name
+from nswatch.stream import DEFAULT_HISTORY, StreamHub
 from nswatch.webconfig import load_web_config
 
 STOP_TIMEOUT = 2.0
@@ -110,9 +111,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     logs.configure(config.settings.log_format, config.settings.log_level)
     log = structlog.get_logger("nswatch")
     sink = metrics.MetricsSink()
+    # A sink from the daemon's start: the hub numbers every change the model
+    # makes, so its ids match the state's event_id.
+    hub = StreamHub(history=getattr(config.settings, "stream_history", DEFAULT_HISTORY))
     daemon = Daemon(
         config.settings,
-        observers=[logs.LogObserver(), sink],
+        observers=[logs.LogObserver(), sink, hub],
         dirwatch_factory=DirWatcher,
     )
     sink.bind(daemon)
@@ -131,6 +135,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         alive=lambda: time.monotonic() - daemon.last_tick < STALL_AFTER,
         ready=daemon.ready.is_set,
         metrics=sink.render,
+        events=hub,
     )
     listen = config.settings.listen
     server = HttpServer(listen, api, web)
