@@ -29,6 +29,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
+from importlib import resources
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -41,6 +42,7 @@ import structlog
 from nswatch.model import Model
 from nswatch.state import namespace_json, state_json
 from nswatch.stream import StreamHub
+from nswatch.topology import build as build_topology
 from nswatch.webconfig import BasicAuth, TlsSettings, WebConfig
 
 MetricsRenderer = Callable[[str | None], tuple[bytes, str]]
@@ -49,6 +51,21 @@ MetricsRenderer = Callable[[str | None], tuple[bytes, str]]
 SERVER_NAME = "nswatch"  # no versions: they only help an attacker pick exploits
 _NS_PREFIX = "/api/v1/namespaces/"
 EVENTS_PATH = "/api/v1/events"
+TOPOLOGY_PATH = "/api/v1/topology"
+# The page and its assets, from the package: nothing is fetched from elsewhere.
+_PAGE = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/ui/app.js": ("app.js", "text/javascript; charset=utf-8"),
+    "/ui/app.css": ("app.css", "text/css; charset=utf-8"),
+}
+_PAGE_HEADERS = (
+    (
+        "Content-Security-Policy",
+        "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+        "img-src 'self'; base-uri 'none'; frame-ancestors 'none'",
+    ),
+    ("Cache-Control", "no-cache"),
+)
 # A request line h11 would accept; anything else on the first line (such as
 # HTTP/0.9's "GET /path") is answered 400 at once instead of waiting for a
 # blank line that never comes.
@@ -125,14 +142,30 @@ def _phrase(status: int) -> str:
 class Router:
     """Paths to responses (blocking; the big ones run on a worker thread)."""
 
-    HEAVY = ("/api/v1/state", "/metrics")
+    HEAVY = ("/api/v1/state", "/metrics", TOPOLOGY_PATH)
 
     def __init__(self, api: Api) -> None:
         self.api = api
+        self._assets: dict[str, bytes] = {}
+
+    def asset(self, path: str, accept: str | None) -> Response | None:
+        """The topology page or one of its files; None when ``path`` is none of them.
+
+        ``/`` is the page for browsers and the list of endpoints for programs.
+        """
+        found = _PAGE.get(path)
+        if found is None or (path == "/" and "text/html" not in (accept or "")):
+            return None
+        name, ctype = found
+        body = self._assets.get(name)
+        if body is None:
+            body = self._assets[name] = (resources.files("nswatch") / "web" / name).read_bytes()
+        return Response(200, body, ctype, headers=_PAGE_HEADERS)
 
     def endpoints(self) -> list[str]:
         """The paths the server answers."""
-        eps = ["/healthz", "/readyz", "/api/v1/state", "/api/v1/namespaces/{name}"]
+        eps = ["/healthz", "/readyz", "/api/v1/state", "/api/v1/namespaces/{name}", "/"]
+        eps.append(TOPOLOGY_PATH)
         if self.api.metrics is not None:
             eps.append("/metrics")
         if self.api.events is not None:
@@ -179,12 +212,17 @@ class Router:
             return Response(200, body, ctype)
         if path == EVENTS_PATH and api.events is not None:  # HEAD: the headers only
             return Response(200, b"", "text/event-stream")
+        if path == TOPOLOGY_PATH:
+            return json_response(200, build_topology(api.view()))
+        page = self.asset(path, accept)
+        if page is not None:
+            return page
         if path == "/":
             return json_response(200, {"endpoints": self.endpoints()})
         return json_response(404, {"error": "not found", "path": path})
 
     def _not_allowed(self, path: str) -> Response:
-        if path in self.endpoints() or path.startswith(_NS_PREFIX):
+        if path in self.endpoints() or path.startswith(_NS_PREFIX) or path in _PAGE:
             return Response(
                 405, b'{"error":"method not allowed"}\n', headers=(("Allow", "GET, HEAD"),)
             )
