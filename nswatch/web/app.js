@@ -7,6 +7,7 @@
 const DOWN_STATES = new Set(["DOWN", "LOWERLAYERDOWN", "NOTPRESENT"]);
 const COLLAPSE_OVER = 12; // namespaces in a group before it starts collapsed
 const SHOW_AT_MOST = 300; // boxes drawn per group before "show more"
+const MANY_LINKS = 12; // links shown in a box before "more links" (a host with 300 veths)
 const EVENTS = [
   "namespace_added", "namespace_removed", "namespace_renamed",
   "link_added", "link_changed", "link_removed",
@@ -20,6 +21,8 @@ let refetchTimer = null;
 let fetching = false;
 const groupState = new Map(); // group -> true (open) / false (collapsed), set by the user
 const showAll = new Set();
+const allLinks = new Set(); // namespaces whose every link is shown
+let partners = new Map(); // link id -> ids of the links it has an edge to
 const $ = (id) => document.getElementById(id);
 
 function el(tag, cls, text) {
@@ -64,7 +67,19 @@ function setState(row, link) {
     .filter(Boolean).join("\n");
 }
 
-function nsBox(ns) {
+// Which links a box lists: all of a small namespace; of a big one, those that
+// match the filter or lead to another namespace shown, then others up to the cap.
+function linksToShow(ns, re, shownNs) {
+  if (ns.links.length <= MANY_LINKS || allLinks.has(ns.name)) return ns.links;
+  const related = (l) => (partners.get(l.id) || []).some((p) => shownNs.has(p.split(":")[0]) && !l.id.startsWith(p.split(":")[0] + ":"));
+  const picked = ns.links.filter((l) => (re && (re.test(l.name) || l.addresses.some((a) => re.test(a)))) || related(l));
+  if (!re) for (const l of ns.links) if (picked.length < MANY_LINKS && !picked.includes(l)) picked.push(l);
+  const keep = new Set(picked.map((l) => l.id));
+  for (const l of picked) if (l.master) keep.add(l.master);
+  return ns.links.filter((l) => keep.has(l.id));
+}
+
+function nsBox(ns, links) {
   const box = el("div", ns.host ? "ns host" : "ns");
   box.dataset.ns = ns.name;
   const name = el("div", "name", ns.name);
@@ -72,11 +87,16 @@ function nsBox(ns) {
   box.append(name);
   // A bridge's ports right under it.
   const ports = new Map();
-  for (const l of ns.links) if (l.master) (ports.get(l.master) || ports.set(l.master, []).get(l.master)).push(l);
-  for (const l of ns.links) {
-    if (l.master && ns.links.some((m) => m.id === l.master)) continue;
+  for (const l of links) if (l.master) (ports.get(l.master) || ports.set(l.master, []).get(l.master)).push(l);
+  for (const l of links) {
+    if (l.master && links.some((m) => m.id === l.master)) continue;
     box.append(linkRow(ns, l));
     for (const p of ports.get(l.id) || []) box.append(linkRow(ns, p));
+  }
+  if (links.length < ns.links.length) {
+    const more = el("button", "more", `${ns.links.length - links.length} more links`);
+    more.addEventListener("click", () => { allLinks.add(ns.name); render(); });
+    box.append(more);
   }
   return box;
 }
@@ -91,6 +111,13 @@ function render() {
     shown++;
     (groups.get(ns.group) || groups.set(ns.group, []).get(ns.group)).push(ns);
   }
+  partners = new Map();
+  for (const e of graph.edges) {
+    (partners.get(e.a) || partners.set(e.a, []).get(e.a)).push(e.b);
+    (partners.get(e.b) || partners.set(e.b, []).get(e.b)).push(e.a);
+  }
+  const shownNs = new Set();
+  for (const members of groups.values()) for (const ns of members) shownNs.add(String(ns.inode));
   const root = $("groups");
   root.replaceChildren();
   for (const [name, members] of groups) {
@@ -104,7 +131,7 @@ function render() {
     const boxes = el("div", "boxes");
     if (open) {
       const limit = showAll.has(name) ? members.length : SHOW_AT_MOST;
-      for (const ns of members.slice(0, limit)) boxes.append(nsBox(ns));
+      for (const ns of members.slice(0, limit)) boxes.append(nsBox(ns, linksToShow(ns, re, shownNs)));
       if (members.length > limit) {
         const more = el("button", "more", `show ${members.length - limit} more`);
         more.addEventListener("click", () => { showAll.add(name); render(); });
@@ -122,6 +149,9 @@ function render() {
 function drawEdges() {
   const svg = $("edges");
   const canvas = $("canvas");
+  // Measured without the old overlay, which could itself widen the page.
+  svg.setAttribute("width", 0);
+  svg.setAttribute("height", 0);
   const base = canvas.getBoundingClientRect();
   svg.setAttribute("width", canvas.scrollWidth);
   svg.setAttribute("height", canvas.scrollHeight);
