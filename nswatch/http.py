@@ -29,10 +29,10 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from importlib import resources
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from http import HTTPStatus
+from importlib import resources
 from typing import Any
 from urllib.parse import unquote, urlsplit
 

@@ -102,7 +102,8 @@ def build(model: Model, netns: Sequence[str] = ()) -> dict[str, Any]:
 
 
 def _dot_str(s: str) -> str:
-    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    escaped = s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return '"' + escaped + '"'
 
 
 _EDGE_STYLE = {
@@ -179,7 +180,7 @@ def to_svg(graph: dict[str, Any]) -> str:
                 indent = 12 if link["master"] else 0
                 body.append(
                     f'<text x="{x + _PAD + indent}" y="{y}" class={quoteattr(cls)}>'
-                    f"{escape(link['name'])} <tspan class=\"meta\">{escape(link['kind'])} "
+                    f'{escape(link["name"])} <tspan class="meta">{escape(link["kind"])} '
                     f"{escape(state)}</tspan></text>"
                 )
                 pos[link["id"]] = (x, x + _BOX_W, y - 4)
