@@ -234,7 +234,7 @@ class Watcher:
 
     def run(self, forever: bool = True) -> None:
         """Follow until interrupted (or, with ``forever`` False, until the first stream ends)."""
-        fresh = True
+        fresh = self.last_id is None  # else resume where it left off
         while True:
             try:
                 if fresh:
@@ -246,9 +246,5 @@ class Watcher:
             except (OSError, http.client.HTTPException, ValueError) as e:
                 if not forever:
                     raise
-                self.out(
-                    json.dumps({"event": "error", "error": str(e)})
-                    if self.as_json
-                    else f"# {e}; retrying"
-                )
+                self.err(f"nswatch watch: {e}; retrying in {self.retry:g}s")
                 time.sleep(self.retry)
