@@ -802,24 +802,23 @@ class HttpServer:
         # Nothing more is expected from the client: reading only tells when it hangs up.
         gone = asyncio.ensure_future(_until_eof(reader))
         timeout = self.limits.write_timeout
-        try:
-            async for chunk in sub.frames(gone):
-                writer.write(h.send(h11.Data(data=chunk)) or b"")
-                if sub.ended:
-                    break
-                if conn.queued() > hub.client_buffer:
-                    writer.write(h.send(h11.Data(data=sub.drop("slow_consumer"))) or b"")
-                    break
-                try:
-                    async with asyncio.timeout(timeout):
-                        await writer.drain()
-                except TimeoutError:
-                    writer.write(h.send(h11.Data(data=sub.drop("slow_consumer"))) or b"")
-                    break
-            writer.write(h.send(h11.EndOfMessage()) or b"")
-            writer.transport.set_write_buffer_limits(high=0)
+
+        def send(chunk: bytes) -> bool:
+            if writer.transport.is_closing():
+                return True  # the client left; ``gone`` ends the stream
+            writer.write(h.send(h11.Data(data=chunk)) or b"")
+            return conn.queued() <= hub.client_buffer
+
+        async def drain() -> None:
             async with asyncio.timeout(timeout):
                 await writer.drain()
+
+        try:
+            await sub.run(send, drain, gone)
+            if not writer.transport.is_closing():
+                writer.write(h.send(h11.EndOfMessage()) or b"")
+                writer.transport.set_write_buffer_limits(high=0)
+                await drain()
         finally:
             hub.unsubscribe(sub)
             gone.cancel()

@@ -20,7 +20,7 @@ import asyncio
 import fnmatch
 import json
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
@@ -154,7 +154,6 @@ class StreamHub(BaseObserver):
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._kick_pending = False
-        self._tick: asyncio.Future[None] | None = None
         self._clients: set[Subscription] = set()
         self.dropped_total = 0
         self.resyncs_total = 0
@@ -188,7 +187,7 @@ class StreamHub(BaseObserver):
             last = self._last
         return StreamStats(len(self._clients), self.dropped_total, self.resyncs_total, last, held)
 
-    def after(self, cursor: int, limit: int = BATCH) -> list[StreamEvent] | None:
+    def after(self, cursor: int, limit: int | None = BATCH) -> list[StreamEvent] | None:
         """Up to ``limit`` events after id ``cursor``; None when they are no longer held
         (or ``cursor`` is from the future: another daemon's ids)."""
         with self._lock:
@@ -196,7 +195,7 @@ class StreamHub(BaseObserver):
             oldest = max(self._first, last - self.capacity) + 1
             if cursor > last or cursor + 1 < oldest:
                 return None
-            end = min(last, cursor + limit)
+            end = last if limit is None else min(last, cursor + limit)
             out = [self._ring[i % self.capacity] for i in range(cursor + 1, end + 1)]
         return [ev for ev in out if ev is not None]
 
@@ -205,25 +204,30 @@ class StreamHub(BaseObserver):
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Deliver to clients on ``loop`` (the HTTP server's, once it runs)."""
         self._loop = loop
-        self._tick = loop.create_future()
 
     def detach(self) -> None:
         """The HTTP loop is ending: stop waking it."""
         self._loop = None
 
     def _notify(self) -> None:
-        self._kick_pending = False
-        tick, self._tick = self._tick, asyncio.get_running_loop().create_future()
-        if tick is not None and not tick.done():
-            tick.set_result(None)
+        """New changes: write them to every live client, all in this one callback.
 
-    async def wait(self, gone: asyncio.Future[Any], timeout: float) -> bool:
-        """Until new changes (True), the client leaves or ``timeout`` passes (False)."""
-        tick = self._tick
-        if tick is None:
-            tick = self._tick = asyncio.get_running_loop().create_future()
-        await asyncio.wait([tick, gone], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        return tick.done()
+        One pass over the clients instead of waking a task per client keeps
+        the fan-out to a write per client; each distinct (filter, start)
+        renders its bytes once.
+        """
+        self._kick_pending = False
+        live = [c for c in self._clients if c.live and not c.ended]
+        if not live:
+            return
+        low = min(c.cursor for c in live)
+        events = self.after(low, limit=None)
+        cache: dict[tuple[Filter, int], bytes] = {}
+        for c in live:
+            if events is None:  # more changes than the history holds since the last pass
+                c.drop("fell_behind")
+            else:
+                c.deliver(events[c.cursor - low :], cache)
 
     def subscribe(self, query: str, last_event_id: str | None) -> Subscription:
         """A new client (ValueError for a bad query)."""
@@ -243,47 +247,88 @@ class StreamHub(BaseObserver):
         return f"event: resync\ndata: {body}\n\n".encode()
 
 
+Send = Callable[[bytes], bool]
+"""Writes bytes to the client; False when its buffer is over the budget."""
+
+
 class Subscription:
-    """One stream client: its filter and how far it got."""
+    """One stream client: its filter, how far it got, and how to write to it."""
 
     def __init__(self, hub: StreamHub, flt: Filter, cursor: int) -> None:
         self.hub = hub
         self.filter = flt
         self.cursor = cursor  # the last id considered (sent, or filtered out)
         self.sent = cursor  # the last id the client was told
+        self.live = False  # caught up: the hub writes new changes as they come
         self.ended = False
+        self._send: Send | None = None
+        self._done: asyncio.Future[None] | None = None
 
-    async def frames(self, gone: asyncio.Future[Any]) -> AsyncIterator[bytes]:
-        """The stream's bytes, until the client goes or must resync (then ``ended``)."""
+    async def run(
+        self, send: Send, drain: Callable[[], Awaitable[None]], gone: asyncio.Future[Any]
+    ) -> None:
+        """Serve the client until it goes or must resync (then ``ended``).
+
+        First the changes it missed, a batch at a time with ``drain`` between
+        (TimeoutError from it: the client is stuck); then live, written by
+        the hub, with a keepalive comment every heartbeat.
+        """
         hub = self.hub
+        self._send = send
+        self._done = asyncio.get_running_loop().create_future()
         # The id line makes a reconnect resume from here even before any event.
-        yield f"retry: {RETRY_MS}\nid: {self.cursor}\n\n".encode()
-        live = False
-        while not gone.done():
+        send(f"retry: {RETRY_MS}\nid: {self.cursor}\n\n".encode())
+        started = False
+        while not self.live:
             batch = hub.after(self.cursor)
             if batch is None:
-                if live:
-                    yield self.drop("fell_behind")
+                if started:
+                    self.drop("fell_behind")
                 else:  # asked at connect for more than the history holds
                     self.ended = True
                     why = "unknown_id" if self.cursor > hub.last_id else "history_exceeded"
-                    yield hub.resync_frame(why)
+                    send(hub.resync_frame(why))
                 return
-            live = True
-            if batch:
-                self.cursor = batch[-1].id
-                frames = [ev.frame() for ev in batch if self.filter.matches(ev)]
-                if frames:
-                    self.sent = self.cursor
-                    yield b"".join(frames)
-                continue
-            if not await hub.wait(gone, hub.heartbeat):
+            started = True
+            if not batch:
+                self.live = True  # no await since the check: nothing slips between
+                break
+            self.deliver(batch, {})
+            if self.ended:
+                return
+            try:
+                await drain()
+            except TimeoutError:
+                self.drop("slow_consumer")
+                return
+        while not self.ended and not gone.done():
+            await asyncio.wait([self._done, gone], timeout=hub.heartbeat)
+            if not self.ended and not gone.done():
                 idline = f"id: {self.cursor}\n" if self.cursor != self.sent else ""
                 self.sent = self.cursor
-                yield f": keepalive\n{idline}\n".encode()
+                send(f": keepalive\n{idline}\n".encode())
 
-    def drop(self, reason: str) -> bytes:
+    def deliver(self, events: list[StreamEvent], cache: dict[tuple[Filter, int], bytes]) -> None:
+        """Write ``events`` (those after the cursor) that pass the filter."""
+        if not events or self.ended or self._send is None:
+            return
+        key = (self.filter, events[0].id)
+        data = cache.get(key)
+        if data is None:
+            data = cache[key] = b"".join(ev.frame() for ev in events if self.filter.matches(ev))
+        self.cursor = events[-1].id
+        if data:
+            self.sent = self.cursor
+            if not self._send(data):
+                self.drop("slow_consumer")
+
+    def drop(self, reason: str) -> None:
         """End this client, which fell behind, with a resync event (counted)."""
+        if self.ended:
+            return
         self.ended = True
         self.hub.dropped_total += 1
-        return self.hub.resync_frame(reason)
+        if self._send is not None:
+            self._send(self.hub.resync_frame(reason))
+        if self._done is not None and not self._done.done():
+            self._done.set_result(None)
