@@ -103,9 +103,13 @@ class Names:
             self.peers[(ev["peer_netns"], ev["peer_link"])] = f"{ns}/{ev['link']}"
         elif name == "veth_peer_lost":
             self.peers.pop((ns, ev["link"]), None)
+            self.peers.pop((ev["peer_netns"], ev["peer_link"]), None)
         elif name == "namespace_removed":
             for key in [k for k in self.links if k[0] == ns]:
                 del self.links[key]
+            gone = f"{ns}/"
+            for key in [k for k, v in self.peers.items() if k[0] == ns or v.startswith(gone)]:
+                del self.peers[key]
 
     def link(self, ns: str, index: int | None) -> str:
         """A link's name, or ``if<index>`` when unknown."""
@@ -143,9 +147,11 @@ def format_line(ev: dict[str, Any], names: Names) -> str:
         changed = "Changed " if action == "changed" else ""
         return f"{prefix} {deleted}{changed}route {ev['route']}{via}{dev}{table}"
     if kind == "rule":
-        what = " ".join(f"{k} {ev[k]}" for k in ("src", "dst", "iif", "oif", "fwmark") if k in ev)
-        target = f" lookup {ev['table']}" if "table" in ev else f" {ev.get('action')}"
-        return f"{prefix} {deleted}rule {ev.get('priority')}: {what or 'all'}{target}"
+        sel = " ".join(f"{k} {ev[k]}" for k in ("dst", "iif", "oif", "fwmark") if k in ev)
+        what = f"from {ev.get('src', 'all')}" + (f" {sel}" if sel else "")
+        target = f"lookup {ev['table']}" if "table" in ev else str(ev.get("action"))
+        family = " (inet6)" if ev.get("family") == "inet6" else ""
+        return f"{prefix} {deleted}rule {ev.get('priority')}: {what} {target}{family}"
     if kind == "veth_peer":
         other = f"{ev['peer_netns']}/{ev['peer_link']}"
         if action == "resolved":

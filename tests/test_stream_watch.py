@@ -210,3 +210,39 @@ def test_event_data_is_the_log_fields() -> None:
     assert ev.data() == {"id": 2, "event": "link_added", "source": "initial"} | describe_change(
         change
     )
+
+
+def test_rule_lines_read_like_ip_rule() -> None:
+    """A rule line reads like `ip rule` and says when it is IPv6, so the two families differ."""
+    names = Names()
+    v4 = {"event": "rule_added", "netns": "n", "family": "inet", "priority": 0, "action": "lookup"}
+    v6 = v4 | {"family": "inet6", "table": "local"}
+    sel = v4 | {"event": "rule_removed", "priority": 100, "src": "198.18.0.2/32", "fwmark": 7}
+    sel["table"] = "100"
+    assert format_line(v4 | {"table": "local"}, names) == "[n] rule 0: from all lookup local"
+    assert format_line(v6, names) == "[n] rule 0: from all lookup local (inet6)"
+    assert format_line(sel, names) == "[n] Deleted rule 100: from 198.18.0.2/32 fwmark 7 lookup 100"
+
+
+def test_a_lost_peer_is_forgotten_on_both_ends() -> None:
+    """Once a pair is lost (its namespace deleted), neither end's line names the old peer."""
+    names = Names()
+    resolved = {"event": "veth_peer_resolved", "netns": "ns1", "link": "b"}
+    names.update(resolved | {"peer_netns": "host", "peer_link": "a"})
+    link = {"event": "link_changed", "netns": "host", "link": "a", "ifindex": 5, "kind": "veth"}
+    assert format_line(link | {"admin_up": True, "oper_state": "UP"}, names).endswith(
+        "(peer ns1/b)"
+    )
+    names.update(
+        {
+            "event": "veth_peer_lost",
+            "netns": "ns1",
+            "link": "b",
+            "peer_netns": "host",
+            "peer_link": "a",
+        }
+    )
+    assert format_line(link | {"admin_up": False}, names) == "[host] link a veth DOWN"
+    names.update(resolved | {"peer_netns": "host", "peer_link": "a"})
+    names.update({"event": "namespace_removed", "netns": "ns1"})
+    assert names.peers == {}
