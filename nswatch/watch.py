@@ -108,8 +108,8 @@ class Names:
             for key in [k for k in self.links if k[0] == ns]:
                 del self.links[key]
             gone = f"{ns}/"
-            for key in [k for k, v in self.peers.items() if k[0] == ns or v.startswith(gone)]:
-                del self.peers[key]
+            for end in [k for k, v in self.peers.items() if k[0] == ns or v.startswith(gone)]:
+                del self.peers[end]
 
     def link(self, ns: str, index: int | None) -> str:
         """A link's name, or ``if<index>`` when unknown."""
