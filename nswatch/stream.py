@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
 
+import orjson
+
 from nswatch.logs import change_event, describe_change
 from nswatch.model import Change, VethLost, VethResolved
 from nswatch.observer import BaseObserver
@@ -82,9 +84,9 @@ class StreamEvent:
     def frame(self) -> bytes:
         """The Server-Sent Events frame."""
         if self._frame is None:
-            body = json.dumps(self.data(), separators=(",", ":"))
-            name = change_event(self.change)
-            self._frame = f"id: {self.id}\nevent: {name}\ndata: {body}\n\n".encode()
+            # orjson: a burst of thousands of changes renders in milliseconds, not tenths.
+            head = f"id: {self.id}\nevent: {change_event(self.change)}\ndata: ".encode()
+            self._frame = head + orjson.dumps(self.data()) + b"\n\n"
         return self._frame
 
 
