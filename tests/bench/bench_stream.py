@@ -29,6 +29,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -148,40 +149,50 @@ def wait_all(
 
 
 class LinkNotifications:
-    """The kernel's own link notifications in the host, with their receive timestamps.
+    """The kernel's own link notifications in the host, timed as they arrive.
 
-    The baseline: when a netlink listener could first have known of the
-    change. Taking it off each client's time leaves what nswatch adds, apart
-    from the kernel's rtnl lock, which other work on a shared machine holds
-    for long stretches.
+    The baseline: when a netlink listener that does nothing else learns of
+    the change (a thread blocked in recv). Netlink messages carry no kernel
+    receive timestamp, so this one is taken in user space and suffers the
+    same scheduling delays; the difference to a client's time is what
+    nswatch adds, give or take those, and without the kernel's rtnl lock,
+    which other work on a shared machine holds for long stretches.
     """
 
     def __init__(self) -> None:
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
-        self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         self.sock.bind((0, 1))  # RTMGRP_LINK
-        self.sock.setblocking(False)
+        self.sock.settimeout(0.2)
+        self._stop = False
+        self.seen: list[tuple[float, str | None, bool]] = []
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
 
-    def when(self, name: str, up: bool) -> float | None:
-        """Wall-clock time the kernel sent the first pending RTM_NEWLINK of ``name`` in that state."""
-        found = None
+    def _read(self) -> None:
         while True:
             try:
-                data, anc, _, _ = self.sock.recvmsg(1 << 16, socket.CMSG_SPACE(_TIMESPEC.size))
-            except BlockingIOError:
-                return found
-            stamp = _stamp(anc)
+                data = self.sock.recv(1 << 16)
+            except TimeoutError:
+                if self._stop:
+                    return
+                continue
+            t = time.time()
             off = 0
             while off + 32 <= len(data):
                 length, kind = struct.unpack_from("IH", data, off)
-                if kind == 16 and found is None:  # RTM_NEWLINK
+                if kind == 16:  # RTM_NEWLINK
                     flags = struct.unpack_from("I", data, off + 24)[0]
-                    if _ifname(data[off + 32 : off + length]) == name and bool(flags & 1) is up:
-                        found = stamp
+                    self.seen.append((t, _ifname(data[off + 32 : off + length]), bool(flags & 1)))
                 off += (length + 3) & ~3 if length else len(data)
 
+    def when(self, name: str, up: bool, since: float) -> float | None:
+        """When the first RTM_NEWLINK of ``name`` in that state after ``since`` arrived."""
+        return next((t for t, n, u in self.seen if t >= since and n == name and u is up), None)
+
     def close(self) -> None:
+        self._stop = True
+        self._thread.join(2)
         self.sock.close()
 
 
@@ -275,7 +286,7 @@ def changes(
             ip.stdin.flush()
             got = wait_all(socks, pattern, t0, 5)
             ok = [g * 1000 for g in got if g is not None]
-            sent = kernel.when(h, state == "up")
+            sent = kernel.when(h, state == "up", t0)
             if sent is not None:
                 added += [x - (sent - t0) * 1000 for x in ok]
             missed += len(got) - len(ok)
