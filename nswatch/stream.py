@@ -8,9 +8,11 @@ stream client can slow the daemon. Change *n* the model ever made gets id
 ``event_id`` tells a client where to resume (list, then watch).
 
 On the HTTP thread each client is a :class:`Subscription`: a cursor into
-the ring, a filter, and Server-Sent Events frames. An event is rendered
-once, by the first client that sends it. A client that falls out of the
-ring, or whose socket stays full, gets a final ``resync`` event and is
+the ring and a filter. A client first catches up from the ring (batches,
+waiting for its socket between them), then is live: each wake-up writes
+the new changes to every live client in one pass, each event rendered once
+as a Server-Sent Events frame. A client that falls out of the ring, or
+whose unread output passes its budget, gets a final ``resync`` event and is
 dropped (and counted): it reads ``/api/v1/state`` and resumes from there.
 """
 
@@ -226,10 +228,16 @@ class StreamHub(BaseObserver):
         events = self.after(low, limit=None)
         cache: dict[tuple[Filter, int], bytes] = {}
         for c in live:
-            if events is None:  # more changes than the history holds since the last pass
+            if events is not None:
+                c.deliver(events[c.cursor - low :], cache)
+                continue
+            # More changes since the last pass than the history holds (a
+            # burst while this thread was starved): whoever missed some resyncs.
+            own = self.after(c.cursor, limit=None)
+            if own is None:
                 c.drop("fell_behind")
             else:
-                c.deliver(events[c.cursor - low :], cache)
+                c.deliver(own, cache)
 
     def subscribe(self, query: str, last_event_id: str | None) -> Subscription:
         """A new client (ValueError for a bad query)."""

@@ -6,7 +6,7 @@ import http.client
 import json
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -248,3 +248,31 @@ def test_veth_peer_fields_name_both_ends() -> None:
         "peer_netns": "nstest",
         "peer_link": "veth-b",
     }
+
+
+def test_a_burst_past_the_history_drops_only_the_clients_it_overtook() -> None:
+    """When one wake-up finds more changes than the history holds, only clients that missed some resync."""
+    hub = StreamHub(history=5)
+    hub.changes([link_added("a", i) for i in range(3)], None)
+    ahead, behind = hub.subscribe("", "3"), hub.subscribe("", "0")
+    got: dict[str, list[bytes]] = {"ahead": [], "behind": []}
+
+    def sender(name: str) -> Callable[[bytes], bool]:
+        def send(data: bytes) -> bool:
+            got[name].append(data)
+            return True
+
+        return send
+
+    for name, sub in (("ahead", ahead), ("behind", behind)):
+        sub.live = True  # as run() leaves a caught-up client
+        sub._send = sender(name)
+    hub.changes([link_added("a", i) for i in range(3, 6)], None)  # holds 2..6 now
+    hub._notify()
+    assert [ev.split(b"\n")[0] for ev in b"".join(got["ahead"]).split(b"\n\n") if ev] == [
+        b"id: 4",
+        b"id: 5",
+        b"id: 6",
+    ]
+    assert not ahead.ended and behind.ended and hub.stats().dropped_total == 1
+    assert b'"reason": "fell_behind"' in got["behind"][-1]
