@@ -21,6 +21,7 @@ from nswatch.model import Link, Model, Namespace
 # Operational states in which a link passes no traffic (shown red).
 DOWN_STATES = frozenset({"DOWN", "LOWERLAYERDOWN", "NOTPRESENT"})
 _GROUP = re.compile(r"^(.*?[^\d])[-_.]?\d+$")
+_DIGITS = re.compile(r"(\d+)")
 
 
 def link_id(inode: int, index: int) -> str:
@@ -39,6 +40,11 @@ def group_of(name: str) -> str:
     return m.group(1).rstrip("-_.") if m else name
 
 
+def _natural(name: str) -> list[str | int]:
+    # pod-2 before pod-10; the split alternates text and digits, so items compare alike.
+    return [int(t) if t.isdigit() else t for t in _DIGITS.split(name)]
+
+
 def _selected(ns: Namespace, globs: Sequence[str]) -> bool:
     return not globs or any(fnmatch.fnmatchcase(n, g) for n in ns.names for g in globs)
 
@@ -47,7 +53,7 @@ def build(model: Model, netns: Sequence[str] = ()) -> dict[str, Any]:
     """The graph (JSON-ready) of the namespaces matching the ``netns`` globs (all if none)."""
     chosen = sorted(
         (ns for ns in model.namespaces.values() if _selected(ns, netns)),
-        key=lambda ns: (not ns.is_host, ns.name),
+        key=lambda ns: (not ns.is_host, _natural(ns.name)),
     )
     inodes = {ns.inode for ns in chosen}
     namespaces = []

@@ -94,3 +94,18 @@ def test_groups_strip_a_trailing_number() -> None:
         "ns",
         "a-b",
     ]
+
+
+def test_namespaces_come_in_natural_order_host_first() -> None:
+    """pod-2 comes before pod-10, and the host before everything."""
+    m = Model()
+    for inode, name in enumerate(("pod-10", "pod-2", "a", "pod-1b"), start=10):
+        m.apply(NamespaceSeen(inode, (name,)))
+    m.apply(NamespaceSeen(1, ("zz-host",), is_host=True))
+    assert [ns["name"] for ns in build(m)["namespaces"]] == [
+        "zz-host",
+        "a",
+        "pod-1b",
+        "pod-2",
+        "pod-10",
+    ]

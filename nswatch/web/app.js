@@ -116,24 +116,30 @@ function render() {
     (partners.get(e.a) || partners.set(e.a, []).get(e.a)).push(e.b);
     (partners.get(e.b) || partners.set(e.b, []).get(e.b)).push(e.a);
   }
+  // Which boxes get drawn, first: a big box lists the links that lead to them.
+  const isOpen = (name, members) =>
+    groupState.has(name) ? groupState.get(name) : (re !== null || members.length <= COLLAPSE_OVER || name === "host");
+  const drawn = (name, members) => members.slice(0, showAll.has(name) ? members.length : SHOW_AT_MOST);
   const shownNs = new Set();
-  for (const members of groups.values()) for (const ns of members) shownNs.add(String(ns.inode));
+  for (const [name, members] of groups) {
+    if (isOpen(name, members)) for (const ns of drawn(name, members)) shownNs.add(String(ns.inode));
+  }
   const root = $("groups");
   root.replaceChildren();
   for (const [name, members] of groups) {
     const sec = el("section", "group");
     sec.dataset.group = name;
-    const open = groupState.has(name) ? groupState.get(name) : (re !== null || members.length <= COLLAPSE_OVER || name === "host");
+    const open = isOpen(name, members);
     sec.classList.toggle("collapsed", !open);
     const h = el("h2", null, members.length > 1 ? `${name} (${members.length} namespaces)` : name);
     h.addEventListener("click", () => { groupState.set(name, sec.classList.contains("collapsed")); render(); });
     sec.append(h);
     const boxes = el("div", "boxes");
     if (open) {
-      const limit = showAll.has(name) ? members.length : SHOW_AT_MOST;
-      for (const ns of members.slice(0, limit)) boxes.append(nsBox(ns, linksToShow(ns, re, shownNs)));
-      if (members.length > limit) {
-        const more = el("button", "more", `show ${members.length - limit} more`);
+      const shown = drawn(name, members);
+      for (const ns of shown) boxes.append(nsBox(ns, linksToShow(ns, re, shownNs)));
+      if (members.length > shown.length) {
+        const more = el("button", "more", `show ${members.length - shown.length} more`);
         more.addEventListener("click", () => { showAll.add(name); render(); });
         boxes.append(more);
       }
