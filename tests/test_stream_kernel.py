@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import select
+import subprocess
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +23,7 @@ from nswatch.stream import StreamHub
 from nswatch.watch import SseEvent, SseParser, read_events
 from tests.conftest import Running, require_root, stop_daemon
 from tests.kernel import Lab, ip, wait_for
+from tests.test_cli import NSWATCH, free_port
 
 pytestmark = pytest.mark.kernel
 
@@ -155,3 +161,52 @@ def test_reconnect_resumes_without_loss_or_duplicates(lab: Lab, streaming: Strea
     ids = [int(e.id or 0) for e in first.events + second.events]
     assert ids == list(range(ids[0], event_id + 1)) and last == event_id
     assert any(e.event == "link_added" and json.loads(e.data)["link"] == b for e in second.events)
+
+
+def test_nswatch_run_serves_the_stream_that_nswatch_watch_follows(lab: Lab, tmp_path: Path) -> None:
+    """`nswatch run` streams its changes and `nswatch watch --json` prints them, ids matching event_id."""
+    port = free_port()
+    cfg = tmp_path / "nswatch.yaml"
+    cfg.write_text(f"include: '^{lab.prefix}'\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    run = subprocess.Popen(
+        [*NSWATCH, "run", "--config", str(cfg), "--listen", f"127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    watch: subprocess.Popen[str] | None = None
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: _ready(url), timeout=15)
+        watch = subprocess.Popen(
+            [*NSWATCH, "watch", "--url", url, "--json", "--netns", f"{lab.prefix}*"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=env,
+        )
+        time.sleep(1)  # the watcher has read the state and follows the stream
+        ns = lab.netns("w")
+        assert watch.stdout is not None
+        ready, _, _ = select.select([watch.stdout], [], [], 10)
+        assert ready, "nswatch watch printed nothing within 10 s"
+        first = json.loads(watch.stdout.readline())
+        assert (first["event"], first["netns"]) == ("namespace_added", ns)
+        with urllib.request.urlopen(url + "/api/v1/state", timeout=10) as r:
+            assert json.load(r)["event_id"] >= first["id"]
+    finally:
+        for proc in (watch, run):
+            if proc is not None:
+                proc.terminate()
+                proc.wait(10)
+                if proc.stdout is not None:
+                    proc.stdout.close()
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/readyz", timeout=2) as r:
+            return bool(r.status == 200)
+    except OSError:
+        return False
