@@ -201,7 +201,8 @@ def to_svg(graph: dict[str, Any]) -> str:
         y0 += h + _GAP
     lines = []
     for e in graph["edges"]:
-        if e["a"] not in pos or e["b"] not in pos:
+        # Bridge ports are drawn indented under their bridge, in the same box.
+        if e["a"] not in pos or e["b"] not in pos or e["kind"] == "master":
             continue
         (al, ar, ay), (bl, br, by) = pos[e["a"]], pos[e["b"]]
         if abs(al - bl) < 1:  # same column: loop out on the right
@@ -225,7 +226,8 @@ def to_svg(graph: dict[str, Any]) -> str:
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
         f'viewBox="0 0 {width} {height}"><style>{style}</style>'
         f'<rect width="100%" height="100%" fill="#ffffff"/>'
-        + "".join(body)
+        # Edges first: one that crosses a box passes behind it, not over its text.
         + "".join(lines)
+        + "".join(body)
         + "</svg>\n"
     )

@@ -167,6 +167,8 @@ function drawEdges() {
   for (const e of graph.edges) {
     const a = rows.get(e.a), b = rows.get(e.b);
     if (!a || !b) continue;
+    // A bridge's ports are listed indented under it: no line needed.
+    if (e.kind === "master" && a.closest(".ns") === b.closest(".ns")) continue;
     const ra = a.getBoundingClientRect(), rb = b.getBoundingClientRect();
     const ay = ra.top + ra.height / 2 - base.top, by = rb.top + rb.height / 2 - base.top;
     let d;
