@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -49,6 +52,7 @@ class Browser:
             [exe, *CHROMIUM_FLAGS, f"--user-data-dir={self.profile}", url],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            start_new_session=True,  # its helper processes go with it on close
         )
         self.ws: websocket.WebSocket | None = None
         self._id = 0
@@ -98,13 +102,19 @@ class Browser:
     def close(self) -> None:
         if self.ws is not None:
             self.ws.close()
-        self.proc.terminate()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
         try:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
-        shutil.rmtree(self.profile, ignore_errors=True)
+        # A helper process may still write its last files for a moment.
+        for _ in range(50):
+            shutil.rmtree(self.profile, ignore_errors=True)
+            if not os.path.exists(self.profile):
+                break
+            time.sleep(0.1)
 
 
 @pytest.fixture
