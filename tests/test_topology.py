@@ -80,7 +80,10 @@ def test_svg_is_well_formed_with_a_path_per_edge() -> None:
     texts = ["".join(t.itertext()) for t in root.iter(f"{ns}text")]
     assert {"host", "pod-1", "pod-2"} <= set(texts)
     # veth and lower device; the bridge port is indented under its bridge instead.
-    assert sorted(p.get("class") for p in root.iter(f"{ns}path")) == ["edge parent", "edge veth"]
+    assert sorted(p.get("class", "") for p in root.iter(f"{ns}path")) == [
+        "edge parent",
+        "edge veth",
+    ]
     down = [t for t in root.iter(f"{ns}text") if "down" in (t.get("class") or "")]
     assert ["".join(t.itertext()).split()[0] for t in down] == ["eth0"]
 
