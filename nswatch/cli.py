@@ -1,4 +1,4 @@
-"""The ``nswatch`` command: run, snapshot, check-config, apply."""
+"""The ``nswatch`` command: run, snapshot, check-config, apply, watch, graph."""
 
 from __future__ import annotations
 
@@ -35,6 +35,8 @@ from nswatch.limits import raise_fd_limit
 from nswatch.model import Model
 from nswatch.observer import BaseObserver, Observer
 from nswatch.state import state_json, table_name
+from nswatch.stream import KINDS, StreamHub
+from nswatch.watch import DEFAULT_URL, Watcher
 from nswatch.webconfig import load_web_config
 
 STOP_TIMEOUT = 2.0
@@ -102,6 +104,36 @@ def build_parser() -> argparse.ArgumentParser:
         "--netns", metavar="NAME", help="only this namespace (default every namespace)"
     )
     app.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+
+    watch = sub.add_parser("watch", help="follow a running daemon's changes, like ip monitor")
+    watch.add_argument("--url", default=DEFAULT_URL, help=f"the daemon (default {DEFAULT_URL})")
+    watch.add_argument(
+        "--netns",
+        metavar="NAME",
+        action="append",
+        help="only these namespaces (globs; repeat) (default all)",
+    )
+    watch.add_argument(
+        "--kind",
+        action="append",
+        choices=sorted(KINDS),
+        help="only these kinds of change (repeat) (default all)",
+    )
+    watch.add_argument("--json", action="store_true", help="JSON lines, the events' own fields")
+
+    graph = with_config("graph", help="print the topology once (DOT, SVG or JSON) and exit")
+    graph.add_argument(
+        "--format",
+        choices=("dot", "svg", "json"),
+        default="dot",
+        help="Graphviz DOT, an SVG picture, or the graph as JSON (default dot)",
+    )
+    graph.add_argument(
+        "--netns",
+        metavar="NAME",
+        action="append",
+        help="only these namespaces (globs; repeat) (default all)",
+    )
     return p
 
 
@@ -136,9 +168,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     sink = metrics.MetricsSink(
         max_objects_per_namespace=config.settings.metrics_max_objects_per_namespace
     )
+    # A sink from the daemon's start: the hub numbers every change the model
+    # makes, so its ids match the state's event_id.
+    hub = StreamHub(history=config.settings.stream_history)
     daemon = Daemon(
         config.settings,
-        observers=[logs.LogObserver(), sink],
+        observers=[logs.LogObserver(), sink, hub],
         dirwatch_factory=DirWatcher,
     )
     sink.bind(daemon)
@@ -165,6 +200,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         ready=daemon.ready.is_set,
         metrics=sink.render,
         unwatched=daemon.unwatched,
+        events=hub,
     )
     listen = config.settings.listen
     server = HttpServer(listen, api, web)
@@ -358,6 +394,44 @@ def select_state(state: dict[str, Any], model: Model, shown: set[int]) -> dict[s
     }
 
 
+def cmd_graph(args: argparse.Namespace) -> int:
+    """Build the model once from dumps and print its topology graph."""
+    from nswatch import topology
+
+    config = load(args)
+    logs.configure("console", "warning")
+    daemon = Daemon(config.settings)
+    try:
+        complete = daemon.sync_once()
+        graph = topology.build(daemon.model, args.netns or ())
+    finally:
+        daemon.close()
+    if args.format == "json":
+        sys.stdout.write(json.dumps(graph, indent=2) + "\n")
+    elif args.format == "svg":
+        sys.stdout.write(topology.to_svg(graph))
+    else:
+        sys.stdout.write(topology.to_dot(graph))
+    return 0 if complete else 1
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    """Follow the daemon's event stream until interrupted."""
+    watcher = Watcher(
+        args.url,
+        netns=args.netns or (),
+        kinds=args.kind or (),
+        as_json=args.json,
+        out=lambda line: print(line, flush=True),
+        err=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    try:
+        watcher.run()
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
 def cmd_apply(args: argparse.Namespace) -> int:
     """Plan (and unless --dry-run, apply) every matching namespace once."""
     from nswatch.apply import Applier, ApplyEngine
@@ -450,6 +524,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_snapshot(args)
         if args.command == "apply":
             return cmd_apply(args)
+        if args.command == "graph":
+            return cmd_graph(args)
+        if args.command == "watch":
+            return cmd_watch(args)
         if args.command == "check-config":
             return cmd_check_config(args.file or DEFAULT_CONFIG_PATH)
     except ConfigError as e:

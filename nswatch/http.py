@@ -32,6 +32,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from http import HTTPStatus
+from importlib import resources
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -40,6 +41,8 @@ import structlog
 
 from nswatch.model import Model
 from nswatch.state import namespace_json, state_json
+from nswatch.stream import StreamHub
+from nswatch.topology import build as build_topology
 from nswatch.webconfig import BasicAuth, TlsSettings, WebConfig
 
 MetricsRenderer = Callable[[str | None], tuple[bytes, str]]
@@ -47,6 +50,22 @@ MetricsRenderer = Callable[[str | None], tuple[bytes, str]]
 
 SERVER_NAME = "nswatch"  # no versions: they only help an attacker pick exploits
 _NS_PREFIX = "/api/v1/namespaces/"
+EVENTS_PATH = "/api/v1/events"
+TOPOLOGY_PATH = "/api/v1/topology"
+# The page and its assets, from the package: nothing is fetched from elsewhere.
+_PAGE = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/ui/app.js": ("app.js", "text/javascript; charset=utf-8"),
+    "/ui/app.css": ("app.css", "text/css; charset=utf-8"),
+}
+_PAGE_HEADERS = (
+    (
+        "Content-Security-Policy",
+        "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+        "img-src 'self'; base-uri 'none'; frame-ancestors 'none'",
+    ),
+    ("Cache-Control", "no-cache"),
+)
 # A request line h11 would accept; anything else on the first line (such as
 # HTTP/0.9's "GET /path") is answered 400 at once instead of waiting for a
 # blank line that never comes.
@@ -65,6 +84,7 @@ class Api:
         ready: Callable[[], bool],
         metrics: MetricsRenderer | None = None,
         unwatched: Callable[[], dict[str, str]] = dict,
+        events: StreamHub | None = None,
     ) -> None:
         self.view = view
         self.alive = alive
@@ -73,6 +93,7 @@ class Api:
         # Namespaces that exist but cannot be watched (name -> reason): while
         # there are any, the picture is incomplete and /readyz says so.
         self.unwatched = unwatched
+        self.events = events
 
 
 @dataclass(frozen=True)
@@ -125,17 +146,39 @@ def _phrase(status: int) -> str:
 class Router:
     """Paths to responses (blocking; the big ones run on a worker thread)."""
 
-    HEAVY = ("/api/v1/state", "/metrics")
+    HEAVY = ("/api/v1/state", "/metrics", TOPOLOGY_PATH)
 
     def __init__(self, api: Api) -> None:
         self.api = api
+        self._assets: dict[str, bytes] = {}
+
+    def asset(self, path: str, accept: str | None) -> Response | None:
+        """The topology page or one of its files; None when ``path`` is none of them.
+
+        ``/`` is the page for browsers and the list of endpoints for programs.
+        """
+        found = _PAGE.get(path)
+        if found is None or (path == "/" and "text/html" not in (accept or "")):
+            return None
+        name, ctype = found
+        body = self._assets.get(name)
+        if body is None:
+            body = self._assets[name] = (resources.files("nswatch") / "web" / name).read_bytes()
+        return Response(200, body, ctype, headers=_PAGE_HEADERS)
 
     def endpoints(self) -> list[str]:
         """The paths the server answers."""
-        eps = ["/healthz", "/readyz", "/api/v1/state", "/api/v1/namespaces/{name}"]
+        eps = ["/healthz", "/readyz", "/api/v1/state", "/api/v1/namespaces/{name}", "/"]
+        eps.append(TOPOLOGY_PATH)
         if self.api.metrics is not None:
             eps.append("/metrics")
+        if self.api.events is not None:
+            eps.append(EVENTS_PATH)
         return eps
+
+    def streams(self, method: str, path: str) -> bool:
+        """Whether the request is answered by a long-lived event stream."""
+        return method == "GET" and path == EVENTS_PATH and self.api.events is not None
 
     def heavy(self, path: str) -> bool:
         """Whether answering may take long enough to hold up other clients."""
@@ -175,12 +218,19 @@ class Router:
         if path == "/metrics" and api.metrics is not None:
             body, ctype = api.metrics(accept)
             return Response(200, body, ctype)
+        if path == EVENTS_PATH and api.events is not None:  # HEAD: the headers only
+            return Response(200, b"", "text/event-stream")
+        if path == TOPOLOGY_PATH:
+            return json_response(200, build_topology(api.view()))
+        page = self.asset(path, accept)
+        if page is not None:
+            return page
         if path == "/":
             return json_response(200, {"endpoints": self.endpoints()})
         return json_response(404, {"error": "not found", "path": path})
 
     def _not_allowed(self, path: str) -> Response:
-        if path in self.endpoints() or path.startswith(_NS_PREFIX):
+        if path in self.endpoints() or path.startswith(_NS_PREFIX) or path in _PAGE:
             return Response(
                 405, b'{"error":"method not allowed"}\n', headers=(("Allow", "GET, HEAD"),)
             )
@@ -298,7 +348,9 @@ class Renderer:
 # requests waiting for a render the newest goes (its render has likely not
 # started, so no work is wasted).
 IDLE, HANDSHAKE, HEAD, BODY, WRITE, BUSY = "idle", "handshake", "head", "body", "write", "busy"
-_SHED_ORDER = ((IDLE,), (HANDSHAKE, HEAD, BODY), (WRITE,))
+# An event stream gives way like a slow reader: it resumes where it left off.
+STREAM = "stream"
+_SHED_ORDER = ((IDLE,), (HANDSHAKE, HEAD, BODY), (WRITE, STREAM))
 
 
 class Connection:
@@ -382,8 +434,10 @@ class _Request:
         self.method = event.method.decode("ascii", "replace").upper()
         target = event.target.decode("latin-1")
         self.path = urlsplit(target).path
+        self.query = urlsplit(target).query
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in event.headers}
         self.accept = headers.get("accept")
+        self.last_event_id = headers.get("last-event-id")
         self.authorization = headers.get("authorization")
         self.close = close  # the body was left unread: the connection cannot carry another request
 
@@ -502,10 +556,15 @@ class HttpServer:
         server = await asyncio.start_server(
             self._client, sock=self._sock, backlog=1024, limit=self.limits.max_head
         )
+        events = self.router.api.events
+        if events is not None:
+            events.attach(self._loop)
         self._started.set()
         try:
             await self._stopping.wait()
         finally:
+            if events is not None:
+                events.detach()
             server.close()
             for c in list(self.table.conns):
                 c.drop()
@@ -561,7 +620,14 @@ class HttpServer:
                 await self._write(conn, h, writer, got, head=False)
                 return True
             conn.enter(BUSY, time.monotonic())
-            response = await self._respond(got)
+            if self.router.streams(got.method, got.path):
+                refused = await self._refusal(got)
+                if refused is None:
+                    await self._stream(conn, h, reader, writer, got)
+                    return True
+                response = refused
+            else:
+                response = await self._respond(got)
             await self._write(conn, h, writer, response, head=got.method == "HEAD")
             if response.close or got.close or h.our_state is not h11.DONE:
                 return True
@@ -642,13 +708,18 @@ class HttpServer:
             return False
         return _REQUEST_LINE.fullmatch(start[:nl].rstrip(b"\r")) is None
 
-    async def _respond(self, req: _Request) -> Response:
+    async def _refusal(self, req: _Request) -> Response | None:
+        """The answer when the rate limit or the password refuses ``req``, else None."""
         if self._limiter is not None and not self._limiter.allow():
             return error_response(429, "too many requests")
         if self._auth is not None:
-            refused = await self._authenticate(req.authorization)
-            if refused is not None:
-                return refused
+            return await self._authenticate(req.authorization)
+        return None
+
+    async def _respond(self, req: _Request) -> Response:
+        refused = await self._refusal(req)
+        if refused is not None:
+            return refused
         if req.method in ("GET", "HEAD") and self.router.heavy(req.path):
             return await self._render.render(req.path, req.accept)
         return self.router.route(req.method, req.path, req.accept)
@@ -709,6 +780,62 @@ class HttpServer:
             writer.transport.set_write_buffer_limits(high=0)
         async with asyncio.timeout_at(self._loop_time(now + self.limits.write_timeout)):
             await writer.drain()
+
+    async def _stream(
+        self,
+        conn: Connection,
+        h: h11.Connection,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        req: _Request,
+    ) -> None:
+        """Serve ``/api/v1/events`` until the client leaves, falls behind or the server stops."""
+        hub = self.router.api.events
+        assert hub is not None
+        try:
+            sub = hub.subscribe(req.query, req.last_event_id)
+        except ValueError as e:
+            await self._write(conn, h, writer, error_response(400, str(e), close=True), False)
+            return
+        conn.enter(STREAM, time.monotonic())
+        headers = [
+            ("Server", SERVER_NAME),
+            ("Date", email.utils.formatdate(usegmt=True)),
+            ("Content-Type", "text/event-stream; charset=utf-8"),
+            ("Cache-Control", "no-cache"),
+            ("X-Accel-Buffering", "no"),  # nginx: pass each event on at once
+            *self.web.headers,
+        ]
+        writer.write(h.send(h11.Response(status_code=200, headers=headers, reason="OK")))
+        # Nothing more is expected from the client: reading only tells when it hangs up.
+        gone = asyncio.ensure_future(_until_eof(reader))
+        timeout = self.limits.write_timeout
+
+        def send(chunk: bytes) -> bool:
+            if writer.transport.is_closing():
+                return True  # the client left; ``gone`` ends the stream
+            writer.write(h.send(h11.Data(data=chunk)) or b"")
+            return conn.queued() <= hub.client_buffer
+
+        async def drain() -> None:
+            async with asyncio.timeout(timeout):
+                await writer.drain()
+
+        try:
+            await sub.run(send, drain, gone)
+            if not writer.transport.is_closing():
+                writer.write(h.send(h11.EndOfMessage()) or b"")
+                writer.transport.set_write_buffer_limits(high=0)
+                await drain()
+        finally:
+            hub.unsubscribe(sub)
+            gone.cancel()
+
+
+async def _until_eof(reader: asyncio.StreamReader) -> None:
+    with contextlib.suppress(ConnectionError, ssl.SSLError):
+        while await reader.read(65536):
+            pass
 
 
 def _content_length(event: h11.Request) -> int | None:

@@ -119,6 +119,41 @@ def describe(obj: object) -> dict[str, Any]:
     return {}
 
 
+def change_event(ch: Change) -> str:
+    """The event name of a change, as logs and the event stream call it."""
+    return f"{ch.kind}_{ch.action}"
+
+
+def describe_change(ch: Change) -> dict[str, Any]:
+    """The fields of a change, shared by the logs and the event stream."""
+    fields: dict[str, Any] = {"netns": ch.netns}
+    match ch:
+        case NamespaceAdded():
+            fields.update(inode=ch.inode, names=ch.names)
+        case NamespaceRemoved():
+            # "unwatched": the namespace still exists, nswatch only let go of it.
+            fields.update(inode=ch.inode, reason=ch.reason)
+        case NamespaceRenamed():
+            fields.update(old=ch.old, new=ch.names)
+            if ch.old_netns is not None:
+                fields["old_netns"] = ch.old_netns
+        case VethResolved(pair=pair) | VethLost(pair=pair):
+            if isinstance(ch, VethLost) and ch.reason:
+                fields["reason"] = ch.reason
+            fields.update(link=pair.a_link, peer_netns=pair.b_netns, peer_link=pair.b_link)
+        case LinkAdded(link=obj) | AddressAdded(address=obj) | RouteAdded(route=obj):
+            fields.update(describe(obj))
+        case LinkChanged(link=obj) | AddressChanged(address=obj) | RouteChanged(route=obj):
+            fields.update(describe(obj), old=describe(ch.old))
+        case LinkRemoved(link=obj, reason=why):
+            fields.update(describe(obj), reason=why)
+        case RouteRemoved(route=obj) | AddressRemoved(address=obj):
+            fields.update(describe(obj))
+        case RuleAdded(rule=rule) | RuleRemoved(rule=rule):
+            fields.update(describe_rule(rule))
+    return fields
+
+
 class LogObserver(BaseObserver):
     """Logs every model change and every handled error, one event a line."""
 
@@ -135,42 +170,14 @@ class LogObserver(BaseObserver):
             self._log_change(ch, reason)
 
     def _log_change(self, ch: Change, reason: str | None) -> None:
-        fields: dict[str, Any] = {"netns": ch.netns}
+        fields = describe_change(ch)
         if reason is not None:
             fields["source"] = reason
-        event = f"{ch.kind}_{ch.action}"
-        match ch:
-            case NamespaceAdded():
-                self.log.info(event, inode=ch.inode, names=ch.names, **fields)
-            case NamespaceRemoved():
-                # "unwatched": the namespace still exists, nswatch only let go of it.
-                self.log.info(event, inode=ch.inode, reason=ch.reason, **fields)
-            case NamespaceRenamed():
-                if ch.old_netns is not None:
-                    fields["old_netns"] = ch.old_netns
-                self.log.info(event, old=ch.old, new=ch.names, **fields)
-            case VethResolved(pair=pair) | VethLost(pair=pair):
-                if isinstance(ch, VethLost) and ch.reason:
-                    fields["reason"] = ch.reason
-                self.log.info(
-                    event,
-                    link=pair.a_link,
-                    peer_netns=pair.b_netns,
-                    peer_link=pair.b_link,
-                    **fields,
-                )
-            case LinkAdded(link=obj) | AddressAdded(address=obj) | RouteAdded(route=obj):
-                self.log.info(event, **fields, **describe(obj))
-            case LinkChanged(link=obj) | AddressChanged(address=obj) | RouteChanged(route=obj):
-                self.log.info(event, **fields, **describe(obj), old=describe(ch.old))
-            case LinkRemoved(link=obj, reason=why):
-                self.log.warning(event, **fields, **describe(obj), reason=why)
-            case RouteRemoved(route=obj):
-                self.log.warning(event, **fields, **describe(obj))
-            case AddressRemoved(address=obj):
-                self.log.info(event, **fields, **describe(obj))
-            case RuleAdded(rule=rule) | RuleRemoved(rule=rule):
-                self.log.info(event, **fields, **describe_rule(rule))
+        # A link or route gone may cut traffic: worth a warning.
+        if isinstance(ch, LinkRemoved | RouteRemoved):
+            self.log.warning(change_event(ch), **fields)
+        else:
+            self.log.info(change_event(ch), **fields)
 
     def overrun(self, netns: str) -> None:
         self.log.warning("netlink_overrun", netns=netns)

@@ -23,7 +23,7 @@ __all__ = [
     "settings_table",
 ]
 
-COMMON = ("run", "snapshot", "apply")
+COMMON = ("run", "snapshot", "apply", "graph")
 RUN = ("run",)
 
 
@@ -166,6 +166,15 @@ class Settings:
         Setting(
             "how often link counters are refreshed by a link dump; at least 1 s, or 0: never",
             lambda v: values.seconds(v, floor=1.0, off=True),
+        ),
+    )
+    stream_history: int = _setting(
+        10_000,
+        Setting(
+            "changes the event stream (`/api/v1/events`) keeps for clients that reconnect"
+            " with Last-Event-ID; one asking for older ones is told to resync",
+            lambda v: values.integer(v, 1, 10_000_000),
+            commands=RUN,
         ),
     )
     procnet_interval: float = _setting(

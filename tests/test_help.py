@@ -102,4 +102,4 @@ def test_setting_flags_point_at_their_setting() -> None:
     assert by_usage["--listen HOST:PORT"] == Flag(
         "--listen HOST:PORT", ("run",), "`127.0.0.1:9442`", "setting `listen`"
     )
-    assert by_usage["--netns-dir DIR"].commands == ("run", "snapshot", "apply")
+    assert by_usage["--netns-dir DIR"].commands == ("run", "snapshot", "apply", "graph")
