@@ -177,6 +177,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         dirwatch_factory=DirWatcher,
     )
     sink.bind(daemon)
+    sink.bind_stream(hub)
     # Per-namespace /proc statistics; started once the daemon is ready.
     if config.settings.procnet_interval > 0:
         sink.bind_procnet(

@@ -52,6 +52,7 @@ from nswatch.procnet import (
     NetStats,
     ProcNetSnapshot,
 )
+from nswatch.stream import StreamStats
 
 OM = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 Key = tuple[str, tuple[tuple[str, str], ...]]
@@ -261,7 +262,15 @@ def rich_harness() -> Harness:
     sink.config_reloaded(True)
     sink.bind_apply(_FakeApply())
     sink.bind_procnet(_FakeProcNet())
+    sink.bind_stream(_FakeStream())
     return h
+
+
+class _FakeStream:
+    """Stands in for the event stream's hub: a few clients, one dropped."""
+
+    def stats(self) -> StreamStats:
+        return StreamStats(clients=3, dropped_total=1, resyncs_total=2, last_id=1234, history=1234)
 
 
 def rich_exposition(accept: str | None) -> bytes:

@@ -70,6 +70,27 @@ class ApplySource(Protocol):
     def snapshot(self) -> ApplyStats: ...
 
 
+class StreamStatsLike(Protocol):
+    """What :class:`nswatch.stream.StreamStats` holds (duck-typed: no import of the HTTP side)."""
+
+    @property
+    def clients(self) -> int: ...
+    @property
+    def dropped_total(self) -> int: ...
+    @property
+    def resyncs_total(self) -> int: ...
+    @property
+    def last_id(self) -> int: ...
+    @property
+    def history(self) -> int: ...
+
+
+class StreamSource(Protocol):
+    """The event stream's hub, as the metrics read it."""
+
+    def stats(self) -> StreamStatsLike: ...
+
+
 class ProcNetSource(Protocol):
     """What :class:`nswatch.procnet.ProcNetPoller` offers a scrape."""
 

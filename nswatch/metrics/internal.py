@@ -169,6 +169,46 @@ class EventCollector:
         yield fam
 
 
+class StreamCollector:
+    """The event stream (`/api/v1/events`): its clients, and those it had to drop."""
+
+    CLIENTS = FamilySpec("nswatch_stream_clients", "Event stream clients connected.", "gauge")
+    DROPPED = FamilySpec(
+        "nswatch_stream_clients_dropped_total",
+        "Stream clients dropped for falling behind (each got a final resync event).",
+        "counter",
+    )
+    RESYNCS = FamilySpec(
+        "nswatch_stream_resyncs_total",
+        "resync events sent: a client asked for changes older than the history, or fell behind.",
+        "counter",
+    )
+    LAST_ID = FamilySpec(
+        "nswatch_stream_last_event_id",
+        "The id of the newest change (the state's event_id).",
+        "gauge",
+    )
+    HISTORY = FamilySpec(
+        "nswatch_stream_history_events", "Changes held for clients that reconnect.", "gauge"
+    )
+    specs = (CLIENTS, DROPPED, RESYNCS, LAST_ID, HISTORY)
+
+    def collect(self, view: ScrapeView) -> Iterator[Family]:
+        s = view.stream
+        if s is None:
+            return
+        for spec, value in (
+            (self.CLIENTS, s.clients),
+            (self.DROPPED, s.dropped_total),
+            (self.RESYNCS, s.resyncs_total),
+            (self.LAST_ID, s.last_id),
+            (self.HISTORY, s.history),
+        ):
+            fam = spec.family()
+            fam.add((), value)
+            yield fam
+
+
 class ApplyCollector:
     """The apply engine's counters and drift gauges (nothing when no engine is bound)."""
 

@@ -8,6 +8,7 @@ from nswatch.metrics.internal import (
     ApplyCollector,
     EventCollector,
     StatusCollector,
+    StreamCollector,
 )
 from nswatch.metrics.network import (
     MAX_OBJECTS_PER_NAMESPACE,
@@ -40,6 +41,7 @@ def collectors(
         RemovalCollector(),
         ProcNetCollector(),
         EventCollector(),
+        StreamCollector(),
         ApplyCollector(),
     )
 

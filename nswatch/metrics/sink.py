@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, Histogram, PlatformCollector, P
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
 
-from nswatch.metrics.counters import ApplySource, Counters, ProcNetSource
+from nswatch.metrics.counters import ApplySource, Counters, ProcNetSource, StreamSource
 from nswatch.metrics.encoder import fast_encoder
 from nswatch.metrics.family import Family
 from nswatch.metrics.internal import PROCESSING, PROCESSING_BUCKETS
@@ -63,6 +63,7 @@ class MetricsSink(BaseObserver):
         self._unwatched: Callable[[], dict[str, int]] = unwatched or dict
         self._apply: ApplySource | None = None
         self._procnet: ProcNetSource | None = None
+        self._stream: StreamSource | None = None
         self._collectors = collectors(max_objects_per_namespace)
         self._counters = Counters()
         # One scrape renders at a time: concurrent renders would only compete
@@ -95,6 +96,10 @@ class MetricsSink(BaseObserver):
     def bind_apply(self, engine: ApplySource) -> None:
         """Export what the apply engine did (``engine.snapshot()``: an ``ApplyStats``)."""
         self._apply = engine
+
+    def bind_stream(self, hub: StreamSource) -> None:
+        """Export the event stream's clients and drops (``hub.stats()``)."""
+        self._stream = hub
 
     def bind_procnet(self, poller: ProcNetSource) -> None:
         """Export the per-namespace /proc statistics ``poller`` reads (``poller.snapshot()``).
@@ -182,7 +187,8 @@ class MetricsSink(BaseObserver):
         counters = self._counters.snapshot()
         apply = self._apply.snapshot() if self._apply is not None else None
         procnet = self._procnet.snapshot() if self._procnet is not None else None
-        return ScrapeView.of(model, counters, ready, apply, self._unwatched(), procnet)
+        stream = self._stream.stats() if self._stream is not None else None
+        return ScrapeView.of(model, counters, ready, apply, self._unwatched(), procnet, stream)
 
     def families(self) -> list[Family]:
         """Every nswatch_* family but the histogram, from a fresh view of the model."""

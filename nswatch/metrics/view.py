@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-from nswatch.metrics.counters import ApplyStats, Counters
+from nswatch.metrics.counters import ApplyStats, Counters, StreamStatsLike
 from nswatch.metrics.family import Family, FamilySpec, sanitize
 from nswatch.model import Link, Model, Namespace
 from nswatch.procnet import ProcNetSnapshot
@@ -35,6 +35,8 @@ class ScrapeView:
     unwatched: dict[str, int]
     # The latest /proc statistics per namespace (None: no poller runs).
     procnet: ProcNetSnapshot | None = None
+    # The event stream's counts (None: no stream served).
+    stream: StreamStatsLike | None = None
 
     @classmethod
     def of(
@@ -45,10 +47,13 @@ class ScrapeView:
         apply: ApplyStats | None = None,
         unwatched: dict[str, int] | None = None,
         procnet: ProcNetSnapshot | None = None,
+        stream: StreamStatsLike | None = None,
     ) -> ScrapeView:
         """The view of a model copy and a counters snapshot (the caller's own)."""
         namespaces = [_view(ns) for ns in _ns_order(model)]
-        return cls(model, counters, ready, apply, namespaces, dict(unwatched or {}), procnet)
+        return cls(
+            model, counters, ready, apply, namespaces, dict(unwatched or {}), procnet, stream
+        )
 
 
 def _ns_order(model: Model) -> list[Namespace]:
