@@ -19,6 +19,7 @@ from nswatch.model import (
     DumpKind,
     Event,
     Family,
+    Link,
     LinkAdded,
     LinkChanged,
     Model,
@@ -120,12 +121,31 @@ def nsid_questions(changes: Iterable[Change], model: Model) -> list[AskNsid]:
         if model.veths.needs_nsid(ns, link):
             out.extend(AskNsid(ch.inode, t) for t in model.veths.candidates(ch.inode, link))
         elif link.parent_netnsid is not None and link.parent_netnsid not in ns.nsids:
-            # A lower device in another namespace is nearly always the host's
-            # (a pod's macvlan on a host link); nothing indexes the others.
-            host = model.host_inode
-            if host is not None and host != ch.inode:
-                out.append(AskNsid(ch.inode, host))
+            out.extend(AskNsid(ch.inode, t) for t in parent_candidates(model, ch.inode, link))
     return out
+
+
+# A lower device's namespace is found by asking its nsid of the namespaces that
+# hold a link at its ifindex; more than this many is a sign of a mass of
+# equal ifindexes, where the host (the usual case) and a few others must do.
+MAX_PARENT_CANDIDATES = 16
+
+
+def parent_candidates(model: Model, inode: int, link: Link) -> list[int]:
+    """Namespaces that may hold ``link``'s lower device: the host first (a pod's
+    macvlan on a host link), then any other with a link at that ifindex.
+
+    Nothing points back from a lower device, so unlike a veth peer the
+    candidates cannot be narrowed further; macvlans and vxlans are few.
+    """
+    host = model.host_inode
+    found = [host] if host is not None and host != inode else []
+    for other, ns in model.namespaces.items():
+        if len(found) >= MAX_PARENT_CANDIDATES:
+            break
+        if other not in (inode, host) and link.parent_index in ns.links:
+            found.append(other)
+    return found
 
 
 def _peer_nowhere(ch: Change, model: Model) -> bool:

@@ -185,3 +185,24 @@ def test_tentative_address_is_shown_while_dad_runs(lab: Lab, nswatch: Running) -
     kernel = ip_json(ns, "-6", "addr", "show", "dev", a)[0]["addr_info"]
     assert any(i["local"] == "2001:db8:9::1" and i.get("tentative") for i in kernel)
     wait_for(lambda: flags() == ["permanent"], timeout=20)
+
+
+def test_macvlan_parent_in_a_namespace_other_than_the_host(lab: Lab, nswatch: Running) -> None:
+    """A macvlan whose lower device lives in another named namespace (no veth between them) resolves too."""
+    low, top = lab.netns("lo"), lab.netns("tp")
+    a, b = lab.name("a"), lab.name("b")
+    ip("-n", low, "link", "add", a, "type", "veth", "peer", "name", b)
+    mv = lab.name("mv")
+    ip("-n", low, "link", "add", mv, "link", a, "type", "macvlan", "mode", "bridge")
+    ip("-n", low, "link", "set", mv, "netns", top)
+
+    def parent() -> dict[str, Any] | None:
+        for link in ns_state(nswatch, top).get("links", []):
+            if link["name"] == mv:
+                p: dict[str, Any] | None = link["parent"]
+                return p
+        return None
+
+    wait_for(lambda: parent() is not None, timeout=3)
+    p = parent()
+    assert p is not None and (p["netns"], p["name"]) == (low, a)
