@@ -18,16 +18,16 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import structlog
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
 
+from nswatch import rtrequest
 from nswatch.config import Config, Profile, render_host_name
 from nswatch.decode import (
+    IFADDRMSG,
     NLMSG_DONE,
     NLMSG_ERROR,
+    attrs,
     decode_address,
     dump_request,
     error_code,
@@ -38,6 +38,7 @@ from nswatch.model import (
     AddressChanged,
     AddressRemoved,
     Change,
+    Link,
     LinkAdded,
     LinkChanged,
     LinkRemoved,
@@ -62,6 +63,7 @@ from nswatch.plan import (
     p2p_addressing,
     plan,
 )
+from nswatch.rtrequest import Channel
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Interface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
@@ -70,6 +72,9 @@ Interface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 # their results are still arriving in the model (it ends early once the
 # model shows them all).
 GRACE = 3.0
+# The extended attribute of the lock directory each allocating instance stamps.
+STAMP = "user.nswatch.allocation"
+IFA_LABEL = 3
 # When the kernel refused to create a veth the model does not show yet, look
 # again this much later (its arrival in the model usually comes first).
 RECHECK = 1.0
@@ -117,20 +122,28 @@ class Applier:
         self.lock_path = lock_path
         # Set when the engine stops: runs and lock waits give up at once.
         self.cancelled = threading.Event()
+        # The stamp this applier left on the allocation lock last time.
+        self._stamp: bytes | None = None
 
     @contextlib.contextmanager
-    def allocation_lock(self) -> Iterator[None]:
-        """Hold a lock that every nswatch on this host takes to hand out subnets.
+    def allocation_lock(self) -> Iterator[bool]:
+        """Hold the lock every nswatch on this host takes to hand out subnets.
 
         An flock on the namespace directory itself: it needs no file of its
-        own (the directory may be read-only to us), and the kernel drops it
-        if the process dies. Waited for in short non-blocking tries, so a
-        stop never hangs behind another instance's allocation.
+        own, and the kernel drops it if the process dies. Waited for in
+        short non-blocking tries, so a stop never hangs behind another
+        instance's allocation.
+
+        Yields whether another holder may have handed out subnets since this
+        applier last let go of the lock: each holder leaves a fresh stamp in
+        an extended attribute of the directory (``user.nswatch.allocation``)
+        when it lets go, so an unchanged stamp means nobody else did. When
+        the stamp cannot be read or written, always True.
         """
         try:
             fd = os.open(self.lock_path or "", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError:
-            yield
+            yield True
             return
         try:
             while True:
@@ -140,18 +153,29 @@ class Applier:
                 except BlockingIOError:
                     if self.cancelled.wait(0.01):
                         raise Cancelled() from None
-            yield
+            try:
+                seen: bytes | None = os.getxattr(fd, STAMP)
+            except OSError:
+                seen = None
+            try:
+                yield seen is None or seen != self._stamp
+            finally:
+                self._stamp = f"{os.getpid()}:{time.time_ns()}".encode()
+                try:
+                    os.setxattr(fd, STAMP, self._stamp)
+                except OSError:
+                    self._stamp = None
         finally:
             os.close(fd)
 
-    def host_addresses(self, family: int = 0) -> list[tuple[int, Interface]]:
-        """(ifindex, address) of every host address right now, from the kernel (not the model).
+    def host_addresses(self, family: int = 0) -> list[tuple[int, str, Interface]]:
+        """(ifindex, label, address) of every host address now, from the kernel (not the model).
 
-        One address dump decoded by nswatch's own decoder: no link dump, the
-        caller knows the ifindex of the links it cares about.
+        One address dump, no link dump: IPv4 addresses carry their link's
+        name as label (IPv6 ones an empty label).
         """
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0)
-        out: list[tuple[int, Interface]] = []
+        out: list[tuple[int, str, Interface]] = []
         try:
             sock.bind((0, 0))
             sock.send(dump_request("address", family, 1))
@@ -163,19 +187,13 @@ class Applier:
                         code = -error_code(msg)
                         raise OSError(code, os.strerror(code))
                     a = decode_address(msg)
-                    if a is not None:
-                        out.append((a.link, ipaddress.ip_interface(f"{a.address}/{a.prefixlen}")))
+                    if a is None:
+                        continue
+                    label = attrs(msg.body, IFADDRMSG.size).get(IFA_LABEL, b"")
+                    iface = ipaddress.ip_interface(f"{a.address}/{a.prefixlen}")
+                    out.append((a.link, label.rstrip(b"\0").decode(errors="replace"), iface))
         finally:
             sock.close()
-
-    def host_link_index(self, name: str) -> int | None:
-        """The ifindex of host link ``name`` right now, or None."""
-        ipr = IPRoute()
-        try:
-            found = ipr.link_lookup(ifname=name)
-            return int(found[0]) if found else None
-        finally:
-            ipr.close()
 
     def pending(self, steps: Sequence[Step], inode: int | None = None) -> list[Step]:
         """The steps minus sysctls that already hold their value (the model cannot see those)."""
@@ -219,9 +237,20 @@ class Applier:
                         done.append(step)
                 except (Gone, Cancelled):
                     raise
-                except (OSError, NetlinkError, ValueError) as e:
+                except (OSError, ValueError) as e:
                     raise StepFailed(step, e) from e
         return done
+
+
+def _same_for_plans(old: Link, new: Link) -> bool:
+    """Whether a link change leaves everything a plan looks at as it was (carrier, counters)."""
+    return (old.name, old.kind, old.admin_up, old.mtu, old.master) == (
+        new.name,
+        new.kind,
+        new.admin_up,
+        new.mtu,
+        new.master,
+    ) and (old.peer_index, old.peer_netnsid) == (new.peer_index, new.peer_netnsid)
 
 
 class _Handles:
@@ -231,18 +260,15 @@ class _Handles:
         self.a = applier
         self.inode = inode
         self._fds: dict[str, int] = {}
-        self._iprs: dict[str, Any] = {}
-        self._socks: list[socket.socket] = []
+        self._channels: dict[str, Channel] = {}
         self._index: dict[tuple[str, str], int] = {}
 
     def __enter__(self) -> _Handles:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for ipr in self._iprs.values():
-            ipr.close()
-        for sock in self._socks:
-            sock.close()
+        for channel in self._channels.values():
+            channel.sock.close()
         for fd in self._fds.values():
             os.close(fd)
 
@@ -265,27 +291,23 @@ class _Handles:
         self._fds[netns] = fd
         return fd
 
-    def ipr(self, netns: str) -> Any:
-        ipr = self._iprs.get(netns)
-        if ipr is not None:
-            return ipr
-        if netns == self.a.host_label:
-            ipr = IPRoute()
-        else:
-            fd = self.fd(netns)
-            sock = self.a.enterer.run_in(
-                fd, lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, 0)
-            )
-            self._socks.append(sock)
-            ipr = IPRoute(use_socket=sock)
-        self._iprs[netns] = ipr
-        return ipr
+    def channel(self, netns: str) -> Channel:
+        channel = self._channels.get(netns)
+        if channel is None:
+            if netns == self.a.host_label:
+                sock = Channel.new_socket()
+            else:
+                sock = self.a.enterer.run_in(self.fd(netns), Channel.new_socket)
+            channel = self._channels[netns] = Channel(sock)
+        return channel
 
     def index(self, netns: str, name: str) -> int:
         key = (netns, name)
         found = self._index.get(key)
         if found is None:
-            found = _index(self.ipr(netns), name)
+            found = self.channel(netns).link_index(name)
+            if found is None:
+                raise ValueError(f"no link {name}")
             self._index[key] = found
         return found
 
@@ -302,54 +324,38 @@ class _Handles:
     def do(self, step: Step) -> bool:
         if step.op == "set_sysctl":
             return self._sysctl(step)
-        ipr = self.ipr(step.netns)
+        ch = self.channel(step.netns)
+        seq = ch.next_seq()
         if step.op == "create_bridge":
-            ipr.link("add", ifname=step.link, kind="bridge")
+            ch.call(rtrequest.create_bridge(seq, step.link))
         elif step.op == "create_veth":
-            mtu = {"mtu": int(step.value)} if step.value else {}
-            ipr.link(
-                "add",
-                ifname=step.link,
-                kind="veth",
-                peer={"ifname": step.peer, "net_ns_fd": self.fd(step.peer_netns), **mtu},
-                **mtu,
-            )
+            mtu = int(step.value) if step.value else None
+            peer_fd = self.fd(step.peer_netns)
+            ch.call(rtrequest.create_veth(seq, step.link, step.peer, peer_fd, mtu))
         elif step.op == "set_mtu":
-            ipr.link("set", index=self.index(step.netns, step.link), mtu=int(step.value))
+            ch.call(rtrequest.set_link(seq, self.index(step.netns, step.link), mtu=int(step.value)))
         elif step.op == "set_master":
-            ipr.link(
-                "set",
-                index=self.index(step.netns, step.link),
-                master=self.index(step.netns, step.value),
-            )
+            index = self.index(step.netns, step.link)
+            master = self.index(step.netns, step.value)
+            ch.call(rtrequest.set_link(seq, index, master=master))
         elif step.op == "link_up":
-            ipr.link("set", index=self.index(step.netns, step.link), state="up")
+            ch.call(rtrequest.set_link(seq, self.index(step.netns, step.link), up=True))
         elif step.op == "add_address":
-            ip, _, prefix = step.value.partition("/")
+            index = self.index(step.netns, step.link)
             try:
-                ipr.addr(
-                    "add",
-                    index=self.index(step.netns, step.link),
-                    address=ip,
-                    prefixlen=int(prefix),
-                )
-            except NetlinkError as e:
-                if e.code != errno.EEXIST:  # someone was quicker; that's the goal
+                ch.call(rtrequest.add_address(seq, index, step.value))
+            except OSError as e:
+                if e.errno != errno.EEXIST:  # someone was quicker; that's the goal
                     raise
         elif step.op == "add_route":
-            kw: dict[str, Any] = {"dst": step.value}
-            if step.via:
-                kw["gateway"] = step.via
-            if step.link:
-                kw["oif"] = self.index(step.netns, step.link)
-            if step.metric is not None:
-                kw["priority"] = step.metric
-            if step.table is not None:
-                kw["table"] = step.table
+            oif = self.index(step.netns, step.link) if step.link else None
+            request = rtrequest.add_route(
+                seq, step.value, gateway=step.via, oif=oif, metric=step.metric, table=step.table
+            )
             try:
-                ipr.route("add", **kw)
-            except NetlinkError as e:
-                if e.code != errno.EEXIST:
+                ch.call(request)
+            except OSError as e:
+                if e.errno != errno.EEXIST:
                     raise
         return True
 
@@ -364,13 +370,6 @@ class _Handles:
             return True
 
         return self.a.enterer.run_in(self.fd(step.netns), write)
-
-
-def _index(ipr: Any, name: str) -> int:
-    found = ipr.link_lookup(ifname=name)
-    if not found:
-        raise ValueError(f"no link {name}")
-    return int(found[0])
 
 
 # --- the engine -----------------------------------------------------------------
@@ -464,6 +463,8 @@ class ApplyEngine(BaseObserver):
                     self._unregister(ch.netns)
                     self._gone.add(ch.netns)
                     continue
+                if isinstance(ch, LinkChanged) and _same_for_plans(ch.old, ch.link):
+                    continue
                 if isinstance(ch, NamespaceRenamed) and ch.old and ch.old[0] != ch.netns:
                     self._unregister(ch.old[0])
                     self._gone.add(ch.old[0])
@@ -493,6 +494,8 @@ class ApplyEngine(BaseObserver):
             if isinstance(ch, LinkChanged):
                 touched |= self._owners.get(ch.old.name, set())
         elif isinstance(ch, AddressAdded | AddressRemoved | AddressChanged):
+            if ch.address.scope == "link":
+                return touched  # the kernel's own IPv6 link-local addresses
             ifname = self._host_ifnames.get(ch.address.link)
             if ifname is not None:
                 touched |= self._owners.get(ifname, set())
@@ -689,11 +692,11 @@ class ApplyEngine(BaseObserver):
             else:
                 self._judge(item, view, look, addr)
         if allocate:
-            with self.applier.allocation_lock():
-                for item, got in self._allocate(allocate, view, look):
+            with self.applier.allocation_lock() as others:
+                for item, got in self._allocate(allocate, view, look, others):
                     if isinstance(got, Addressing):
                         self._judge(item, view, look, got)
-                    elif got is not None:
+                    else:
                         self._record(item.profile, item.name, [], error=str(got))
 
     def _known_addressing(self, item: _Todo, view: Model, look: Lookup) -> Addressing | None:
@@ -736,19 +739,20 @@ class ApplyEngine(BaseObserver):
             return [a for n, a in self._reserved.items() if n != name]
 
     def _allocate(
-        self, items: list[_Todo], view: Model, look: Lookup
-    ) -> list[tuple[_Todo, Addressing | Exception | None]]:
+        self, items: list[_Todo], view: Model, look: Lookup, others: bool
+    ) -> list[tuple[_Todo, Addressing | Exception]]:
         """Subnets for namespaces that hold none, under the host-wide lock (the caller's).
 
-        Another nswatch may be handing out subnets of the same pool, faster
-        than our model hears of it. The model is current for everything this
-        instance did, so the kernel is asked only for what others may have
-        just added: one address dump of the host per batch (not per
-        namespace), while holding the lock; an instance that adds its host
-        end's address before letting go of the lock is then always seen.
+        The model is current for everything this instance did (with
+        ``_reserved`` for what it has not shown yet). Another nswatch may
+        have handed out subnets of the same pool faster than our model hears
+        of them: when the lock says someone else held it since our last
+        allocation (``others``), one address dump of the host, for the whole
+        batch, shows what they added. Every holder adds its host ends'
+        addresses before it lets go, so nothing is missed.
         """
-        out: list[tuple[_Todo, Addressing | Exception | None]] = []
-        kernel = self.applier.host_addresses()
+        out: list[tuple[_Todo, Addressing | Exception]] = []
+        kernel = self.applier.host_addresses() if others else []
         used: dict[tuple[Network, int], set[Network]] = {}
         for item in items:
             veth = item.profile.veth
@@ -756,23 +760,19 @@ class ApplyEngine(BaseObserver):
             pool, prefix = veth.pool, veth.prefix
             hname = render_host_name(veth.host_name, item.name)
             hlink = look.link(look.host, hname)
-            hindex = hlink.index if hlink is not None else self.applier.host_link_index(hname)
-            if hlink is None and hindex is not None:
-                # The kernel has the host end, our model not yet: wait for
-                # it (its arrival marks this namespace again).
-                out.append((item, None))
-                continue
+            hindex = hlink.index if hlink is not None else None
             mine: Network | None = None
             taken: set[Network] = set()
-            for ifindex, iface in kernel:
+            for ifindex, label, iface in kernel:
                 if iface.version != pool.version or iface.ip not in pool:
                     continue
                 net = ipaddress.ip_network(f"{iface.ip}/{prefix}", strict=False)
-                if ifindex == hindex:
+                if ifindex == hindex or label == hname:
                     mine = net
                 else:
                     taken.add(net)
             if mine is not None:
+                # Another instance set this namespace up a moment ago.
                 addr = p2p_addressing(mine)
             else:
                 key = (pool, prefix)
@@ -826,6 +826,7 @@ class ApplyEngine(BaseObserver):
                 # missing now is most likely in flight. Look again after.
                 return
             del self._grace[name]
+            self._timers.pop(name, None)
         try:
             steps = self.applier.pending(planned, item.inode)
         except Gone:
@@ -880,8 +881,8 @@ class ApplyEngine(BaseObserver):
         except StepFailed as e:
             if (
                 e.step.op == "create_veth"
-                and isinstance(e.err, NetlinkError)
-                and e.err.code == errno.EEXIST
+                and isinstance(e.err, OSError)
+                and e.err.errno == errno.EEXIST
             ):
                 # Our model has not seen the pair yet (another instance, or
                 # our own earlier run): look again once it has.
@@ -938,10 +939,8 @@ class ApplyEngine(BaseObserver):
             addr = self._known_addressing(item, view, look)
             if addr is not None:
                 return profile, *self._once(item, view, look, addr, dry_run)
-            with self.applier.allocation_lock():
-                [(_, got)] = self._allocate([item], view, look)
-                if got is None:
-                    return profile, [], "the host end exists but is not in the model yet"
+            with self.applier.allocation_lock() as others:
+                [(_, got)] = self._allocate([item], view, look, others)
                 if isinstance(got, Exception):
                     return profile, [], str(got)
                 return profile, *self._once(item, view, look, got, dry_run)

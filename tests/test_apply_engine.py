@@ -62,9 +62,6 @@ class FakeApplier(Applier):
     def host_addresses(self, *args: Any, **kwargs: Any) -> list[Any]:
         return []
 
-    def host_link_index(self, name: str) -> int | None:
-        return None
-
     def pending(self, steps: Sequence[Step], inode: int | None = None) -> list[Step]:
         return list(steps)
 
