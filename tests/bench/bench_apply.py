@@ -249,6 +249,8 @@ class Nswatch:
         self.repaired: dict[str, float] = {}
         self.failed: list[str] = []
         self.tail: list[bytes] = []
+        # Every log line with its arrival time, to explain slow samples.
+        self.lines: list[tuple[float, bytes]] = []
         self.cond = threading.Condition()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -258,6 +260,8 @@ class Nswatch:
         for line in self.proc.stderr:
             t = time.monotonic()
             self.tail = [*self.tail[-20:], line]
+            if len(self.lines) < 2_000_000:
+                self.lines.append((t, line))
             if b'"applied"' in line or b'"repaired"' in line or b"apply_failed" in line:
                 d = json.loads(line)
                 with self.cond:
@@ -380,14 +384,22 @@ def new_namespace(nsw: Nswatch, flapper: Flapper, count: int) -> dict[str, Any]:
     flapper.start()
     times: list[float] = []
     kernel: list[float] = []
+    slow: dict[str, list[str]] = {}
     try:
         time.sleep(2.0)
         for k in range(count):
             ns = f"{PREFIX}b{k}"
             t0 = time.monotonic()
+            first = len(nsw.lines)
             run(["ip", "netns", "add", ns])
             done = nsw.wait(nsw.applied, {ns}, timeout=30)
             times.append(done - t0)
+            if done - t0 > 1.0:
+                slow[ns] = [
+                    f"{t - t0:.3f} {line.decode(errors='replace').strip()[:300]}"
+                    for t, line in nsw.lines[first:]
+                    if ns.encode() in line or b"apply" in line or b"error" in line
+                ][:200]
             while check_wired([ns]):
                 if time.monotonic() - t0 > 30:
                     raise TimeoutError(f"{ns} not wired")
@@ -402,7 +414,11 @@ def new_namespace(nsw: Nswatch, flapper: Flapper, count: int) -> dict[str, Any]:
         "applied_max_s": max(times),
         "wired_median_s": statistics.median(kernel),
         "wired_max_s": max(kernel),
+        "applied_s": times,
+        "wired_s": kernel,
         "flaps": flapper.changes,
+        "slow_samples_log": slow,
+        "failures": list(nsw.failed),
     }
 
 
