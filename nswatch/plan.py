@@ -279,6 +279,10 @@ def allocate_bridge_address(
     subnet = veth.bridge.address.network
     taken = {str(veth.bridge.address.ip), *reserved}
     look = lookup if lookup is not None and lookup.model is model else Lookup(model, "")
+    # Its own address first: judging a set-up namespace costs that namespace only.
+    for link, iface in look.interfaces(model.get(netns)):
+        if link == veth.netns_name and iface.ip in subnet:
+            return ipaddress.ip_interface(f"{iface.ip}/{subnet.prefixlen}")
     for ns, link, iface in look.everywhere():
         if iface.ip in subnet:
             if ns.name == netns and link == veth.netns_name:

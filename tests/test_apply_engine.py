@@ -374,3 +374,57 @@ def test_steps_stay_in_their_namespace() -> None:
             applier.run([Step("link_up", "lab5", "lo"), Step("link_up", "ctr1", "lo")])
     finally:
         enterer.close()
+
+
+def test_allocation_lock_says_whether_someone_else_held_it(tmp_path: Path) -> None:
+    """The lock's stamp tells an applier whether another one handed out subnets since it last let go."""
+    enterer = NetnsEnterer()
+    try:
+        a = Applier(enterer, lambda name: None, lock_path=str(tmp_path))
+        b = Applier(enterer, lambda name: None, lock_path=str(tmp_path))
+        with a.allocation_lock() as others:
+            assert others  # nobody stamped it yet: unknown
+        with a.allocation_lock() as others:
+            assert not others
+        with b.allocation_lock() as others:
+            assert others
+        with a.allocation_lock() as others:
+            assert others
+        with a.allocation_lock() as others:
+            assert not others
+    finally:
+        enterer.close()
+
+
+class CountingDumps(FakeApplier):
+    """A fake applier that counts the host address dumps."""
+
+    def __init__(self, enterer: NetnsEnterer, lock_path: str | None) -> None:
+        super().__init__(enterer, lock_path)
+        self.dumps = 0
+
+    def host_addresses(self, *args: Any, **kwargs: Any) -> list[Any]:
+        self.dumps += 1
+        return []
+
+
+def test_new_namespaces_cost_no_host_dump_each(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Namespaces needing subnets are allocated from the model: the kernel's host addresses are read once, not per namespace."""
+    counting = Counting(monkeypatch)
+    m = host_model()
+    names = [add_namespace(m, i, wired=False) for i in range(12)]
+    enterer = NetnsEnterer()
+    applier = CountingDumps(enterer, str(tmp_path))
+    engine = ApplyEngine(parse_config(PROFILE), counting.viewer(m), applier)
+    engine.start()
+    try:
+        engine.ready(m)
+        wait_for(lambda: {s.peer_netns for s in applier.ran} >= set(names))
+        assert applier.dumps <= 1
+        subnets = [s.value for s in applier.ran if s.op == "add_address" and s.netns == "host"]
+        assert len(set(subnets)) == len(names)
+    finally:
+        engine.stop()
+        enterer.close()
