@@ -405,7 +405,9 @@ class ApplyEngine(BaseObserver):
     The event-loop side only maps changes to namespace names; the worker
     takes every name marked since its last turn as one batch, judged on one
     shared view of the model. With nothing marked and no timer due it
-    blocks.
+    blocks. ``view`` must return immutable snapshots such as
+    :meth:`nswatch.daemon.Daemon.view` (a namespace object is reused only
+    while unchanged): indexes built over one are kept for the next.
     """
 
     def __init__(
