@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from nswatch.config import Profile, RouteSpec, render_host_name
-from nswatch.model import Link, Model, Namespace
+from nswatch.model import Address, Link, Model, Namespace
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Interface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
@@ -129,7 +129,7 @@ AddressTriple = tuple[int, str, int]
 class _NsIndex:
     links: dict[str, Link]
     addresses: frozenset[AddressTriple]
-    interfaces: tuple[tuple[str, Interface], ...]  # (link name, address)
+    by_link: dict[int, tuple[Address, ...]]
 
 
 class Lookup:
@@ -139,7 +139,9 @@ class Lookup:
     its own namespace and the host's few links it names, not a walk over the
     whole model. A namespace's index is kept from ``previous`` when the view
     still holds the very same (unchanged, shared) namespace object: after a
-    change only what changed is indexed again.
+    change only what changed is indexed again. Indexes hold plain tuples and
+    the model's own records, so keeping them costs little memory and the
+    garbage collector little time.
     """
 
     def __init__(self, model: Model, host_label: str, previous: Lookup | None = None) -> None:
@@ -156,18 +158,13 @@ class Lookup:
         hit = self._index.get(ns.inode)
         if hit is not None and hit[0] is ns:
             return hit[1]
-        links = {link.name: link for link in ns.links.values()}
-        interfaces = tuple(
-            (
-                ns.link_name(a.link) or "",
-                ipaddress.ip_interface(f"{a.address}/{a.prefixlen}"),
-            )
-            for a in ns.addresses.values()
-        )
+        by_link: dict[int, list[Address]] = {}
+        for a in ns.addresses.values():
+            by_link.setdefault(a.link, []).append(a)
         index = _NsIndex(
-            links,
+            {link.name: link for link in ns.links.values()},
             frozenset((a.link, a.address, a.prefixlen) for a in ns.addresses.values()),
-            interfaces,
+            {i: tuple(found) for i, found in by_link.items()},
         )
         self._index[ns.inode] = (ns, index)
         return index
@@ -183,15 +180,25 @@ class Lookup:
             return False
         return (target.index, str(iface.ip), iface.network.prefixlen) in self._of(ns).addresses
 
-    def interfaces(self, ns: Namespace | None) -> tuple[tuple[str, Interface], ...]:
-        """(link name, address) of every address in ``ns``."""
-        return self._of(ns).interfaces if ns is not None else ()
+    def addresses_on(self, ns: Namespace | None, link: str) -> list[Interface]:
+        """The addresses on the link called ``link`` in ``ns``."""
+        target = self.link(ns, link)
+        if ns is None or target is None:
+            return []
+        return [
+            ipaddress.ip_interface(f"{a.address}/{a.prefixlen}")
+            for a in self._of(ns).by_link.get(target.index, ())
+        ]
 
     def everywhere(self) -> Iterable[tuple[Namespace, str, Interface]]:
         """(namespace, link name, address) of every address of every namespace in the view."""
         for ns in self.model.namespaces.values():
-            for link, iface in self._of(ns).interfaces:
-                yield ns, link, iface
+            for a in ns.addresses.values():
+                yield (
+                    ns,
+                    ns.link_name(a.link) or "",
+                    ipaddress.ip_interface(f"{a.address}/{a.prefixlen}"),
+                )
 
 
 def _start(name: str, count: int) -> int:
@@ -219,8 +226,8 @@ def existing_subnet(
         (model.get(netns), veth.netns_name),
     )
     for ns, name in ends:
-        for link, iface in look.interfaces(ns):
-            if link == name and iface.version == veth.pool.version and iface.ip in veth.pool:
+        for iface in look.addresses_on(ns, name):
+            if iface.version == veth.pool.version and iface.ip in veth.pool:
                 return iface.network
     return None
 
@@ -280,8 +287,8 @@ def allocate_bridge_address(
     taken = {str(veth.bridge.address.ip), *reserved}
     look = lookup if lookup is not None and lookup.model is model else Lookup(model, "")
     # Its own address first: judging a set-up namespace costs that namespace only.
-    for link, iface in look.interfaces(model.get(netns)):
-        if link == veth.netns_name and iface.ip in subnet:
+    for iface in look.addresses_on(model.get(netns), veth.netns_name):
+        if iface.ip in subnet:
             return ipaddress.ip_interface(f"{iface.ip}/{subnet.prefixlen}")
     for ns, link, iface in look.everywhere():
         if iface.ip in subnet:
