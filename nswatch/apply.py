@@ -17,6 +17,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import structlog
@@ -72,6 +73,8 @@ Interface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 # their results are still arriving in the model (it ends early once the
 # model shows them all).
 GRACE = 3.0
+# Namespaces whose steps run at once (most of a step is waiting for the kernel).
+PARALLEL = 4
 # The extended attribute of the lock directory each allocating instance stamps.
 STAMP = "user.nswatch.allocation"
 IFA_LABEL = 3
@@ -393,6 +396,13 @@ class _Todo:
     inode: int
 
 
+@dataclass
+class _Job:
+    item: _Todo
+    steps: list[Step]
+    first: bool
+
+
 class ApplyEngine(BaseObserver):
     """Applies profiles to matching namespaces and tracks drift, on its own thread.
 
@@ -681,6 +691,7 @@ class ApplyEngine(BaseObserver):
                 continue
             todo.append(_Todo(profile, name, ns.inode))
         allocate: list[_Todo] = []
+        jobs: list[_Job] = []
         for item in todo:
             if self._stopping.is_set():
                 raise Cancelled()
@@ -691,15 +702,19 @@ class ApplyEngine(BaseObserver):
                 continue
             if addr is None:
                 allocate.append(item)
-            else:
-                self._judge(item, view, look, addr)
+            elif job := self._judge(item, view, look, addr):
+                jobs.append(job)
+        self._carry_out(jobs)
         if allocate:
+            # Held until the new subnets are on the host ends.
             with self.applier.allocation_lock() as others:
+                jobs = []
                 for item, got in self._allocate(allocate, view, look, others):
-                    if isinstance(got, Addressing):
-                        self._judge(item, view, look, got)
-                    else:
+                    if not isinstance(got, Addressing):
                         self._record(item.profile, item.name, [], error=str(got))
+                    elif job := self._judge(item, view, look, got):
+                        jobs.append(job)
+                self._carry_out(jobs)
 
     def _known_addressing(self, item: _Todo, view: Model, look: Lookup) -> Addressing | None:
         """The namespace's addresses when they need no new subnet; None when one must be allocated.
@@ -779,11 +794,7 @@ class ApplyEngine(BaseObserver):
             else:
                 key = (pool, prefix)
                 if key not in used:
-                    used[key] = {
-                        ipaddress.ip_network(f"{iface.ip}/{prefix}", strict=False)
-                        for _ns, _link, iface in look.everywhere()
-                        if iface.version == pool.version and iface.ip in pool
-                    }
+                    used[key] = look.pool_used(pool, prefix)
                 with self.lock:
                     own = self._reserved.get(item.name)
                     held = {
@@ -808,8 +819,8 @@ class ApplyEngine(BaseObserver):
             out.append((item, addr))
         return out
 
-    def _judge(self, item: _Todo, view: Model, look: Lookup, addr: Addressing) -> None:
-        """Compare one namespace with its profile; apply when due."""
+    def _judge(self, item: _Todo, view: Model, look: Lookup, addr: Addressing) -> _Job | None:
+        """Compare one namespace with its profile: the steps to apply now, if any."""
         profile, name = item.profile, item.name
         with self.lock:
             self.stats.evaluations += 1
@@ -819,20 +830,20 @@ class ApplyEngine(BaseObserver):
         except Blocked as e:
             if not e.pending:
                 self._conflict(profile, name, str(e))
-            return
+            return None
         self._conflicts.pop(name, None)
         until = self._grace.get(name)
         if until is not None:
             if any(s.op != "set_sysctl" for s in planned) and self.clock() < until:
                 # Our own steps are still arriving in the model: what looks
                 # missing now is most likely in flight. Look again after.
-                return
+                return None
             del self._grace[name]
             self._timers.pop(name, None)
         try:
             steps = self.applier.pending(planned, item.inode)
         except Gone:
-            return
+            return None
         missing = drift(steps)
         with self.lock:
             before = {k: self.stats.drift.get((name, profile.name, k)) for k in missing}
@@ -845,15 +856,15 @@ class ApplyEngine(BaseObserver):
                     self._seen.add(name)
                     self.stats.last_error.pop(name, None)
                 self._failures.pop(name, None)
-                return
+                return None
             if self._backing_off(name):
-                return
-            self._apply(item, steps, first)
-            return
+                return None
+            return _Job(item, steps, first)
         if any(missing.values()) and before != missing:
             self.log.warning(
                 "drift", netns=name, profile=profile.name, missing=[str(s) for s in steps]
             )
+        return None
 
     def _conflict(self, profile: Profile, name: str, reason: str) -> None:
         """The veth's names are held by objects nswatch did not make: report, touch nothing."""
@@ -874,13 +885,36 @@ class ApplyEngine(BaseObserver):
             return True
         return False
 
-    def _apply(self, item: _Todo, steps: list[Step], first: bool) -> None:
-        profile, name = item.profile, item.name
+    def _carry_out(self, jobs: list[_Job]) -> None:
+        """Run the jobs' steps, several namespaces at once; then note what came of each.
+
+        Most of a step's time is the kernel's (and waiting for its locks),
+        so a few namespaces go in parallel, as a shell would run several
+        `ip -batch` jobs; everything the engine keeps is updated on its own
+        thread afterwards.
+        """
+        if len(jobs) <= 1:
+            outcomes = [self._attempt(job) for job in jobs]
+        else:
+            with ThreadPoolExecutor(PARALLEL, thread_name_prefix="nswatch-apply-run") as pool:
+                outcomes = list(pool.map(self._attempt, jobs))
+        for job, outcome in zip(jobs, outcomes, strict=True):
+            self._finish(job, outcome)
+
+    def _attempt(self, job: _Job) -> list[Step] | StepFailed | Gone | Cancelled:
         try:
-            done = self.applier.run(steps, item.inode)
-        except Gone:
+            return self.applier.run(job.steps, job.item.inode)
+        except (StepFailed, Gone, Cancelled) as e:
+            return e
+
+    def _finish(self, job: _Job, outcome: list[Step] | StepFailed | Gone | Cancelled) -> None:
+        profile, name = job.item.profile, job.item.name
+        if isinstance(outcome, Cancelled):
+            raise outcome
+        if isinstance(outcome, Gone):
             return  # the namespace went; its removal is on its way
-        except StepFailed as e:
+        if isinstance(outcome, StepFailed):
+            e = outcome
             if (
                 e.step.op == "create_veth"
                 and isinstance(e.err, OSError)
@@ -896,6 +930,7 @@ class ApplyEngine(BaseObserver):
             self._later(name, now + min(60.0, 2.0 ** (fails - 1)))
             self._record(profile, name, [], error=str(e))
             return
+        done = outcome
         self._failures.pop(name, None)
         with self.lock:
             self._seen.add(name)
@@ -906,7 +941,7 @@ class ApplyEngine(BaseObserver):
         self._record(profile, name, done)
         if done:
             self.log.info(
-                "applied" if first else "repaired",
+                "applied" if job.first else "repaired",
                 netns=name,
                 profile=profile.name,
                 steps=[str(s) for s in done],

@@ -149,10 +149,14 @@ class Lookup:
         self.host_label = host_label
         self.host = model.get(host_label)
         self._index: dict[int, tuple[Namespace, _NsIndex]] = {}
+        self._pools: dict[tuple[int, Network, int], tuple[Namespace, frozenset[Network]]] = {}
         if previous is not None:
             for inode, (ns, index) in previous._index.items():
                 if model.namespaces.get(inode) is ns:
                     self._index[inode] = (ns, index)
+            for key, (ns, nets) in previous._pools.items():
+                if model.namespaces.get(key[0]) is ns:
+                    self._pools[key] = (ns, nets)
 
     def _of(self, ns: Namespace) -> _NsIndex:
         hit = self._index.get(ns.inode)
@@ -189,6 +193,23 @@ class Lookup:
             ipaddress.ip_interface(f"{a.address}/{a.prefixlen}")
             for a in self._of(ns).by_link.get(target.index, ())
         ]
+
+    def pool_used(self, pool: Network, prefix: int) -> set[Network]:
+        """Every /``prefix`` of ``pool`` that an address of a namespace in the view lies in."""
+        out: set[Network] = set()
+        for ns in self.model.namespaces.values():
+            key = (ns.inode, pool, prefix)
+            hit = self._pools.get(key)
+            if hit is None or hit[0] is not ns:
+                nets = frozenset(
+                    ipaddress.ip_network(f"{a.address}/{prefix}", strict=False)
+                    for a in ns.addresses.values()
+                    if (a.family == "inet") == (pool.version == 4)
+                    and ipaddress.ip_address(a.address) in pool
+                )
+                hit = self._pools[key] = (ns, nets)
+            out |= hit[1]
+        return out
 
     def everywhere(self) -> Iterable[tuple[Namespace, str, Interface]]:
         """(namespace, link name, address) of every address of every namespace in the view."""
@@ -251,12 +272,8 @@ def allocate_subnet(
     have = existing_subnet(profile, netns, model, host_label, look)
     if have is not None:
         return have
-    pool = veth.pool
-    used: set[Network] = set(reserved)
-    for _ns, _link, iface in look.everywhere():
-        if iface.version == pool.version and iface.ip in pool:
-            used.add(ipaddress.ip_network(f"{iface.ip}/{veth.prefix}", strict=False))
-    return free_subnet(pool, veth.prefix, netns, used)
+    used = look.pool_used(veth.pool, veth.prefix) | set(reserved)
+    return free_subnet(veth.pool, veth.prefix, netns, used)
 
 
 def free_subnet(pool: Network, prefix: int, netns: str, used: Collection[Network]) -> Network:
