@@ -17,7 +17,7 @@ import structlog
 import structlog.testing
 
 import nswatch.apply
-from nswatch.apply import Applier, ApplyEngine
+from nswatch.apply import Applier, ApplyEngine, StepFailed
 from nswatch.config import Config, parse_config, render_host_name
 from nswatch.model import (
     Address,
@@ -425,6 +425,40 @@ def test_new_namespaces_cost_no_host_dump_each(
         assert applier.dumps <= 1
         subnets = [s.value for s in applier.ran if s.op == "add_address" and s.netns == "host"]
         assert len(set(subnets)) == len(names)
+    finally:
+        engine.stop()
+        enterer.close()
+
+
+class FailingFor(FakeApplier):
+    """A fake applier on which one namespace's steps fail."""
+
+    def __init__(self, enterer: NetnsEnterer, bad: str) -> None:
+        super().__init__(enterer)
+        self.bad = bad
+
+    def run(self, steps: Sequence[Step], inode: int | None = None) -> list[Step]:
+        if any(s.netns == self.bad or s.peer_netns == self.bad for s in steps):
+            raise StepFailed(steps[0], OSError(1, "Operation not permitted"))
+        return super().run(steps, inode)
+
+
+def test_one_failing_namespace_does_not_hold_up_the_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Namespaces set up together are done even when one of them fails; only that one is failing."""
+    counting = Counting(monkeypatch)
+    m = host_model()
+    names = [add_namespace(m, i, wired=False) for i in range(8)]
+    enterer = NetnsEnterer()
+    applier = FailingFor(enterer, "lab2")
+    engine = ApplyEngine(parse_config(PROFILE), counting.viewer(m), applier)
+    engine.start()
+    try:
+        engine.ready(m)
+        others = set(names) - {"lab2"}
+        wait_for(lambda: {s.peer_netns for s in applier.ran if s.peer_netns} == others)
+        wait_for(lambda: engine.snapshot().last_error)
+        assert set(engine.snapshot().last_error) == {"lab2"}
+        assert "Operation not permitted" in engine.snapshot().last_error["lab2"]
     finally:
         engine.stop()
         enterer.close()
