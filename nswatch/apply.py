@@ -73,6 +73,8 @@ Interface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 # their results are still arriving in the model (it ends early once the
 # model shows them all).
 GRACE = 3.0
+# Waiting longer than this for the allocation lock is logged.
+LOCK_SLOW = 0.25
 # Namespaces whose steps run at once (most of a step is waiting for the kernel).
 PARALLEL = 4
 # The extended attribute of the lock directory each allocating instance stamps.
@@ -127,6 +129,8 @@ class Applier:
         self.cancelled = threading.Event()
         # The stamp this applier left on the allocation lock last time.
         self._stamp: bytes | None = None
+        # Seconds the last allocation waited for another holder of the lock.
+        self.lock_waited = 0.0
 
     @contextlib.contextmanager
     def allocation_lock(self) -> Iterator[bool]:
@@ -149,6 +153,7 @@ class Applier:
             yield True
             return
         try:
+            t0 = time.monotonic()
             while True:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -156,6 +161,7 @@ class Applier:
                 except BlockingIOError:
                     if self.cancelled.wait(0.01):
                         raise Cancelled() from None
+            self.lock_waited = time.monotonic() - t0
             try:
                 seen: bytes | None = os.getxattr(fd, STAMP)
             except OSError:
@@ -708,6 +714,13 @@ class ApplyEngine(BaseObserver):
         if allocate:
             # Held until the new subnets are on the host ends.
             with self.applier.allocation_lock() as others:
+                if self.applier.lock_waited > LOCK_SLOW:
+                    # Another nswatch on this host held it: say why we were late.
+                    self.log.info(
+                        "allocation_lock_waited",
+                        seconds=round(self.applier.lock_waited, 3),
+                        namespaces=len(allocate),
+                    )
                 jobs = []
                 for item, got in self._allocate(allocate, view, look, others):
                     if not isinstance(got, Addressing):

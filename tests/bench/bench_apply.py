@@ -403,7 +403,10 @@ def new_namespace(nsw: Nswatch, flapper: Flapper, count: int) -> dict[str, Any]:
                 slow[ns] = [
                     f"{t - t0:.3f} {line.decode(errors='replace').strip()[:300]}"
                     for t, line in nsw.lines[first:]
-                    if ns.encode() in line or b"apply" in line or b"error" in line
+                    if ns.encode() in line
+                    or b"apply" in line
+                    or b"error" in line
+                    or b"allocation_lock" in line
                 ][:200]
             while check_wired([ns]):
                 if time.monotonic() - t0 > 30:
