@@ -389,6 +389,7 @@ def new_namespace(nsw: Nswatch, flapper: Flapper, count: int) -> dict[str, Any]:
     flapper.start()
     times: list[float] = []
     kernel: list[float] = []
+    waits: list[float] = []
     slow: dict[str, list[str]] = {}
     try:
         time.sleep(2.0)
@@ -399,6 +400,15 @@ def new_namespace(nsw: Nswatch, flapper: Flapper, count: int) -> dict[str, Any]:
             run(["ip", "netns", "add", ns])
             done = nsw.wait(nsw.applied, {ns}, timeout=30)
             times.append(done - t0)
+            # Another nswatch on the machine (other work) may hold the
+            # host-wide allocation lock; nswatch logs how long it waited.
+            waits.append(
+                sum(
+                    float(json.loads(line)["seconds"])
+                    for t, line in nsw.lines[first:]
+                    if b'"allocation_lock_waited"' in line and t <= done
+                )
+            )
             if done - t0 > 1.0:
                 slow[ns] = [
                     f"{t - t0:.3f} {line.decode(errors='replace').strip()[:300]}"
@@ -424,6 +434,8 @@ def new_namespace(nsw: Nswatch, flapper: Flapper, count: int) -> dict[str, Any]:
         "wired_max_s": max(kernel),
         "applied_s": times,
         "wired_s": kernel,
+        "lock_wait_s": waits,
+        "wired_max_without_lock_wait_s": max(k - w for k, w in zip(kernel, waits, strict=True)),
         "flaps": flapper.changes,
         "slow_samples_log": slow,
         "failures": list(nsw.failed),
@@ -499,6 +511,20 @@ def table(r: dict[str, Any]) -> str:
     fl, fl2, b, nn = r["floor"], r["floor_after"], r["burst"], r["new_namespace"]
     by_hand = (fl["total_s"] + fl2["total_s"]) / 2
     ratio = b["wired_s"] / by_hand
+    lock_waits = [w for w in nn["lock_wait_s"] if w > 0]
+    net = nn["wired_max_without_lock_wait_s"]
+    waited = (
+        f"{len(lock_waits)} waited {', '.join(f'{w:.2f}' for w in lock_waits)} s for another "
+        f"nswatch's allocation lock; without that, max {net:.2f} s"
+        if lock_waits
+        else "no wait for another nswatch's allocation lock"
+    )
+    if nn["wired_max_s"] < 1:
+        newv = "met"
+    elif net < 1:
+        newv = "met but for other instances' lock"
+    else:
+        newv = "NOT met"
     extra = r["cpu_quiet"] - r["cpu_quiet_watch_only"]
     if r["cpu_quiet"] < 0.05:
         quiet = "met"
@@ -519,8 +545,7 @@ def table(r: dict[str, Any]) -> str:
         f"| a new namespace with {n} configured and a host link flapping every 0.25 s: "
         f"`ip netns add` to `applied` / to wired in the kernel, median (max) of "
         f"{nn['samples']} | {n} | {nn['applied_median_s']:.2f} ({nn['applied_max_s']:.2f}) s / "
-        f"{nn['wired_median_s']:.2f} ({nn['wired_max_s']:.2f}) s | < 1 s | "
-        f"{'met' if nn['wired_max_s'] < 1 else 'NOT met'} |",
+        f"{nn['wired_median_s']:.2f} ({nn['wired_max_s']:.2f}) s; {waited} | < 1 s | {newv} |",
         f"| nswatch CPU over {r['quiet_s']:.0f} s with nothing of ours changing, after the "
         f"burst ({r['log_lines_quiet']} changes logged meanwhile: other work on the host) "
         f"| {n} | {100 * r['cpu_quiet']:.1f} % of a core | the same nswatch without "
