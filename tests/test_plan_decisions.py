@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
+
 from nswatch.config import Profile, parse_config, render_host_name
 from nswatch.model import (
     Address,
@@ -17,7 +19,7 @@ from nswatch.model import (
     Route,
     RouteNew,
 )
-from nswatch.plan import addressing, plan
+from nswatch.plan import Blocked, addressing, plan
 
 HOST, NS, OTHER = 1, 2, 3
 NAME = "pd1"
@@ -99,23 +101,24 @@ def test_complete_namespace_needs_nothing() -> None:
     assert steps(m) == []
 
 
-def test_veth_names_present_but_not_paired_means_create() -> None:
-    """Both names existing is not enough: unless they are each other's peer, the veth is created."""
+def test_veth_names_present_but_not_paired_waits_instead_of_creating() -> None:
+    """Both names existing but not known as each other's peer: no create (it would clash), wait for the peers."""
     m = complete()
     m.veths.unpair((HOST, 50))
-    assert (
-        steps(m)[0]
-        == f"host: ip link add {HNAME} mtu 1400 type veth peer name eth0 mtu 1400 netns {NAME}"
-    )
+    with pytest.raises(Blocked) as e:
+        plan(profile(), NAME, m)
+    assert e.value.pending
 
 
-def test_veth_paired_elsewhere_means_create() -> None:
-    """A host end paired with a link in another namespace is not this namespace's veth."""
+def test_veth_paired_elsewhere_is_left_alone() -> None:
+    """A host end paired with a link in another namespace is not this namespace's veth: blocked, not created or touched."""
     m = complete()
     m.apply(NamespaceSeen(OTHER, ("other",)))
     m.veths.unpair((HOST, 50))
     m.veths.pair((HOST, 50), (OTHER, 2))
-    assert [s.op for s in plan(profile(), NAME, m)][:1] == ["create_veth"]
+    with pytest.raises(Blocked) as e:
+        plan(profile(), NAME, m)
+    assert not e.value.pending
 
 
 def test_mtu_is_fixed_on_the_side_that_differs() -> None:
