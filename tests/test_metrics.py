@@ -901,6 +901,7 @@ class _FakeApply:
         self.applied = {("web", "success"): 3, ("web", "failure"): 1}
         self.drift = {("nswM-a.b", "web", "route"): 2, ("nswM-a.b", "web", "link"): 0}
         self.last_error = {"nswM-a.b": "RTNETLINK answers: File exists"}
+        self.evaluations = 42
 
     def snapshot(self) -> _FakeApply:
         return self

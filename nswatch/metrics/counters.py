@@ -64,6 +64,7 @@ class ApplyStats(Protocol):
     applied: dict[tuple[str, str], int]  # (profile, result) -> n
     drift: dict[tuple[str, str, str], int]  # (netns, profile, kind) -> missing objects
     last_error: dict[str, str]  # netns -> error
+    evaluations: int  # namespaces judged against their profile
 
 
 class ApplySource(Protocol):

@@ -230,7 +230,13 @@ class ApplyCollector:
         "gauge",
         ("netns",),
     )
-    specs = (APPLIED, DRIFT, FAILING)
+    EVALUATIONS = FamilySpec(
+        "nswatch_apply_evaluations_total",
+        "Namespaces judged against their profile: it grows with changes, and stays flat when the"
+        " kernel is still.",
+        "counter",
+    )
+    specs = (APPLIED, DRIFT, FAILING, EVALUATIONS)
 
     def collect(self, view: ScrapeView) -> Iterator[Family]:
         stats = view.apply
@@ -248,3 +254,6 @@ class ApplyCollector:
         for netns in sorted(stats.last_error):
             failing.add((sanitize(netns),), 1)
         yield failing
+        evaluations = self.EVALUATIONS.family()
+        evaluations.add((), stats.evaluations)
+        yield evaluations
