@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import email.utils
 import ipaddress
-import json
 import re
 import socket
 import ssl
@@ -30,15 +29,17 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import h11
+import orjson
 import structlog
 
 from nswatch.model import Model
+from nswatch.render_cache import AgeCache, Document, VersionCache
 from nswatch.state import namespace_json, state_json
 from nswatch.webconfig import BasicAuth, TlsSettings, WebConfig
 
@@ -90,6 +91,9 @@ class Limits:
     render_workers: int = 2
     max_pending_renders: int = 16  # distinct documents waiting for a worker thread, per lane
     max_pending_auth: int = 64  # password checks waiting for bcrypt
+    # /metrics is made at most once per this many seconds per Accept header
+    # (counters and process figures move without the model; see render_cache).
+    metrics_max_age: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -101,18 +105,65 @@ class Response:
     content_type: str = "application/json"
     headers: tuple[tuple[str, str], ...] = ()
     close: bool = False
+    # A cached document (``body`` is its identity form): sent gzipped to
+    # clients that accept it, see :func:`encoded`.
+    document: Document | None = None
+
+
+def json_bytes(obj: Any) -> bytes:
+    """``obj`` as compact UTF-8 JSON with a trailing newline."""
+    return orjson.dumps(obj, option=orjson.OPT_APPEND_NEWLINE)
 
 
 def json_response(status: int, obj: Any, **kw: Any) -> Response:
     """``obj`` as compact JSON with a trailing newline."""
-    return Response(status, (json.dumps(obj, separators=(",", ":")) + "\n").encode(), **kw)
+    return Response(status, json_bytes(obj), **kw)
+
+
+def document_response(doc: Document) -> Response:
+    """A 200 carrying a cached document."""
+    return Response(200, doc.body, doc.content_type, document=doc)
 
 
 def error_response(status: int, message: str | None = None, **kw: Any) -> Response:
     """The JSON error every garbled or refused request gets."""
     phrase = _phrase(status)
-    body = (json.dumps({"error": message or phrase.lower()}) + "\n").encode()
-    return Response(status, body, **kw)
+    return Response(status, json_bytes({"error": message or phrase.lower()}), **kw)
+
+
+def accepts_gzip(header: str | None) -> bool:
+    """Whether an Accept-Encoding header allows gzip (RFC 9110 12.5.3; ``q=0`` refuses)."""
+    if not header:
+        return False
+    star: bool | None = None
+    for item in header.split(","):
+        coding, _, params = item.partition(";")
+        coding = coding.strip().lower()
+        q = 1.0
+        for param in params.split(";"):
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    q = float(value.strip())
+                except ValueError:
+                    q = 0.0
+        if coding in ("gzip", "x-gzip"):
+            return q > 0
+        if coding == "*":
+            star = q > 0
+    return bool(star)
+
+
+def encoded(r: Response, gzip: bool) -> Response:
+    """``r`` as sent to a client that does (or does not) accept gzip."""
+    if r.document is None:
+        return r
+    # Caches must keep the two forms apart, and HEAD gets the same headers.
+    headers = (*r.headers, ("Vary", "Accept-Encoding"))
+    if gzip:
+        headers = (*headers, ("Content-Encoding", "gzip"))
+        return replace(r, body=r.document.gzipped(), headers=headers, document=None)
+    return replace(r, headers=headers, document=None)
 
 
 def _phrase(status: int) -> str:
@@ -127,8 +178,13 @@ class Router:
 
     HEAVY = ("/api/v1/state", "/metrics")
 
-    def __init__(self, api: Api) -> None:
+    def __init__(self, api: Api, metrics_max_age: float = 1.0) -> None:
         self.api = api
+        # State and namespace documents are made once per model version,
+        # /metrics once per max age: many readers cost one render.
+        self.state_cache = VersionCache()
+        self.namespace_cache = VersionCache()
+        self.metrics_cache = AgeCache(metrics_max_age)
 
     def endpoints(self) -> list[str]:
         """The paths the server answers."""
@@ -164,17 +220,26 @@ class Router:
                 status["unwatched"] = unwatched
             return json_response(200 if ok else 503, status)
         if path == "/api/v1/state":
-            return json_response(200, state_json(api.view()))
+            model = api.view()
+            return document_response(
+                self.state_cache.get(model.version, None, lambda: _json_doc(state_json(model)))
+            )
         if path.startswith(_NS_PREFIX):
             name = unquote(path[len(_NS_PREFIX) :])
             model = api.view()
             ns = model.get(name)
             if ns is None:
                 return json_response(404, {"error": "namespace not found", "netns": name})
-            return json_response(200, namespace_json(model, ns))
+            return document_response(
+                self.namespace_cache.get(
+                    model.version, name, lambda: _json_doc(namespace_json(model, ns))
+                )
+            )
         if path == "/metrics" and api.metrics is not None:
-            body, ctype = api.metrics(accept)
-            return Response(200, body, ctype)
+            render = api.metrics
+            return document_response(
+                self.metrics_cache.get(accept, lambda: Document(*render(accept)))
+            )
         if path == "/":
             return json_response(200, {"endpoints": self.endpoints()})
         return json_response(404, {"error": "not found", "path": path})
@@ -185,6 +250,10 @@ class Router:
                 405, b'{"error":"method not allowed"}\n', headers=(("Allow", "GET, HEAD"),)
             )
         return json_response(404, {"error": "not found", "path": path})
+
+
+def _json_doc(obj: Any) -> Document:
+    return Document(json_bytes(obj), "application/json")
 
 
 class RateLimiter:
@@ -250,20 +319,23 @@ class Renderer:
             "metrics": ThreadPoolExecutor(1, "nswatch-http-metrics"),
             "state": ThreadPoolExecutor(workers, "nswatch-http-render"),
         }
-        self._inflight: dict[tuple[str, str | None], asyncio.Future[Response]] = {}
-        self._waiters: dict[tuple[str, str | None], int] = {}
+        self._inflight: dict[tuple[str, str | None, bool], asyncio.Future[Response]] = {}
+        self._waiters: dict[tuple[str, str | None, bool], int] = {}
         self._pending = dict.fromkeys(self._lanes, 0)
 
-    async def render(self, path: str, accept: str | None) -> Response:
-        """The router's answer to a GET (HEAD alike), computed on a worker thread."""
-        key = (path, accept)
+    def _answer(self, path: str, accept: str | None, gzip: bool) -> Response:
+        return encoded(self.router.route("GET", path, accept), gzip)
+
+    async def render(self, path: str, accept: str | None, gzip: bool = False) -> Response:
+        """The answer to a GET (HEAD alike), made (and compressed) on a worker thread."""
+        key = (path, accept, gzip)
         future = self._inflight.get(key)
         if future is None:
             lane = "metrics" if path == "/metrics" else "state"
             if self._pending[lane] >= self.max_pending:
                 return error_response(503, "busy", headers=(("Retry-After", "1"),))
             loop = asyncio.get_running_loop()
-            future = loop.run_in_executor(self._lanes[lane], self.router.route, "GET", path, accept)
+            future = loop.run_in_executor(self._lanes[lane], self._answer, path, accept, gzip)
             self._inflight[key] = future
             self._waiters[key] = 0
             self._pending[lane] += 1
@@ -384,6 +456,7 @@ class _Request:
         self.path = urlsplit(target).path
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in event.headers}
         self.accept = headers.get("accept")
+        self.gzip = accepts_gzip(headers.get("accept-encoding"))
         self.authorization = headers.get("authorization")
         self.close = close  # the body was left unread: the connection cannot carry another request
 
@@ -406,9 +479,9 @@ class HttpServer:
         web: WebConfig | None = None,
         limits: Limits | None = None,
     ) -> None:
-        self.router = Router(api)
         self.web = web or WebConfig()
         self.limits = limits or Limits()
+        self.router = Router(api, self.limits.metrics_max_age)
         self.table = ConnectionTable(self.limits.max_connections, self.limits.output_budget)
         self._auth = BasicAuth(self.web.users) if self.web.users else None
         self._tls = TlsContexts(self.web.tls) if self.web.tls is not None else None
@@ -650,8 +723,8 @@ class HttpServer:
             if refused is not None:
                 return refused
         if req.method in ("GET", "HEAD") and self.router.heavy(req.path):
-            return await self._render.render(req.path, req.accept)
-        return self.router.route(req.method, req.path, req.accept)
+            return await self._render.render(req.path, req.accept, req.gzip)
+        return encoded(self.router.route(req.method, req.path, req.accept), req.gzip)
 
     async def _authenticate(self, header: str | None) -> Response | None:
         """None when the credentials are good, else the refusal."""
