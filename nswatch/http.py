@@ -35,12 +35,11 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import h11
-import orjson
 import structlog
 
 from nswatch.model import Model
-from nswatch.render_cache import AgeCache, Document, VersionCache
-from nswatch.state import namespace_json, state_json
+from nswatch.render_cache import AgeCache, Document, StateRenderer, VersionCache, json_bytes
+from nswatch.state import namespace_json
 from nswatch.webconfig import BasicAuth, TlsSettings, WebConfig
 
 MetricsRenderer = Callable[[str | None], tuple[bytes, str]]
@@ -108,11 +107,6 @@ class Response:
     # A cached document (``body`` is its identity form): sent gzipped to
     # clients that accept it, see :func:`encoded`.
     document: Document | None = None
-
-
-def json_bytes(obj: Any) -> bytes:
-    """``obj`` as compact UTF-8 JSON with a trailing newline."""
-    return orjson.dumps(obj, option=orjson.OPT_APPEND_NEWLINE)
 
 
 def json_response(status: int, obj: Any, **kw: Any) -> Response:
@@ -183,6 +177,7 @@ class Router:
         # State and namespace documents are made once per model version,
         # /metrics once per max age: many readers cost one render.
         self.state_cache = VersionCache()
+        self.state_renderer = StateRenderer()
         self.namespace_cache = VersionCache()
         self.metrics_cache = AgeCache(metrics_max_age)
 
@@ -222,7 +217,11 @@ class Router:
         if path == "/api/v1/state":
             model = api.view()
             return document_response(
-                self.state_cache.get(model.version, None, lambda: _json_doc(state_json(model)))
+                self.state_cache.get(
+                    model.version,
+                    None,
+                    lambda: Document(self.state_renderer.render(model), "application/json"),
+                )
             )
         if path.startswith(_NS_PREFIX):
             name = unquote(path[len(_NS_PREFIX) :])

@@ -7,13 +7,28 @@ import http.client
 import json
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+import orjson
 import pytest
 
 from nswatch.http import Api, HttpServer, Limits, accepts_gzip
-from nswatch.model import Link, LinkNew, Model, NamespaceSeen, Synced
-from nswatch.render_cache import AgeCache, Document, VersionCache
+from nswatch.model import (
+    Address,
+    AddressDel,
+    AddressNew,
+    Event,
+    Link,
+    LinkDel,
+    LinkNew,
+    Model,
+    NamespaceSeen,
+    RouteDel,
+    Synced,
+)
+from nswatch.render_cache import AgeCache, Document, StateRenderer, VersionCache, json_bytes
+from nswatch.state import state_json
+from tests.bench.bench_metrics import HOST, synthetic
 
 
 def _model() -> Model:
@@ -220,3 +235,51 @@ def test_age_cache_expires_and_is_bounded() -> None:
     for i in range(10):
         cache.get(f"k{i}", lambda: Document(b"", "t"))
         assert len(cache._docs) <= 2
+
+
+def _pair_model() -> Model:
+    """Two namespaces joined by a veth pair, with addresses and a route on each end."""
+    return synthetic(3)
+
+
+def _same_as_plain(renderer: StateRenderer, model: Model) -> None:
+    assert renderer.render(model) == json_bytes(state_json(model))
+
+
+def test_state_renderer_matches_state_json_through_changes() -> None:
+    """The cached render equals the plain one after renames of a link, of its veth peer, removals and additions."""
+    live = _pair_model()
+    renderer = StateRenderer()
+    view = live.snapshot()
+    _same_as_plain(renderer, view)
+    steps: list[Event] = [
+        # The host end renamed: the namespace end's "peer" shows the new name.
+        LinkNew(HOST, replace(live.namespaces[HOST].links[100], name="renamed")),
+        # eth0 renamed inside a namespace: its addresses and routes show it.
+        LinkNew(1001, replace(live.namespaces[1001].links[2], name="eth9")),
+        AddressDel(1002, next(iter(live.namespaces[1002].addresses.values()))),
+        AddressNew(1002, Address(2, "inet", "198.18.200.2", 24)),
+        RouteDel(1000, next(iter(live.namespaces[1000].routes.values()))),
+        LinkDel(HOST, 102),
+    ]
+    for ev in steps:
+        live.apply(ev)
+        view = live.snapshot(view)
+        _same_as_plain(renderer, view)
+    peer = orjson.loads(renderer.render(view))["namespaces"]["nswB0"]["links"][1]["peer"]
+    assert peer["name"] == "renamed"
+
+
+def test_state_renderer_serialises_only_what_changed() -> None:
+    """After one address is added in one namespace, only that namespace and that address are serialised again."""
+    live = synthetic(50)
+    renderer = StateRenderer()
+    view = live.snapshot()
+    renderer.render(view)
+    first = renderer.serialised
+    renderer.render(view)
+    assert renderer.serialised == first
+    live.apply(AddressNew(1007, Address(2, "inet", "198.18.201.2", 24)))
+    view = live.snapshot(view)
+    renderer.render(view)
+    assert renderer.serialised - first == 2
