@@ -370,6 +370,7 @@ class Renderer:
 # started, so no work is wasted).
 IDLE, HANDSHAKE, HEAD, BODY, WRITE, BUSY = "idle", "handshake", "head", "body", "write", "busy"
 _SHED_ORDER = ((IDLE,), (HANDSHAKE, HEAD, BODY), (WRITE,))
+_WRITE_PIECE = 256 * 1024
 
 
 class Connection:
@@ -381,6 +382,7 @@ class Connection:
         self.phase = HANDSHAKE
         self.since = now
         self.shed = False
+        self.owed = 0  # body bytes not yet handed to the transport
 
     def enter(self, phase: str, now: float) -> None:
         """Move to ``phase`` (the clock restarts only when the phase changes)."""
@@ -389,8 +391,8 @@ class Connection:
             self.since = now
 
     def queued(self) -> int:
-        """Response bytes written but not yet taken by the client."""
-        return self.writer.transport.get_write_buffer_size()
+        """Response bytes not yet taken by the client."""
+        return self.writer.transport.get_write_buffer_size() + self.owed
 
     def drop(self) -> None:
         """Close at once, whatever is under way."""
@@ -767,19 +769,29 @@ class HttpServer:
         if r.close:
             headers.append(("Connection", "close"))
         status = h11.Response(status_code=r.status, headers=headers, reason=_phrase(r.status))
-        chunks = [h.send(status)]
-        if not head:
-            chunks.extend(h.send_with_data_passthrough(h11.Data(data=r.body)) or ())
-        chunks.append(h.send(h11.EndOfMessage()))
-        for chunk in chunks:
-            if chunk:
-                writer.write(chunk)
-        closing = r.close or h.our_state is h11.MUST_CLOSE
-        if closing:
-            # Wait for the client to take every byte before closing; else
-            # close() would keep the rest queued for as long as it dawdles.
-            writer.transport.set_write_buffer_limits(high=0)
         async with asyncio.timeout_at(self._loop_time(now + self.limits.write_timeout)):
+            writer.write(h.send(status) or b"")
+            if not head:
+                # A piece at a time: the transport copies what the socket
+                # does not take at once, so a whole shared document handed
+                # over would be copied once per reader (16 readers of a
+                # 6 MB state: 100 MB that the heap then keeps).
+                body = memoryview(r.body)
+                for start in range(0, len(body), _WRITE_PIECE):
+                    piece = body[start : start + _WRITE_PIECE]
+                    conn.owed = len(body) - start - len(piece)
+                    # h11 passes a memoryview through (it only takes len()); typed as bytes.
+                    data = h11.Data(data=piece)  # type: ignore[arg-type]
+                    for chunk in h.send_with_data_passthrough(data) or ():
+                        writer.write(chunk)
+                    if conn.owed:
+                        await writer.drain()
+                conn.owed = 0
+            writer.write(h.send(h11.EndOfMessage()) or b"")
+            if r.close or h.our_state is h11.MUST_CLOSE:
+                # Wait for the client to take every byte before closing; else
+                # close() would keep the rest queued for as long as it dawdles.
+                writer.transport.set_write_buffer_limits(high=0)
             await writer.drain()
 
 
