@@ -246,10 +246,11 @@ def _same_as_plain(renderer: StateRenderer, model: Model) -> None:
     assert renderer.render(model) == json_bytes(state_json(model))
 
 
-def test_state_renderer_matches_state_json_through_changes() -> None:
-    """The cached render equals the plain one after renames of a link, of its veth peer, removals and additions."""
+@pytest.mark.parametrize("record_memo_min", [0, 10_000])
+def test_state_renderer_matches_state_json_through_changes(record_memo_min: int) -> None:
+    """The cached render (records kept or whole namespaces only) equals the plain one after renames of a link, of its veth peer, removals and additions."""
     live = _pair_model()
-    renderer = StateRenderer()
+    renderer = StateRenderer(record_memo_min)
     view = live.snapshot()
     _same_as_plain(renderer, view)
     steps: list[Event] = [
@@ -270,10 +271,11 @@ def test_state_renderer_matches_state_json_through_changes() -> None:
     assert peer["name"] == "renamed"
 
 
-def test_state_renderer_serialises_only_what_changed() -> None:
-    """After one address is added in one namespace, only that namespace and that address are serialised again."""
+@pytest.mark.parametrize(("record_memo_min", "afresh"), [(0, 2), (10_000, 1)])
+def test_state_renderer_serialises_only_what_changed(record_memo_min: int, afresh: int) -> None:
+    """After one address is added in one namespace, only that namespace (and with records kept, that address) is serialised again."""
     live = synthetic(50)
-    renderer = StateRenderer()
+    renderer = StateRenderer(record_memo_min)
     view = live.snapshot()
     renderer.render(view)
     first = renderer.serialised
@@ -282,4 +284,4 @@ def test_state_renderer_serialises_only_what_changed() -> None:
     live.apply(AddressNew(1007, Address(2, "inet", "198.18.201.2", 24)))
     view = live.snapshot(view)
     renderer.render(view)
-    assert renderer.serialised - first == 2
+    assert renderer.serialised - first == afresh

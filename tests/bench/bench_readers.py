@@ -140,8 +140,11 @@ class Nswatch:
             s.bind(("127.0.0.1", 0))
             self.port = int(s.getsockname()[1])
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "nswatch", "run", "--listen", f"127.0.0.1:{self.port}"]
-            + ["--include", f"^{PREFIX}", "--log-format", "json", *extra],
+            [
+                *(sys.executable, "-m", "nswatch", "run"),
+                *("--listen", f"127.0.0.1:{self.port}", "--include", f"^{PREFIX}"),
+                *("--log-format", "json", *extra),
+            ],
             cwd=ROOT,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
