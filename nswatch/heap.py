@@ -9,6 +9,27 @@ M_MMAP_THRESHOLD = -3  # glibc's <malloc.h>
 MMAP_THRESHOLD = 128 * 1024  # glibc's default starting value
 
 
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        return ctypes.CDLL(name)
+    except OSError:
+        return None
+
+
+def trim() -> bool:
+    """Hand the heap's free pages back to the kernel (glibc's malloc_trim); False if not glibc."""
+    libc = _libc()
+    fn = getattr(libc, "malloc_trim", None)
+    if fn is None:
+        return False
+    fn.argtypes = (ctypes.c_size_t,)
+    fn.restype = ctypes.c_int
+    return bool(fn(0))
+
+
 def fix_mmap_threshold() -> bool:
     """Keep glibc's mmap threshold at 128 KiB; False when this is not glibc.
 
@@ -20,12 +41,8 @@ def fix_mmap_threshold() -> bool:
     the daemon at 336 MB after they stopped. Setting the threshold
     explicitly turns that adjustment off.
     """
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    try:
-        mallopt = ctypes.CDLL(name).mallopt
-    except (OSError, AttributeError):
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is None:
         return False  # musl and other libcs have no mallopt
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int

@@ -37,6 +37,7 @@ from urllib.parse import unquote, urlsplit
 import h11
 import structlog
 
+from nswatch import heap
 from nswatch.model import Model
 from nswatch.render_cache import AgeCache, Document, StateRenderer, VersionCache, json_bytes
 from nswatch.state import namespace_json
@@ -93,6 +94,9 @@ class Limits:
     # /metrics is made at most once per this many seconds per Accept header
     # (counters and process figures move without the model; see render_cache).
     metrics_max_age: float = 1.0
+    # Cached documents are dropped (and the heap trimmed) after this long
+    # without a reader: a burst of readers must not leave the daemon fat.
+    cache_idle: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -180,6 +184,23 @@ class Router:
         self.state_renderer = StateRenderer()
         self.namespace_cache = VersionCache()
         self.metrics_cache = AgeCache(metrics_max_age)
+        self.last_read = time.monotonic()
+        self._held = False  # whether the caches may hold anything
+
+    def release_idle(self, idle: float) -> bool:
+        """Drop every cached document if none was asked for in ``idle`` seconds; True if done."""
+        if not self._held or time.monotonic() - self.last_read < idle:
+            return False
+        renderer = self.state_renderer
+        if not (
+            self.state_cache.drop(renderer.forget)
+            and self.namespace_cache.drop()
+            and self.metrics_cache.drop()
+        ):
+            return False  # a render started meanwhile: next time
+        self._held = False
+        heap.trim()
+        return True
 
     def endpoints(self) -> list[str]:
         """The paths the server answers."""
@@ -204,6 +225,9 @@ class Router:
 
     def _get(self, path: str, accept: str | None) -> Response:
         api = self.api
+        if self.heavy(path):
+            self.last_read = time.monotonic()
+            self._held = True
         if path == "/healthz":
             ok = api.alive()
             return json_response(200 if ok else 503, {"status": "ok" if ok else "stalled"})
@@ -357,6 +381,10 @@ class Renderer:
         finally:
             if key in self._waiters and self._inflight.get(key) is future:
                 self._waiters[key] -= 1
+
+    async def housekeeping(self, fn: Callable[[], object]) -> None:
+        """Run ``fn`` on the state lane (its locks may wait for a render there)."""
+        await asyncio.get_running_loop().run_in_executor(self._lanes["state"], fn)
 
     def shutdown(self) -> None:
         """Wait for running renders; drop queued ones."""
@@ -577,9 +605,11 @@ class HttpServer:
             self._client, sock=self._sock, backlog=1024, limit=self.limits.max_head
         )
         self._started.set()
+        release = asyncio.create_task(self._release_idle())
         try:
             await self._stopping.wait()
         finally:
+            release.cancel()
             server.close()
             for c in list(self.table.conns):
                 c.drop()
@@ -592,6 +622,12 @@ class HttpServer:
             # later; let those run before asyncio.run closes the loop.
             for _ in range(3):
                 await asyncio.sleep(0)
+
+    async def _release_idle(self) -> None:
+        idle = self.limits.cache_idle
+        while True:
+            await asyncio.sleep(idle / 2)
+            await self._render.housekeeping(lambda: self.router.release_idle(idle))
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = Connection(writer, time.monotonic())

@@ -92,6 +92,19 @@ class VersionCache:
                 self._docs[key] = doc
             return doc
 
+    def drop(self, then: Callable[[], None] | None = None) -> bool:
+        """Forget every document and run ``then`` under the lock; False while a render runs."""
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            self._version = None
+            self._docs = {}
+            if then is not None:
+                then()
+        finally:
+            self._lock.release()
+        return True
+
 
 class AgeCache:
     """Documents reused for at most ``max_age`` seconds each (0: never reused)."""
@@ -125,6 +138,16 @@ class AgeCache:
                     self._docs = {}
                 self._docs[key] = (self._clock(), doc)
             return doc
+
+    def drop(self) -> bool:
+        """Forget every document; False while a render runs."""
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            self._docs = {}
+        finally:
+            self._lock.release()
+        return True
 
 
 # Namespaces with fewer records than this are serialised whole when they change.
@@ -191,6 +214,10 @@ class StateRenderer:
         # Only what this model holds is kept: namespaces and records gone are let go.
         self._memo = used
         return body
+
+    def forget(self) -> None:
+        """Drop every kept fragment (the next render makes them all again)."""
+        self._memo = {}
 
 
 def _records(ns: Namespace) -> int:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 import orjson
 import pytest
 
-from nswatch.http import Api, HttpServer, Limits, accepts_gzip
+from nswatch.http import Api, HttpServer, Limits, Router, accepts_gzip
 from nswatch.model import (
     Address,
     AddressDel,
@@ -285,3 +285,29 @@ def test_state_renderer_serialises_only_what_changed(record_memo_min: int, afres
     view = live.snapshot(view)
     renderer.render(view)
     assert renderer.serialised - first == afresh
+
+
+def test_idle_caches_are_dropped(daemon: Counting) -> None:
+    """With no reader for the idle time, every cached document goes; the next reader gets a fresh render."""
+    api = Api(view=daemon.view, alive=lambda: True, ready=lambda: True, metrics=daemon.metrics)
+    router = Router(api, metrics_max_age=60)
+    for path in ("/api/v1/state", "/api/v1/namespaces/lab-1", "/metrics"):
+        assert router.route("GET", path, None).status == 200
+    assert not router.release_idle(60)  # read just now
+    assert router.release_idle(0)
+    assert not router.release_idle(0)  # nothing held any more
+    assert router.state_cache._docs == {} and router.namespace_cache._docs == {}
+    assert router.metrics_cache._docs == {} and router.state_renderer._memo == {}
+    router.route("GET", "/api/v1/state", None)
+    router.route("GET", "/metrics", None)
+    assert router.state_cache.made == 2 and daemon.metrics_calls == 2
+
+
+def test_idle_release_waits_for_a_running_render(daemon: Counting) -> None:
+    """A render holding the cache is not disturbed: the release says no and leaves the documents."""
+    api = Api(view=daemon.view, alive=lambda: True, ready=lambda: True, metrics=daemon.metrics)
+    router = Router(api)
+    router.route("GET", "/api/v1/state", None)
+    with router.state_cache._lock:
+        assert not router.release_idle(0)
+    assert router.state_cache._docs

@@ -135,7 +135,7 @@ def build(n: int) -> float:
 class Nswatch:
     """``nswatch run`` as a child process; its JSON log is read for ``link_changed`` lines."""
 
-    def __init__(self, extra: list[str]) -> None:
+    def __init__(self, extra: list[str], src: Path = ROOT) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = int(s.getsockname()[1])
@@ -145,7 +145,8 @@ class Nswatch:
                 *("--listen", f"127.0.0.1:{self.port}", "--include", f"^{PREFIX}"),
                 *("--log-format", "json", *extra),
             ],
-            cwd=ROOT,
+            cwd=src,
+            env={**os.environ, "PYTHONPATH": str(src)},
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -309,10 +310,10 @@ class RssSampler:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    res: dict[str, Any] = {"n": args.n, "load_before": os.getloadavg()}
+    res: dict[str, Any] = {"n": args.n, "src": args.nswatch_src, "load_before": os.getloadavg()}
     log(f"building {args.n} namespaces")
     res["build_s"] = build(args.n)
-    nsw = Nswatch(args.nswatch_arg or [])
+    nsw = Nswatch(args.nswatch_arg or [], Path(args.nswatch_src))
     try:
         res["ready_s"] = nsw.wait_ready(300)
         time.sleep(3)
@@ -374,6 +375,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metrics-clients", type=int, default=4)
     p.add_argument("--state-gzip", action="store_true", help="state readers accept gzip too")
     p.add_argument("--nswatch-arg", action="append", help="extra argument to nswatch run")
+    p.add_argument(
+        "--nswatch-src",
+        default=str(ROOT),
+        help="run nswatch from this checkout (before/after comparisons; default this one)",
+    )
     p.add_argument("--child", nargs=2, metavar=("PORT", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
