@@ -597,7 +597,10 @@ def test_read_only_dropin_syncs_and_serves(box: Container) -> None:
         "-c",
         f"mkdir -p {os.path.dirname(dropin)} && cp {src} {dropin} && systemctl daemon-reload",
     )
-    holder = ""
+    # A namespace no file holds, held by a root process with every
+    # capability: only CAP_SYS_PTRACE lets nswatch read its /proc/PID/ns/net.
+    # Made first, so that the start-up scan finds it.
+    holder = box.run("sh", "-c", "unshare -n sleep 300 >/dev/null 2>&1 & echo $!").stdout.strip()
     try:
         box.run("systemctl", "restart", "nswatch")
         wait(lambda: box.http("/readyz")[0] == 200, 30)
@@ -618,20 +621,28 @@ def test_read_only_dropin_syncs_and_serves(box: Container) -> None:
         box.run("ip", "netns", "add", ns)
         box.run("ip", "link", "add", f"{ns}h", "type", "veth", "peer", "name", "eth0", "netns", ns)
         box.run("ip", "-n", ns, "addr", "add", "198.18.201.2/24", "dev", "eth0")
-        # A namespace no file holds, held by a root process with every
-        # capability: only CAP_SYS_PTRACE lets nswatch read its /proc/PID/ns/net.
-        holder = box.run(
-            "sh", "-c", "unshare -n sleep 300 >/dev/null 2>&1 & echo $!"
-        ).stdout.strip()
+
+        got: dict[str, object] = {}
 
         def seen() -> bool:
             state = box.state()
-            pair = {"a": {"netns": "host", "link": f"{ns}h"}, "b": {"netns": ns, "link": "eth0"}}
+            ends = [{"netns": "host", "link": f"{ns}h"}, {"netns": ns, "link": "eth0"}]
+            # a and b follow inode order, which the kernel may give either way.
+            pairs = ({"a": ends[0], "b": ends[1]}, {"a": ends[1], "b": ends[0]})
             addrs = [a["address"] for a in state["namespaces"].get(ns, {}).get("addresses", [])]
             owners = [(n.get("owner") or {}).get("pid") for n in state["namespaces"].values()]
-            return pair in state["veth_pairs"] and "198.18.201.2" in addrs and int(holder) in owners
+            got.update(
+                pair=any(p in state["veth_pairs"] for p in pairs),
+                address="198.18.201.2" in addrs,
+                holder=int(holder) in owners,
+                namespaces=sorted(state["namespaces"]),
+            )
+            return bool(got["pair"] and got["address"] and got["holder"])
 
-        wait(seen, 20)
+        try:
+            wait(seen, 20)
+        except AssertionError:
+            raise AssertionError(f"{got}; journal: {box.journal()[-3000:]}") from None
         assert box.http("/readyz")[0] == 200
         assert box.metric("nswatch_synced") == 1
         journal = box.run(
@@ -639,8 +650,7 @@ def test_read_only_dropin_syncs_and_serves(box: Container) -> None:
         ).stdout
         assert "Operation not permitted" not in journal, journal[-2000:]
     finally:
-        if holder:
-            box.run("kill", holder, check=False)
+        box.run("kill", holder, check=False)
         box.run("rm", "-f", dropin)
         box.run("systemctl", "daemon-reload")
         box.run("systemctl", "restart", "nswatch")

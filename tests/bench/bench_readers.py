@@ -15,7 +15,7 @@ run`` as a child process watching only them (``--include ^nswK``), then:
    long-lived ``ip -batch -`` until nswatch logs ``link_changed`` (it logs
    after applying the change to its model); each GET's duration; RSS
    sampled every 0.1 s;
-3. after: RSS 10 s after the readers stopped.
+3. after: RSS 20 s after the readers stopped.
 
 Everything it creates is removed at the end (and leftovers first).
 """
@@ -357,7 +357,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         res["reader_errors"] = got["errors"]
         res["rss_max_mb"] = max(rss, default=float("nan"))
         res["vmhwm_mb"] = rss_mb(nsw.pid, "VmHWM")
-        time.sleep(10)
+        # nswatch drops its cached documents after 10 s without a reader.
+        time.sleep(20)
         res["rss_after_mb"] = rss_mb(nsw.pid)
         res["stop_s"] = nsw.stop()
     finally:
