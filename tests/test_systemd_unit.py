@@ -572,7 +572,7 @@ def test_watchdog_restarts_a_wedged_process(box: Container) -> None:
         box.run("systemctl", "daemon-reload")
 
 
-READ_ONLY = ROOT / "systemd" / "nswatch.service.d" / "read-only.conf"
+READ_ONLY = ROOT / "systemd" / "read-only.conf"
 
 
 def test_read_only_dropin_contract() -> None:
@@ -583,7 +583,7 @@ def test_read_only_dropin_contract() -> None:
         ("CapabilityBoundingSet", "CAP_SYS_ADMIN CAP_SYS_PTRACE"),
         ("ReadWritePaths", ""),
     ]
-    assert "nswatch.service.d/read-only.conf" in README.read_text()
+    assert "systemd/read-only.conf" in README.read_text()
 
 
 @pytest.mark.kernel
@@ -591,7 +591,7 @@ def test_read_only_dropin_syncs_and_serves(box: Container) -> None:
     """Under the read-only drop-in: no CAP_NET_ADMIN, /proc/sys/net read-only, and a new veth pair and a namespace only a process holds are still seen and served."""
     box.ensure_running()
     dropin = "/run/systemd/system/nswatch.service.d/read-only.conf"
-    src = f"/opt/nswA/src/systemd/nswatch.service.d/{READ_ONLY.name}"
+    src = f"/opt/nswA/src/systemd/{READ_ONLY.name}"
     box.run(
         "sh",
         "-c",
