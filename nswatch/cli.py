@@ -180,12 +180,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         # Something ignores the stop (a kernel call, an apply under way):
         # leave now rather than wait for it at the interpreter's exit,
         # and before it can act on a half torn-down daemon.
-        log.warning("stop_timeout", waiting_for=stuck, seconds=STOP_BUDGET)
-        sys.stdout.flush()
-        sys.stderr.flush()
+        # Said from another thread: a log pipe nobody reads (a stalled
+        # journal) must not hold the exit up either.
+        said = threading.Thread(target=_say_stuck, args=(log, stuck), daemon=True)
+        said.start()
+        said.join(0.2)
         os._exit(code)
     log.info("stopped")
     return code
+
+
+def _say_stuck(log: Any, stuck: list[str]) -> None:
+    log.warning("stop_timeout", waiting_for=stuck, seconds=STOP_BUDGET)
+    sys.stdout.flush()
+    sys.stderr.flush()
 
 
 def _teardown(
