@@ -12,7 +12,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from types import FrameType
 from typing import Any
@@ -30,6 +30,7 @@ from nswatch.config import (
 )
 from nswatch.daemon import Daemon
 from nswatch.dirwatch import DirWatcher
+from nswatch.heap import fix_mmap_threshold
 from nswatch.http import Api, HttpServer
 from nswatch.limits import raise_fd_limit
 from nswatch.model import Model
@@ -40,6 +41,8 @@ from nswatch.watch import DEFAULT_URL, Watcher
 from nswatch.webconfig import load_web_config
 
 STOP_TIMEOUT = 2.0
+# What the teardown may take of STOP_TIMEOUT; the rest is the interpreter's exit.
+STOP_BUDGET = 1.5
 # /healthz turns 503 when the loop has not turned for this long (it turns
 # at least twice a second when idle).
 STALL_AFTER = 10.0
@@ -157,6 +160,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     # One socket per namespace: the default soft limit (1,024) is far too low.
     raise_fd_limit()
+    fix_mmap_threshold()
     config = load(args)
     web = (
         load_web_config(config.settings.web_config_file)
@@ -211,13 +215,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         sys.stderr.write(startup_summary(config, server.address, tls=tls))
     stop = threading.Event()
     reload = threading.Event()
+    wake = threading.Event()  # the main thread waits on this alone
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         if signum == signal.SIGHUP:
             reload.set()
-            return
-        stop.set()
-        daemon.request_stop()
+        else:
+            stop.set()
+            daemon.request_stop()
+        wake.set()
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, on_signal)
@@ -228,22 +234,58 @@ def cmd_run(args: argparse.Namespace) -> int:
     thread = daemon.start()
     try:
         while thread.is_alive() and not stop.is_set():
-            if reload.wait(0.5):
+            wake.wait(0.5)
+            wake.clear()
+            if reload.is_set() and not stop.is_set():
                 reload.clear()
-                config = _reload(args, config, daemon, engine, sink, log)
+                config = _reload(args, config, daemon, engine, sink, log, stop)
     finally:
         died = not stop.is_set()
-        daemon.request_stop()
-        thread.join(STOP_TIMEOUT)
-        engine.stop()
-        server.stop()
+        stuck = _teardown(daemon, thread, engine.stop, server.stop, STOP_BUDGET)
+    code = 0
     if died:
         # The loop ended without being asked to: exit non-zero so that
         # systemd's Restart=on-failure restarts us.
         log.error("event_loop_died")
-        return 1
+        code = 1
+    if stuck:
+        # Something ignores the stop (a kernel call, an apply under way):
+        # leave now rather than wait for it at the interpreter's exit,
+        # and before it can act on a half torn-down daemon.
+        # Said from another thread: a log pipe nobody reads (a stalled
+        # journal) must not hold the exit up either.
+        said = threading.Thread(target=_say_stuck, args=(log, stuck), daemon=True)
+        said.start()
+        said.join(0.2)
+        os._exit(code)
     log.info("stopped")
-    return 0
+    return code
+
+
+def _say_stuck(log: Any, stuck: list[str]) -> None:
+    log.warning("stop_timeout", waiting_for=stuck, seconds=STOP_BUDGET)
+    sys.stdout.flush()
+    sys.stderr.flush()
+
+
+def _teardown(
+    daemon: Daemon,
+    loop_thread: threading.Thread,
+    stop_engine: Callable[[], None],
+    stop_server: Callable[[], None],
+    budget: float,
+) -> list[str]:
+    """Stop the loop, the apply engine and the server together; what had not stopped in time."""
+    deadline = time.monotonic() + budget
+    daemon.request_stop()
+    parts = {"event_loop": loop_thread}
+    for name, fn in (("apply_engine", stop_engine), ("http_server", stop_server)):
+        t = threading.Thread(target=fn, name=f"nswatch-stop-{name}", daemon=True)
+        t.start()
+        parts[name] = t
+    for t in parts.values():
+        t.join(max(0.0, deadline - time.monotonic()))
+    return sorted(name for name, t in parts.items() if t.is_alive())
 
 
 def startup_summary(config: Config, address: tuple[str, int], *, tls: bool) -> str:
@@ -292,14 +334,22 @@ def _reload(
     engine: Any,
     sink: Any,
     log: Any,
+    stop: threading.Event | None = None,
 ) -> Config:
-    """Re-read the config and hand it to every consumer; keep the old one (and say why) when bad."""
+    """Re-read the config and hand it to every consumer; keep the old one (and say why) when bad.
+
+    The file is read and checked on a thread of its own: a stop (``stop`` set)
+    ends the wait for it, however long a huge file or a FIFO would take.
+    """
     for o in daemon.observers:
         hook = getattr(o, "reloading", None)
         if hook is not None:
             hook()
     try:
-        new = load(args)
+        loaded = _load_unless_stopped(args, stop or threading.Event())
+        if loaded is None:
+            return config  # stopping: the old config serves until the end
+        new = loaded
     except ConfigError as e:
         log.error("config_reload_failed", problems=[str(p) for p in e.problems])
         sink.config_reloaded(False)
@@ -318,6 +368,28 @@ def _reload(
         if hook is not None:
             hook()
     return new
+
+
+def _load_unless_stopped(args: argparse.Namespace, stop: threading.Event) -> Config | None:
+    """``load(args)``, or None if ``stop`` is set first (the read is left to finish alone)."""
+    done = threading.Event()
+    result: list[Config | BaseException] = []
+
+    def read() -> None:
+        try:
+            result.append(load(args))
+        except BaseException as e:  # handed to the caller, who re-raises it
+            result.append(e)
+        finally:
+            done.set()
+
+    threading.Thread(target=read, name="nswatch-reload", daemon=True).start()
+    while not done.wait(0.05):
+        if stop.is_set():
+            return None
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    return result[0]
 
 
 def _service_observers(daemon: Daemon) -> list[Observer]:

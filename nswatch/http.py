@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import email.utils
 import ipaddress
-import json
 import re
 import socket
 import ssl
@@ -30,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from http import HTTPStatus
 from importlib import resources
 from typing import Any
@@ -39,8 +38,10 @@ from urllib.parse import unquote, urlsplit
 import h11
 import structlog
 
+from nswatch import heap
 from nswatch.model import Model
-from nswatch.state import namespace_json, state_json
+from nswatch.render_cache import AgeCache, Document, StateRenderer, VersionCache, json_bytes
+from nswatch.state import namespace_json
 from nswatch.stream import StreamHub
 from nswatch.topology import build as build_topology
 from nswatch.webconfig import BasicAuth, TlsSettings, WebConfig
@@ -111,6 +112,12 @@ class Limits:
     render_workers: int = 2
     max_pending_renders: int = 16  # distinct documents waiting for a worker thread, per lane
     max_pending_auth: int = 64  # password checks waiting for bcrypt
+    # /metrics is made at most once per this many seconds per Accept header
+    # (counters and process figures move without the model; see render_cache).
+    metrics_max_age: float = 1.0
+    # Cached documents are dropped (and the heap trimmed) after this long
+    # without a reader: a burst of readers must not leave the daemon fat.
+    cache_idle: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -122,18 +129,60 @@ class Response:
     content_type: str = "application/json"
     headers: tuple[tuple[str, str], ...] = ()
     close: bool = False
+    # A cached document (``body`` is its identity form): sent gzipped to
+    # clients that accept it, see :func:`encoded`.
+    document: Document | None = None
 
 
 def json_response(status: int, obj: Any, **kw: Any) -> Response:
     """``obj`` as compact JSON with a trailing newline."""
-    return Response(status, (json.dumps(obj, separators=(",", ":")) + "\n").encode(), **kw)
+    return Response(status, json_bytes(obj), **kw)
+
+
+def document_response(doc: Document) -> Response:
+    """A 200 carrying a cached document."""
+    return Response(200, doc.body, doc.content_type, document=doc)
 
 
 def error_response(status: int, message: str | None = None, **kw: Any) -> Response:
     """The JSON error every garbled or refused request gets."""
     phrase = _phrase(status)
-    body = (json.dumps({"error": message or phrase.lower()}) + "\n").encode()
-    return Response(status, body, **kw)
+    return Response(status, json_bytes({"error": message or phrase.lower()}), **kw)
+
+
+def accepts_gzip(header: str | None) -> bool:
+    """Whether an Accept-Encoding header allows gzip (RFC 9110 12.5.3; ``q=0`` refuses)."""
+    if not header:
+        return False
+    star: bool | None = None
+    for item in header.split(","):
+        coding, _, params = item.partition(";")
+        coding = coding.strip().lower()
+        q = 1.0
+        for param in params.split(";"):
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    q = float(value.strip())
+                except ValueError:
+                    q = 0.0
+        if coding in ("gzip", "x-gzip"):
+            return q > 0
+        if coding == "*":
+            star = q > 0
+    return bool(star)
+
+
+def encoded(r: Response, gzip: bool) -> Response:
+    """``r`` as sent to a client that does (or does not) accept gzip."""
+    if r.document is None:
+        return r
+    # Caches must keep the two forms apart, and HEAD gets the same headers.
+    headers = (*r.headers, ("Vary", "Accept-Encoding"))
+    if gzip:
+        headers = (*headers, ("Content-Encoding", "gzip"))
+        return replace(r, body=r.document.gzipped(), headers=headers, document=None)
+    return replace(r, headers=headers, document=None)
 
 
 def _phrase(status: int) -> str:
@@ -148,9 +197,32 @@ class Router:
 
     HEAVY = ("/api/v1/state", "/metrics", TOPOLOGY_PATH)
 
-    def __init__(self, api: Api) -> None:
+    def __init__(self, api: Api, metrics_max_age: float = 1.0) -> None:
         self.api = api
         self._assets: dict[str, bytes] = {}
+        # State and namespace documents are made once per model version,
+        # /metrics once per max age: many readers cost one render.
+        self.state_cache = VersionCache()
+        self.state_renderer = StateRenderer()
+        self.namespace_cache = VersionCache()
+        self.metrics_cache = AgeCache(metrics_max_age)
+        self.last_read = time.monotonic()
+        self._held = False  # whether the caches may hold anything
+
+    def release_idle(self, idle: float) -> bool:
+        """Drop every cached document if none was asked for in ``idle`` seconds; True if done."""
+        if not self._held or time.monotonic() - self.last_read < idle:
+            return False
+        renderer = self.state_renderer
+        if not (
+            self.state_cache.drop(renderer.forget)
+            and self.namespace_cache.drop()
+            and self.metrics_cache.drop()
+        ):
+            return False  # a render started meanwhile: next time
+        self._held = False
+        heap.trim()
+        return True
 
     def asset(self, path: str, accept: str | None) -> Response | None:
         """The topology page or one of its files; None when ``path`` is none of them.
@@ -196,6 +268,9 @@ class Router:
 
     def _get(self, path: str, accept: str | None) -> Response:
         api = self.api
+        if self.heavy(path):
+            self.last_read = time.monotonic()
+            self._held = True
         if path == "/healthz":
             ok = api.alive()
             return json_response(200 if ok else 503, {"status": "ok" if ok else "stalled"})
@@ -207,17 +282,30 @@ class Router:
                 status["unwatched"] = unwatched
             return json_response(200 if ok else 503, status)
         if path == "/api/v1/state":
-            return json_response(200, state_json(api.view()))
+            model = api.view()
+            return document_response(
+                self.state_cache.get(
+                    model.version,
+                    None,
+                    lambda: Document(self.state_renderer.render(model), "application/json"),
+                )
+            )
         if path.startswith(_NS_PREFIX):
             name = unquote(path[len(_NS_PREFIX) :])
             model = api.view()
             ns = model.get(name)
             if ns is None:
                 return json_response(404, {"error": "namespace not found", "netns": name})
-            return json_response(200, namespace_json(model, ns))
+            return document_response(
+                self.namespace_cache.get(
+                    model.version, name, lambda: _json_doc(namespace_json(model, ns))
+                )
+            )
         if path == "/metrics" and api.metrics is not None:
-            body, ctype = api.metrics(accept)
-            return Response(200, body, ctype)
+            render = api.metrics
+            return document_response(
+                self.metrics_cache.get(accept, lambda: Document(*render(accept)))
+            )
         if path == EVENTS_PATH and api.events is not None:  # HEAD: the headers only
             return Response(200, b"", "text/event-stream")
         if path == TOPOLOGY_PATH:
@@ -235,6 +323,10 @@ class Router:
                 405, b'{"error":"method not allowed"}\n', headers=(("Allow", "GET, HEAD"),)
             )
         return json_response(404, {"error": "not found", "path": path})
+
+
+def _json_doc(obj: Any) -> Document:
+    return Document(json_bytes(obj), "application/json")
 
 
 class RateLimiter:
@@ -300,20 +392,23 @@ class Renderer:
             "metrics": ThreadPoolExecutor(1, "nswatch-http-metrics"),
             "state": ThreadPoolExecutor(workers, "nswatch-http-render"),
         }
-        self._inflight: dict[tuple[str, str | None], asyncio.Future[Response]] = {}
-        self._waiters: dict[tuple[str, str | None], int] = {}
+        self._inflight: dict[tuple[str, str | None, bool], asyncio.Future[Response]] = {}
+        self._waiters: dict[tuple[str, str | None, bool], int] = {}
         self._pending = dict.fromkeys(self._lanes, 0)
 
-    async def render(self, path: str, accept: str | None) -> Response:
-        """The router's answer to a GET (HEAD alike), computed on a worker thread."""
-        key = (path, accept)
+    def _answer(self, path: str, accept: str | None, gzip: bool) -> Response:
+        return encoded(self.router.route("GET", path, accept), gzip)
+
+    async def render(self, path: str, accept: str | None, gzip: bool = False) -> Response:
+        """The answer to a GET (HEAD alike), made (and compressed) on a worker thread."""
+        key = (path, accept, gzip)
         future = self._inflight.get(key)
         if future is None:
             lane = "metrics" if path == "/metrics" else "state"
             if self._pending[lane] >= self.max_pending:
                 return error_response(503, "busy", headers=(("Retry-After", "1"),))
             loop = asyncio.get_running_loop()
-            future = loop.run_in_executor(self._lanes[lane], self.router.route, "GET", path, accept)
+            future = loop.run_in_executor(self._lanes[lane], self._answer, path, accept, gzip)
             self._inflight[key] = future
             self._waiters[key] = 0
             self._pending[lane] += 1
@@ -337,6 +432,10 @@ class Renderer:
             if key in self._waiters and self._inflight.get(key) is future:
                 self._waiters[key] -= 1
 
+    async def housekeeping(self, fn: Callable[[], object]) -> None:
+        """Run ``fn`` on the state lane (its locks may wait for a render there)."""
+        await asyncio.get_running_loop().run_in_executor(self._lanes["state"], fn)
+
     def shutdown(self) -> None:
         """Wait for running renders; drop queued ones."""
         for pool in self._lanes.values():
@@ -351,6 +450,7 @@ IDLE, HANDSHAKE, HEAD, BODY, WRITE, BUSY = "idle", "handshake", "head", "body", 
 # An event stream gives way like a slow reader: it resumes where it left off.
 STREAM = "stream"
 _SHED_ORDER = ((IDLE,), (HANDSHAKE, HEAD, BODY), (WRITE, STREAM))
+_WRITE_PIECE = 256 * 1024
 
 
 class Connection:
@@ -362,6 +462,7 @@ class Connection:
         self.phase = HANDSHAKE
         self.since = now
         self.shed = False
+        self.owed = 0  # body bytes not yet handed to the transport
 
     def enter(self, phase: str, now: float) -> None:
         """Move to ``phase`` (the clock restarts only when the phase changes)."""
@@ -370,8 +471,8 @@ class Connection:
             self.since = now
 
     def queued(self) -> int:
-        """Response bytes written but not yet taken by the client."""
-        return self.writer.transport.get_write_buffer_size()
+        """Response bytes not yet taken by the client."""
+        return self.writer.transport.get_write_buffer_size() + self.owed
 
     def drop(self) -> None:
         """Close at once, whatever is under way."""
@@ -438,6 +539,7 @@ class _Request:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in event.headers}
         self.accept = headers.get("accept")
         self.last_event_id = headers.get("last-event-id")
+        self.gzip = accepts_gzip(headers.get("accept-encoding"))
         self.authorization = headers.get("authorization")
         self.close = close  # the body was left unread: the connection cannot carry another request
 
@@ -460,9 +562,9 @@ class HttpServer:
         web: WebConfig | None = None,
         limits: Limits | None = None,
     ) -> None:
-        self.router = Router(api)
         self.web = web or WebConfig()
         self.limits = limits or Limits()
+        self.router = Router(api, self.limits.metrics_max_age)
         self.table = ConnectionTable(self.limits.max_connections, self.limits.output_budget)
         self._auth = BasicAuth(self.web.users) if self.web.users else None
         self._tls = TlsContexts(self.web.tls) if self.web.tls is not None else None
@@ -560,11 +662,13 @@ class HttpServer:
         if events is not None:
             events.attach(self._loop)
         self._started.set()
+        release = asyncio.create_task(self._release_idle())
         try:
             await self._stopping.wait()
         finally:
             if events is not None:
                 events.detach()
+            release.cancel()
             server.close()
             for c in list(self.table.conns):
                 c.drop()
@@ -577,6 +681,12 @@ class HttpServer:
             # later; let those run before asyncio.run closes the loop.
             for _ in range(3):
                 await asyncio.sleep(0)
+
+    async def _release_idle(self) -> None:
+        idle = self.limits.cache_idle
+        while True:
+            await asyncio.sleep(idle / 2)
+            await self._render.housekeeping(lambda: self.router.release_idle(idle))
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = Connection(writer, time.monotonic())
@@ -721,8 +831,8 @@ class HttpServer:
         if refused is not None:
             return refused
         if req.method in ("GET", "HEAD") and self.router.heavy(req.path):
-            return await self._render.render(req.path, req.accept)
-        return self.router.route(req.method, req.path, req.accept)
+            return await self._render.render(req.path, req.accept, req.gzip)
+        return encoded(self.router.route(req.method, req.path, req.accept), req.gzip)
 
     async def _authenticate(self, header: str | None) -> Response | None:
         """None when the credentials are good, else the refusal."""
@@ -766,19 +876,29 @@ class HttpServer:
         if r.close:
             headers.append(("Connection", "close"))
         status = h11.Response(status_code=r.status, headers=headers, reason=_phrase(r.status))
-        chunks = [h.send(status)]
-        if not head:
-            chunks.extend(h.send_with_data_passthrough(h11.Data(data=r.body)) or ())
-        chunks.append(h.send(h11.EndOfMessage()))
-        for chunk in chunks:
-            if chunk:
-                writer.write(chunk)
-        closing = r.close or h.our_state is h11.MUST_CLOSE
-        if closing:
-            # Wait for the client to take every byte before closing; else
-            # close() would keep the rest queued for as long as it dawdles.
-            writer.transport.set_write_buffer_limits(high=0)
         async with asyncio.timeout_at(self._loop_time(now + self.limits.write_timeout)):
+            writer.write(h.send(status) or b"")
+            if not head:
+                # A piece at a time: the transport copies what the socket
+                # does not take at once, so a whole shared document handed
+                # over would be copied once per reader (16 readers of a
+                # 6 MB state: 100 MB that the heap then keeps).
+                body = memoryview(r.body)
+                for start in range(0, len(body), _WRITE_PIECE):
+                    piece = body[start : start + _WRITE_PIECE]
+                    conn.owed = len(body) - start - len(piece)
+                    # h11 passes a memoryview through (it only takes len()); typed as bytes.
+                    data = h11.Data(data=piece)  # type: ignore[arg-type]
+                    for chunk in h.send_with_data_passthrough(data) or ():
+                        writer.write(chunk)
+                    if conn.owed:
+                        await writer.drain()
+                conn.owed = 0
+            writer.write(h.send(h11.EndOfMessage()) or b"")
+            if r.close or h.our_state is h11.MUST_CLOSE:
+                # Wait for the client to take every byte before closing; else
+                # close() would keep the rest queued for as long as it dawdles.
+                writer.transport.set_write_buffer_limits(high=0)
             await writer.drain()
 
     async def _stream(

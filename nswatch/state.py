@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from nswatch.model import Address, Link, Model, Namespace, Route, Rule
+
+Fragment = Callable[[object, Callable[[], dict[str, Any]]], Any]
+"""Given a record (link, address, route, rule) and how to make its JSON: that
+JSON, or anything that serialises the same (a cache's pre-serialised fragment)."""
 
 TABLE_NAMES = {253: "default", 254: "main", 255: "local"}
 # IFF_* bits as `ip link` names them (RUNNING too, which `ip` folds into NO-CARRIER).
@@ -148,8 +154,17 @@ def rule_json(rule: Rule) -> dict[str, Any]:
     }
 
 
-def namespace_json(model: Model, ns: Namespace) -> dict[str, Any]:
-    """One namespace with its links, addresses and routes, in stable order."""
+def _made(record: object, make: Callable[[], dict[str, Any]]) -> Any:
+    return make()
+
+
+def namespace_json(model: Model, ns: Namespace, fragment: Fragment = _made) -> dict[str, Any]:
+    """One namespace with its links, addresses and routes, in stable order.
+
+    ``fragment`` may serve records from a cache: addresses, routes and rules
+    depend only on the record and the names of this namespace's links; links
+    also on :func:`link_refs`.
+    """
     return {
         "name": ns.name,
         "names": list(ns.names),
@@ -168,27 +183,41 @@ def namespace_json(model: Model, ns: Namespace) -> dict[str, Any]:
             }
         ),
         "synced": ns.synced,
-        "links": [link_json(model, ns, ns.links[i]) for i in sorted(ns.links)],
+        "links": [
+            fragment(ns.links[i], partial(link_json, model, ns, ns.links[i]))
+            for i in sorted(ns.links)
+        ],
         "addresses": [
-            address_json(ns, a)
+            fragment(a, partial(address_json, ns, a))
             for a in sorted(ns.addresses.values(), key=lambda a: (a.link, a.family, a.address))
         ],
         "routes": [
-            route_json(ns, r)
+            fragment(r, partial(route_json, ns, r))
             for r in sorted(
                 ns.routes.values(),
                 key=lambda r: (r.family, r.table, r.dst, r.priority or 0, str(r.gateway)),
             )
         ],
         "rules": [
-            rule_json(r)
+            fragment(r, partial(rule_json, r))
             for r in sorted(ns.rules.values(), key=lambda r: (r.family, r.priority, repr(r.key)))
         ],
     }
 
 
-def state_json(model: Model) -> dict[str, Any]:
-    """The whole model: ``synced``, ``namespaces`` by name, ``veth_pairs``."""
+def link_refs(model: Model, ns: Namespace, link: Link) -> tuple[object, object]:
+    """What a link's JSON shows of other links: its veth peer and its lower device."""
+    peer = model.peer_of(ns.inode, link.index) if link.kind == "veth" else None
+    parent = model.parent_of(ns.inode, link.index) if link.parent_index is not None else None
+    return peer, parent
+
+
+def state_json(model: Model, namespace: Callable[[Namespace], Any] | None = None) -> dict[str, Any]:
+    """The whole model: ``synced``, ``namespaces`` by name, ``veth_pairs``.
+
+    ``namespace`` makes each namespace's JSON (or a stand-in that serialises
+    the same); by default :func:`namespace_json`.
+    """
     pairs = []
     for a, b in model.veth_pairs():
         na, nb = model.namespaces[a[0]], model.namespaces[b[0]]
@@ -204,7 +233,7 @@ def state_json(model: Model) -> dict[str, Any]:
         "event_id": model.changes_made,
         "synced": model.synced,
         "namespaces": {
-            ns.name: namespace_json(model, ns)
+            ns.name: namespace(ns) if namespace else namespace_json(model, ns)
             for ns in sorted(model.namespaces.values(), key=lambda n: n.name)
         },
         "veth_pairs": pairs,

@@ -128,7 +128,9 @@ def test_one_name_in_two_directories(lab: Lab, base: Path) -> None:
     bind(f"/run/netns/{n1}", str(d1 / "a"))
     bind(f"/run/netns/{n2}", str(d2 / "a"))
     i1, i2 = inode_of(f"/run/netns/{n1}"), inode_of(f"/run/netns/{n2}")
-    r = start_daemon(Settings(netns_dirs=(str(d1), str(d2)), reconcile_interval=0))
+    r = start_daemon(
+        Settings(netns_dirs=(str(d1), str(d2)), reconcile_interval=0, discover_processes=False)
+    )
     try:
         # The first configured directory goes first in a scan.
         wait_for(lambda: {"a", f"a@{i2}"} <= set(state(r)["namespaces"]), timeout=3)
@@ -149,7 +151,7 @@ def test_names_that_are_not_utf8(lab: Lab, base: Path) -> None:
     d.mkdir()
     bind(f"/run/netns/{n1}", os.fsencode(d) + b"/x-\xff\xfe")
     bind(f"/run/netns/{n2}", os.fsencode(d) + b"/x-\xfe\xff")
-    r = start_daemon(Settings(netns_dirs=(str(d),), reconcile_interval=0))
+    r = start_daemon(Settings(netns_dirs=(str(d),), reconcile_interval=0, discover_processes=False))
     try:
         want = {
             "x-\\xff\\xfe": inode_of(f"/run/netns/{n1}"),
@@ -174,7 +176,10 @@ def test_stray_entries_are_said_once_and_left_alone(lab: Lab, base: Path) -> Non
     os.symlink("loop", d / "loop")
     bind("/proc/self/ns/ipc", str(d / "ipc"))
     errors = Errors()
-    r = start_daemon(Settings(netns_dirs=(str(d),), reconcile_interval=0), observers=[errors])
+    r = start_daemon(
+        Settings(netns_dirs=(str(d),), reconcile_interval=0, discover_processes=False),
+        observers=[errors],
+    )
     rescans = Counter[str]()
     real = r.daemon.discovery.rescan
 
@@ -216,7 +221,11 @@ def test_mount_changes_are_seen_within_a_second(lab: Lab, base: Path) -> None:
     d = base / "netns"
     d.mkdir()
     bind(f"/run/netns/{ns}", str(d / "a"))
-    r = start_daemon(Settings(netns_dirs=(str(d),), reconcile_interval=0, rescan_interval=30))
+    r = start_daemon(
+        Settings(
+            netns_dirs=(str(d),), reconcile_interval=0, rescan_interval=30, discover_processes=False
+        )
+    )
     try:
         wait_for(lambda: r.daemon.view().get("a") is not None, timeout=2)
         subprocess.run(["umount", str(d / "a")], check=True)

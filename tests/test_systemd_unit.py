@@ -646,6 +646,90 @@ def test_watchdog_restarts_a_wedged_process(box: Container) -> None:
         box.run("systemctl", "daemon-reload")
 
 
+READ_ONLY = ROOT / "systemd" / "read-only.conf"
+
+
+def test_read_only_dropin_contract() -> None:
+    """The read-only drop-in keeps CAP_SYS_ADMIN and CAP_SYS_PTRACE only and re-closes /proc/sys/net; the README explains it."""
+    got = [(k, v) for sec, k, v in directives(READ_ONLY.read_text()) if sec == "Service"]
+    assert got == [
+        ("CapabilityBoundingSet", ""),
+        ("CapabilityBoundingSet", "CAP_SYS_ADMIN CAP_SYS_PTRACE"),
+        ("ReadWritePaths", ""),
+    ]
+    assert "systemd/read-only.conf" in README.read_text()
+
+
+@pytest.mark.kernel
+def test_read_only_dropin_syncs_and_serves(box: Container) -> None:
+    """Under the read-only drop-in: no CAP_NET_ADMIN, /proc/sys/net read-only, and a new veth pair and a namespace only a process holds are still seen and served."""
+    box.ensure_running()
+    dropin = "/run/systemd/system/nswatch.service.d/read-only.conf"
+    src = f"/opt/nswA/src/systemd/{READ_ONLY.name}"
+    box.run(
+        "sh",
+        "-c",
+        f"mkdir -p {os.path.dirname(dropin)} && cp {src} {dropin} && systemctl daemon-reload",
+    )
+    # A namespace no file holds, held by a root process with every
+    # capability: only CAP_SYS_PTRACE lets nswatch read its /proc/PID/ns/net.
+    # Made first, so that the start-up scan finds it.
+    holder = box.run("sh", "-c", "unshare -n sleep 300 >/dev/null 2>&1 & echo $!").stdout.strip()
+    try:
+        box.run("systemctl", "restart", "nswatch")
+        wait(lambda: box.http("/readyz")[0] == 200, 30)
+        pid = box.show("MainPID")["MainPID"]
+        status = box.run("cat", f"/proc/{pid}/status").stdout
+        fields = dict(re.findall(r"^(\w+):\s*(.*)$", status, re.M))
+        cap_sys_ptrace, cap_sys_admin = 1 << 19, 1 << 21
+        assert int(fields["CapEff"], 16) == cap_sys_ptrace | cap_sys_admin
+        assert int(fields["CapBnd"], 16) == cap_sys_ptrace | cap_sys_admin
+        mounts = box.run("cat", f"/proc/{pid}/mountinfo").stdout
+        flags = {}
+        for line in mounts.splitlines():
+            parts = line.split()
+            flags[parts[4]] = set(parts[5].split(","))
+        assert "ro" in flags.get("/proc/sys/net", flags["/proc/sys"])
+
+        ns = f"{box.prefix}r"
+        box.run("ip", "netns", "add", ns)
+        box.run("ip", "link", "add", f"{ns}h", "type", "veth", "peer", "name", "eth0", "netns", ns)
+        box.run("ip", "-n", ns, "addr", "add", "198.18.201.2/24", "dev", "eth0")
+
+        got: dict[str, object] = {}
+
+        def seen() -> bool:
+            state = box.state()
+            ends = [{"netns": "host", "link": f"{ns}h"}, {"netns": ns, "link": "eth0"}]
+            # a and b follow inode order, which the kernel may give either way.
+            pairs = ({"a": ends[0], "b": ends[1]}, {"a": ends[1], "b": ends[0]})
+            addrs = [a["address"] for a in state["namespaces"].get(ns, {}).get("addresses", [])]
+            owners = [(n.get("owner") or {}).get("pid") for n in state["namespaces"].values()]
+            got.update(
+                pair=any(p in state["veth_pairs"] for p in pairs),
+                address="198.18.201.2" in addrs,
+                holder=int(holder) in owners,
+                namespaces=sorted(state["namespaces"]),
+            )
+            return bool(got["pair"] and got["address"] and got["holder"])
+
+        try:
+            wait(seen, 20)
+        except AssertionError:
+            raise AssertionError(f"{got}; journal: {box.journal()[-3000:]}") from None
+        assert box.http("/readyz")[0] == 200
+        assert box.metric("nswatch_synced") == 1
+        journal = box.run(
+            "journalctl", "-u", "nswatch", "--no-pager", "-o", "cat", f"_PID={pid}"
+        ).stdout
+        assert "Operation not permitted" not in journal, journal[-2000:]
+    finally:
+        box.run("kill", holder, check=False)
+        box.run("rm", "-f", dropin)
+        box.run("systemctl", "daemon-reload")
+        box.run("systemctl", "restart", "nswatch")
+
+
 @pytest.mark.kernel
 def test_stops_cleanly(box: Container) -> None:
     """`systemctl stop`: SIGTERM, a clean exit 0 within a second or two."""

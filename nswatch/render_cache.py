@@ -1,0 +1,240 @@
+"""Rendered documents shared by every reader: made once per model version (or per max age).
+
+At 1,000 namespaces the state JSON is megabytes and takes tens of
+milliseconds of CPU to build; made per request, a handful of clients
+looping on it kept the GIL from the event loop for seconds and the heap
+from shrinking. Readers of one model version all want the same bytes, so
+each document (and its gzip form, made on first demand) is made once for
+that version and handed out until the version moves on.
+
+``/metrics`` also shows counters and process figures that move without
+the model changing; it is instead made at most once per ``max_age``
+seconds per Accept header (1 s in the daemon: a scrape is at most that old).
+"""
+
+from __future__ import annotations
+
+import gzip
+import threading
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from nswatch.model import Link, Model, Namespace
+from nswatch.state import link_refs, namespace_json, state_json
+
+# Level 6 (zlib's default) shrinks a 1,000-namespace /metrics about as well
+# as 9 in a third of the time; it runs once per document, not per reader.
+GZIP_LEVEL = 6
+
+
+def json_bytes(obj: Any) -> bytes:
+    """``obj`` as compact UTF-8 JSON with a trailing newline."""
+    return orjson.dumps(obj, option=orjson.OPT_APPEND_NEWLINE)
+
+
+class Document:
+    """A rendered body and its content type; the gzip form is made once, on first demand."""
+
+    __slots__ = ("_gz", "_lock", "body", "content_type")
+
+    def __init__(self, body: bytes, content_type: str) -> None:
+        self.body = body
+        self.content_type = content_type
+        self._gz: bytes | None = None
+        self._lock = threading.Lock()
+
+    def gzipped(self) -> bytes:
+        """The body gzip-compressed (mtime 0, so the same body compresses to the same bytes)."""
+        with self._lock:
+            if self._gz is None:
+                # zlib lets go of the GIL while it compresses.
+                self._gz = gzip.compress(self.body, compresslevel=GZIP_LEVEL, mtime=0)
+            return self._gz
+
+
+class VersionCache:
+    """Documents of the newest model version seen; an older version's are never kept.
+
+    ``make`` runs under the cache's lock, so readers of one document wait for
+    the one render rather than each making their own. ``max_entries`` bounds
+    a version's documents (per-namespace documents are keyed by the name asked
+    for, and every alias is a name).
+    """
+
+    def __init__(self, max_entries: int = 4096) -> None:
+        self.max_entries = max_entries
+        self._version: int | None = None
+        self._docs: dict[Hashable, Document] = {}
+        self._lock = threading.Lock()
+        self.made = 0  # documents rendered, for tests and benchmarks
+
+    def get(self, version: int, key: Hashable, make: Callable[[], Document]) -> Document:
+        """The document ``key`` of ``version``, made by ``make`` unless already made."""
+        with self._lock:
+            if self._version is not None and version < self._version:
+                # A reader that took its view before a newer one was cached:
+                # answer it, but keep the newer documents.
+                self.made += 1
+                return make()
+            if version != self._version:
+                self._version = version
+                self._docs = {}
+            doc = self._docs.get(key)
+            if doc is None:
+                doc = make()
+                self.made += 1
+                if len(self._docs) >= self.max_entries:
+                    self._docs = {}
+                self._docs[key] = doc
+            return doc
+
+    def drop(self, then: Callable[[], None] | None = None) -> bool:
+        """Forget every document and run ``then`` under the lock; False while a render runs."""
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            self._version = None
+            self._docs = {}
+            if then is not None:
+                then()
+        finally:
+            self._lock.release()
+        return True
+
+
+class AgeCache:
+    """Documents reused for at most ``max_age`` seconds each (0: never reused)."""
+
+    def __init__(
+        self,
+        max_age: float,
+        max_entries: int = 8,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_age = max_age
+        self.max_entries = max_entries
+        self._clock = clock
+        self._docs: dict[Hashable, tuple[float, Document]] = {}
+        self._lock = threading.Lock()
+        self.made = 0
+
+    def get(self, key: Hashable, make: Callable[[], Document]) -> Document:
+        """The document ``key`` if made less than ``max_age`` ago, else a new one from ``make``."""
+        with self._lock:
+            now = self._clock()
+            hit = self._docs.get(key)
+            if hit is not None and now - hit[0] < self.max_age:
+                return hit[1]
+            doc = make()
+            self.made += 1
+            if self.max_age > 0:
+                # Keys come from a request header: a client varying it must
+                # not grow the cache, only cost itself renders.
+                if key not in self._docs and len(self._docs) >= self.max_entries:
+                    self._docs = {}
+                self._docs[key] = (self._clock(), doc)
+            return doc
+
+    def drop(self) -> bool:
+        """Forget every document; False while a render runs."""
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            self._docs = {}
+        finally:
+            self._lock.release()
+        return True
+
+
+# Namespaces with fewer records than this are serialised whole when they change.
+RECORD_MEMO_MIN = 200
+
+
+class StateRenderer:
+    """``state_json`` as bytes, each namespace and record serialised once while unchanged.
+
+    A model version differs from the previous one in a few records, but the
+    state document holds all of them (1,000 namespaces: 3 MB, 50-100 ms of
+    Python per render). Namespaces unchanged since the last snapshot are the
+    same objects, and records (links, addresses, routes, rules) are immutable
+    and shared, so each one's JSON is kept as an ``orjson.Fragment`` for as
+    long as it is in the model and what else the JSON shows is unchanged:
+    the names of its namespace's links, and for a link its veth peer and
+    lower device (:func:`nswatch.state.link_refs`).
+    Not thread-safe: call under one lock (the state's :class:`VersionCache`).
+    """
+
+    def __init__(self, record_memo_min: int = RECORD_MEMO_MIN) -> None:
+        self.record_memo_min = record_memo_min
+        self._memo: dict[int, _NsMemo] = {}  # by inode
+        self.serialised = 0  # namespaces and records serialised afresh, for tests
+
+    def render(self, model: Model) -> bytes:
+        """The bytes of ``json_bytes(state_json(model))``."""
+        used: dict[int, _NsMemo] = {}
+
+        def namespace(ns: Namespace) -> Any:
+            names = tuple((i, link.name) for i, link in ns.links.items())
+            refs = tuple(link_refs(model, ns, link) for link in ns.links.values())
+            old = self._memo.get(ns.inode)
+            if old is not None and old.names != names:
+                old = None  # every record showing a link name may be stale
+            if old is not None and old.ns is ns and old.refs == refs:
+                used[ns.inode] = old
+                return old.fragment
+            before = old.records if old is not None else {}
+            now: dict[int, tuple[object, object, Any]] = {}
+            if _records(ns) < self.record_memo_min:
+                # Small: made afresh in well under a millisecond, and a
+                # memo would cost more memory than the namespace's JSON.
+                frag = _fragment(namespace_json(model, ns))
+                self.serialised += 1
+                used[ns.inode] = _NsMemo(ns, names, refs, now, frag)
+                return frag
+
+            def fragment(record: object, make: Callable[[], dict[str, Any]]) -> Any:
+                deps = link_refs(model, ns, record) if isinstance(record, Link) else None
+                hit = before.get(id(record))
+                if hit is None or hit[0] is not record or hit[1] != deps:
+                    hit = (record, deps, _fragment(make()))
+                    self.serialised += 1
+                now[id(record)] = hit
+                return hit[2]
+
+            frag = _fragment(namespace_json(model, ns, fragment))
+            self.serialised += 1
+            used[ns.inode] = _NsMemo(ns, names, refs, now, frag)
+            return frag
+
+        body = json_bytes(state_json(model, namespace))
+        # Only what this model holds is kept: namespaces and records gone are let go.
+        self._memo = used
+        return body
+
+    def forget(self) -> None:
+        """Drop every kept fragment (the next render makes them all again)."""
+        self._memo = {}
+
+
+def _records(ns: Namespace) -> int:
+    return len(ns.links) + len(ns.addresses) + len(ns.routes) + len(ns.rules)
+
+
+def _fragment(obj: Any) -> Any:
+    # orjson leaves its output in a buffer of at least 4 KiB whatever the
+    # length; kept for long, a few hundred bytes of JSON would hold 4 KiB
+    # each (150 MB at 1,000 namespaces). A copy holds only the bytes.
+    return orjson.Fragment(bytes(memoryview(orjson.dumps(obj))))
+
+
+@dataclass(frozen=True, slots=True)
+class _NsMemo:
+    ns: Namespace
+    names: tuple[tuple[int, str], ...]
+    refs: tuple[tuple[object, object], ...]
+    records: dict[int, tuple[object, object, Any]]  # id(record) -> (record, its refs, fragment)
+    fragment: Any

@@ -1,0 +1,445 @@
+"""Readers must not starve the event loop (issue 10, item 3).
+
+    sudo .venv/bin/python -m tests.bench.bench_readers -n 1000     # ~3 min
+
+Builds N namespaces ``nswK{i}`` (lo up; a veth ``eth0`` whose host end
+``nswKh{i}`` is up and has no address; inside, an address out of
+198.18.0.0/16 and 2001:db8:c0::/48 and a default route), starts ``nswatch
+run`` as a child process watching only them (``--include ^nswK``), then:
+
+1. idle: RSS once ready, and link-change latency with no reader;
+2. loaded: 16 clients looping on ``GET /api/v1/state`` and 4 on
+   ``GET /metrics`` (with ``Accept-Encoding: gzip``, as Prometheus does), from
+   a separate process (so their GIL is not the measuring process's), while
+   host ends are set down and up: the time from writing ``link set`` to a
+   long-lived ``ip -batch -`` until nswatch logs ``link_changed`` (it logs
+   after applying the change to its model); each GET's duration; RSS
+   sampled every 0.1 s;
+3. after: RSS 20 s after the readers stopped.
+
+Everything it creates is removed at the end (and leftovers first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tests.bench import scene
+
+ROOT = Path(__file__).resolve().parents[2]
+PREFIX = "nswK"
+TARGETS = {"latency_p99_ms": 20.0, "state_get_p99_ms": 100.0, "rss_mb": 150.0}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def pct(xs: list[float], p: float) -> float:
+    """The p-th percentile (nearest rank)."""
+    if not xs:
+        return float("nan")
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, round(p / 100 * len(s) + 0.5) - 1))]
+
+
+def rss_mb(pid: int, key: str = "VmRSS") -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    raise KeyError(key)
+
+
+# --- the scene ---------------------------------------------------------------------
+
+
+def ns_name(i: int) -> str:
+    return f"{PREFIX}{i}"
+
+
+def host_end(i: int) -> str:
+    return f"{PREFIX}h{i}"
+
+
+def own() -> tuple[list[str], list[str]]:
+    names = sorted(n for n in os.listdir(scene.NETNS_DIR) if n.startswith(PREFIX))
+    links = json.loads(scene.run(["ip", "-j", "link", "show"]) or "[]")
+    return names, [str(x["ifname"]) for x in links if str(x["ifname"]).startswith(PREFIX)]
+
+
+def sweep() -> None:
+    """Remove every namespace and host link named nswK…"""
+    names, _ = own()
+    if names:
+        scene.batch((f"netns del {n}" for n in names), force=True)
+    deadline = time.monotonic() + 30
+    while own()[1] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    _, links = own()
+    if links:
+        scene.batch((f"link del {n}" for n in links), force=True)
+
+
+def build(n: int) -> float:
+    """N namespaces (module docstring); seconds taken."""
+    t0 = time.monotonic()
+    lines = []
+    for i in range(n):
+        lines += [
+            f"netns add {ns_name(i)}",
+            f"link add {host_end(i)} type veth peer name eth0 netns {ns_name(i)}",
+            f"link set {host_end(i)} up",
+        ]
+    scene.batch(lines)
+    tmp = tempfile.mkdtemp(prefix="nswK-")
+    files = {}
+    try:
+        for i in range(n):
+            path = os.path.join(tmp, ns_name(i))
+            a, b = divmod(4 * i, 256)
+            with open(path, "w") as f:
+                f.write(
+                    "link set lo up\nlink set eth0 up\n"
+                    f"addr add 198.18.{a}.{b + 2}/30 dev eth0\n"
+                    f"addr add 2001:db8:c0:{i:x}::2/64 dev eth0 nodad\n"
+                    f"route add default via 198.18.{a}.{b + 1}\n"
+                )
+            files[ns_name(i)] = path
+        scene.parallel_batches(files, jobs=8)
+    finally:
+        for path in files.values():
+            os.unlink(path)
+        os.rmdir(tmp)
+    return time.monotonic() - t0
+
+
+# --- nswatch -----------------------------------------------------------------------
+
+
+class Nswatch:
+    """``nswatch run`` as a child process; its JSON log is read for ``link_changed`` lines."""
+
+    def __init__(self, extra: list[str], src: Path = ROOT) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = int(s.getsockname()[1])
+        self.proc = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "nswatch", "run"),
+                *("--listen", f"127.0.0.1:{self.port}", "--include", f"^{PREFIX}"),
+                *("--log-format", "json", *extra),
+            ],
+            cwd=src,
+            env={**os.environ, "PYTHONPATH": str(src)},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        self.pid = self.proc.pid
+        self._want: tuple[str, bool] | None = None
+        self._seen = threading.Event()
+        self.seen_at = 0.0
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            t = time.monotonic()
+            want = self._want
+            if want is None or b"link_changed" not in line:
+                continue
+            with contextlib.suppress(ValueError):
+                d = json.loads(line)
+                if (
+                    d.get("netns") == "host"
+                    and d.get("link") == want[0]
+                    and d.get("admin_up") is want[1]
+                ):
+                    self.seen_at = t
+                    self._want = None
+                    self._seen.set()
+
+    def expect(self, link: str, up: bool) -> None:
+        self._seen.clear()
+        self._want = (link, up)
+
+    def wait_seen(self, timeout: float) -> float | None:
+        return self.seen_at if self._seen.wait(timeout) else None
+
+    def wait_ready(self, timeout: float) -> float:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError("nswatch exited")
+            with contextlib.suppress(OSError):
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+                conn.request("GET", "/readyz")
+                if conn.getresponse().status == 200:
+                    return time.monotonic() - t0
+            time.sleep(0.05)
+        raise TimeoutError("not ready")
+
+    def stop(self) -> float:
+        t0 = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        return time.monotonic() - t0
+
+
+# --- readers (a child process) -----------------------------------------------------
+
+
+def readers_child(
+    port: int, state: int, metrics: int, state_gzip: bool, out: str, gap: float = 0.0
+) -> None:
+    """Loop GETs (``gap`` s apart) until SIGTERM; then write each GET's duration per path to ``out``."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    times: dict[str, list[float]] = {"/api/v1/state": [], "/metrics": []}
+    sizes: dict[str, int] = {}
+    errors = [0]
+
+    def loop(path: str, gz: bool) -> None:
+        headers = {"Accept-Encoding": "gzip"} if gz else {}
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        while not stop.is_set():
+            t0 = time.monotonic()
+            try:
+                conn.request("GET", path, headers=headers)
+                resp = conn.getresponse()
+                body = resp.read()
+                if resp.status != 200:
+                    errors[0] += 1
+                    time.sleep(0.01)
+                    continue
+            except (OSError, http.client.HTTPException):
+                errors[0] += 1
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+                continue
+            times[path].append((time.monotonic() - t0) * 1000)
+            sizes[path] = len(body)
+            if gap:
+                stop.wait(gap)
+        conn.close()
+
+    threads = [
+        threading.Thread(target=loop, args=("/api/v1/state", state_gzip)) for _ in range(state)
+    ] + [threading.Thread(target=loop, args=("/metrics", True)) for _ in range(metrics)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    with open(out, "w") as f:
+        json.dump({"times": times, "sizes": sizes, "errors": errors[0]}, f)
+
+
+# --- measurements ------------------------------------------------------------------
+
+
+def flips(nsw: Nswatch, n: int, changes: int, gap: float) -> list[float]:
+    """Set random host ends down then up; ms from the write to the model logging it."""
+    ip = subprocess.Popen(
+        ["ip", "-force", "-batch", "-"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert ip.stdin is not None
+    rng = random.Random(10)
+    out: list[float] = []
+    missed = 0
+    try:
+        for _ in range(changes):
+            h = host_end(rng.randrange(n))
+            for state in ("down", "up"):
+                nsw.expect(h, state == "up")
+                t0 = time.monotonic()
+                ip.stdin.write(f"link set {h} {state}\n")
+                ip.stdin.flush()
+                t = nsw.wait_seen(30)
+                if t is None:
+                    missed += 1
+                else:
+                    out.append((t - t0) * 1000)
+                time.sleep(gap)
+    finally:
+        ip.stdin.close()
+        ip.wait(10)
+    if missed:
+        log(f"  {missed} changes not seen within 30 s")
+    return out
+
+
+class RssSampler:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.1):
+            with contextlib.suppress(OSError, KeyError):
+                self.samples.append(rss_mb(self.pid))
+
+    def stop(self) -> list[float]:
+        self._stop.set()
+        self._t.join()
+        return self.samples
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    res: dict[str, Any] = {"n": args.n, "src": args.nswatch_src, "load_before": os.getloadavg()}
+    res["options"] = {"state_gzip": args.state_gzip, "probe_gzip": args.probe_gzip}
+    log(f"building {args.n} namespaces")
+    res["build_s"] = build(args.n)
+    nsw = Nswatch(args.nswatch_arg or [], Path(args.nswatch_src))
+    try:
+        res["ready_s"] = nsw.wait_ready(300)
+        time.sleep(3)
+        res["rss_idle_mb"] = rss_mb(nsw.pid)
+        log(f"ready in {res['ready_s']:.1f} s, RSS {res['rss_idle_mb']:.0f} MB; idle flips")
+        idle = flips(nsw, args.n, args.changes // 2, args.gap)
+        res["idle_latency_ms"] = {"p50": pct(idle, 50), "p99": pct(idle, 99), "max": max(idle)}
+        log(f"  idle {res['idle_latency_ms']}; readers start")
+        out = tempfile.mktemp(prefix="nswK-readers-", suffix=".json")
+        probe_out = tempfile.mktemp(prefix="nswK-probe-", suffix=".json")
+        me = [sys.executable, "-m", "tests.bench.bench_readers", "--child", str(nsw.port)]
+        child = subprocess.Popen(
+            [*me, out, "--state-clients", str(args.state_clients)]
+            + ["--metrics-clients", str(args.metrics_clients)]
+            + (["--state-gzip"] if args.state_gzip else []),
+            cwd=ROOT,
+        )
+        # One more client in a process of its own, a GET every 0.2 s: how
+        # long the server takes to answer, without 20 client threads
+        # sharing one interpreter's lock on the reading side.
+        probe = subprocess.Popen(
+            [*me, probe_out, "--state-clients", "1", "--metrics-clients", "0", "--pause", "0.2"]
+            + (["--state-gzip"] if args.probe_gzip else []),
+            cwd=ROOT,
+        )
+        sampler = RssSampler(nsw.pid)
+        time.sleep(2)
+        loaded = flips(nsw, args.n, args.changes, args.gap)
+        res["load_during"] = os.getloadavg()
+        for c in (child, probe):
+            c.send_signal(signal.SIGTERM)
+        child.wait(120)
+        probe.wait(120)
+        rss = sampler.stop()
+        with open(out) as f:
+            got = json.load(f)
+        with open(probe_out) as f:
+            probed = json.load(f)["times"]["/api/v1/state"]
+        os.unlink(out)
+        os.unlink(probe_out)
+        res["probe /api/v1/state"] = {
+            "requests": len(probed),
+            "p50_ms": pct(probed, 50),
+            "p99_ms": pct(probed, 99),
+            "max_ms": max(probed, default=float("nan")),
+        }
+        res["loaded_latency_ms"] = {
+            "p50": pct(loaded, 50),
+            "p99": pct(loaded, 99),
+            "max": max(loaded),
+            "samples": len(loaded),
+        }
+        for path, xs in got["times"].items():
+            res[f"get {path}"] = {
+                "requests": len(xs),
+                "p50_ms": pct(xs, 50),
+                "p99_ms": pct(xs, 99),
+                "max_ms": max(xs, default=float("nan")),
+                "bytes": got["sizes"].get(path),
+            }
+        res["reader_errors"] = got["errors"]
+        res["rss_max_mb"] = max(rss, default=float("nan"))
+        res["vmhwm_mb"] = rss_mb(nsw.pid, "VmHWM")
+        # nswatch drops its cached documents after 10 s without a reader.
+        time.sleep(20)
+        res["rss_after_mb"] = rss_mb(nsw.pid)
+        res["stop_s"] = nsw.stop()
+    finally:
+        if nsw.proc.poll() is None:
+            nsw.stop()
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("-n", type=int, default=1000, help="namespaces (default 1000)")
+    p.add_argument("--changes", type=int, default=100, help="link flips with readers (x2 events)")
+    p.add_argument("--gap", type=float, default=0.1, help="seconds between link changes")
+    p.add_argument("--state-clients", type=int, default=16)
+    p.add_argument("--metrics-clients", type=int, default=4)
+    p.add_argument("--state-gzip", action="store_true", help="state readers accept gzip too")
+    p.add_argument("--probe-gzip", action="store_true", help="the probe accepts gzip")
+    p.add_argument("--nswatch-arg", action="append", help="extra argument to nswatch run")
+    p.add_argument(
+        "--nswatch-src",
+        default=str(ROOT),
+        help="run nswatch from this checkout (before/after comparisons; default this one)",
+    )
+    p.add_argument("--child", nargs=2, metavar=("PORT", "OUT"), help=argparse.SUPPRESS)
+    p.add_argument("--pause", type=float, default=0.0, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        readers_child(
+            int(args.child[0]),
+            args.state_clients,
+            args.metrics_clients,
+            args.state_gzip,
+            args.child[1],
+            args.pause,
+        )
+        return 0
+    sweep()
+    try:
+        res = run(args)
+    finally:
+        sweep()
+        names, links = own()
+        if names or links:
+            log(f"WARNING: left behind {names[:5]} {links[:5]}")
+    print(json.dumps(res, indent=2))
+    ok: Callable[[float, float], str] = lambda v, t: "ok" if v < t else "MISSED"  # noqa: E731
+    print(
+        f"latency p99 {res['loaded_latency_ms']['p99']:.1f} ms "
+        f"({ok(res['loaded_latency_ms']['p99'], TARGETS['latency_p99_ms'])}); "
+        f"state GET (probe) p99 {res['probe /api/v1/state']['p99_ms']:.1f} ms "
+        f"({ok(res['probe /api/v1/state']['p99_ms'], TARGETS['state_get_p99_ms'])}); "
+        f"RSS max {res['rss_max_mb']:.0f} MB ({ok(res['rss_max_mb'], TARGETS['rss_mb'])}), "
+        f"idle {res['rss_idle_mb']:.0f}, after {res['rss_after_mb']:.0f} MB"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

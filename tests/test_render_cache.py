@@ -1,0 +1,313 @@
+"""Rendered documents are made once per model version (/metrics once per max age) and gzipped on request."""
+
+from __future__ import annotations
+
+import gzip
+import http.client
+import json
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+
+import orjson
+import pytest
+
+from nswatch.http import Api, HttpServer, Limits, Router, accepts_gzip
+from nswatch.model import (
+    Address,
+    AddressDel,
+    AddressNew,
+    Event,
+    Link,
+    LinkDel,
+    LinkNew,
+    Model,
+    NamespaceSeen,
+    RouteDel,
+    Synced,
+)
+from nswatch.render_cache import AgeCache, Document, StateRenderer, VersionCache, json_bytes
+from nswatch.state import state_json
+from tests.bench.bench_metrics import HOST, synthetic
+
+
+def _model() -> Model:
+    m = Model()
+    m.apply(NamespaceSeen(1, ("host",), is_host=True))
+    m.apply(NamespaceSeen(2, ("lab-1", "alias")))
+    m.apply(LinkNew(2, Link(index=1, name="lo", kind="loopback", admin_up=True)))
+    for i in range(2, 60):
+        m.apply(LinkNew(2, Link(index=i, name=f"veth{i}", kind="veth", mtu=1500)))
+    m.apply(Synced(1))
+    m.apply(Synced(2))
+    return m
+
+
+@dataclass
+class Counting:
+    """A daemon stand-in: the model's view, and how often the metrics renderer ran."""
+
+    model: Model = field(default_factory=_model)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    metrics_calls: int = 0
+
+    def view(self) -> Model:
+        with self.lock:
+            return self.model.copy()
+
+    def metrics(self, accept: str | None) -> tuple[bytes, str]:
+        with self.lock:
+            self.metrics_calls += 1
+            n = self.metrics_calls
+        return (b"# metrics\n" + b"nswatch_x 1\n" * 2000 + f"calls {n}\n".encode(), "text/plain")
+
+    def change(self) -> None:
+        with self.lock:
+            link = Link(index=5, name="veth5", kind="veth", mtu=9000)
+            self.model.apply(LinkNew(2, link))
+
+
+@pytest.fixture
+def daemon() -> Counting:
+    return Counting()
+
+
+@pytest.fixture
+def server(daemon: Counting) -> Iterator[HttpServer]:
+    api = Api(view=daemon.view, alive=lambda: True, ready=lambda: True, metrics=daemon.metrics)
+    srv = HttpServer(("127.0.0.1", 0), api, limits=Limits(metrics_max_age=60))
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def fetch(
+    srv: HttpServer, path: str, method: str = "GET", encoding: str | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    host, port = srv.address
+    conn = http.client.HTTPConnection(host, port, timeout=10)
+    try:
+        headers = {"Accept-Encoding": encoding} if encoding is not None else {}
+        conn.request(method, path, headers=headers)
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+def test_state_is_rendered_once_per_model_version(server: HttpServer, daemon: Counting) -> None:
+    """Twenty requests for one model version render the state once; a change renders it once more."""
+    for _ in range(20):
+        assert fetch(server, "/api/v1/state")[0] == 200
+    assert server.router.state_cache.made == 1
+    daemon.change()
+    _, _, body = fetch(server, "/api/v1/state")
+    assert json.loads(body)["namespaces"]["lab-1"]["links"][4]["mtu"] == 9000
+    for _ in range(5):
+        fetch(server, "/api/v1/state")
+    assert server.router.state_cache.made == 2
+
+
+def test_namespace_documents_are_cached_per_version(server: HttpServer, daemon: Counting) -> None:
+    """A namespace document is made once per version and name; a change shows at once."""
+    for _ in range(10):
+        assert fetch(server, "/api/v1/namespaces/lab-1")[0] == 200
+    assert server.router.namespace_cache.made == 1
+    daemon.change()
+    _, _, body = fetch(server, "/api/v1/namespaces/lab-1")
+    assert json.loads(body)["links"][4]["mtu"] == 9000
+    assert fetch(server, "/api/v1/namespaces/nope")[0] == 404
+
+
+def test_metrics_are_reused_within_max_age(server: HttpServer, daemon: Counting) -> None:
+    """Scrapes within the max age get the one render's body; the renderer ran once."""
+    bodies = {fetch(server, "/metrics")[2] for _ in range(10)}
+    assert len(bodies) == 1 and daemon.metrics_calls == 1
+
+
+def test_metrics_max_age_zero_renders_every_scrape() -> None:
+    """With a max age of 0 every scrape renders afresh."""
+    d = Counting()
+    api = Api(view=d.view, alive=lambda: True, ready=lambda: True, metrics=d.metrics)
+    srv = HttpServer(("127.0.0.1", 0), api, limits=Limits(metrics_max_age=0))
+    srv.start()
+    try:
+        for _ in range(3):
+            fetch(srv, "/metrics")
+    finally:
+        srv.stop()
+    assert d.metrics_calls == 3
+
+
+@pytest.mark.parametrize("path", ["/api/v1/state", "/metrics"])
+def test_gzip_when_accepted(server: HttpServer, path: str) -> None:
+    """With Accept-Encoding: gzip the body is gzip of the plain one, with Content-Encoding and Vary."""
+    status, plain_h, plain = fetch(server, path)
+    assert status == 200
+    assert "content-encoding" not in plain_h
+    assert plain_h["vary"] == "Accept-Encoding"
+    status, gz_h, gz = fetch(server, path, encoding="gzip, deflate")
+    assert status == 200
+    assert gz_h["content-encoding"] == "gzip"
+    assert gz_h["vary"] == "Accept-Encoding"
+    assert gz_h["content-type"] == plain_h["content-type"]
+    assert int(gz_h["content-length"]) == len(gz) < len(plain)
+    assert gzip.decompress(gz) == plain
+
+
+@pytest.mark.parametrize("encoding", [None, "gzip"])
+def test_head_matches_get(server: HttpServer, encoding: str | None) -> None:
+    """HEAD gets GET's status and headers (length and encoding included) and no body."""
+    _, get_h, _ = fetch(server, "/api/v1/state", encoding=encoding)
+    status, head_h, body = fetch(server, "/api/v1/state", "HEAD", encoding=encoding)
+    assert status == 200 and body == b""
+    for name in ("content-length", "content-type", "vary"):
+        assert head_h[name] == get_h[name]
+    assert head_h.get("content-encoding") == get_h.get("content-encoding")
+
+
+def test_gzip_refused_with_q_zero(server: HttpServer) -> None:
+    """gzip;q=0 means not gzip, even with a wildcard."""
+    _, headers, _ = fetch(server, "/api/v1/state", encoding="gzip;q=0, *;q=1")
+    assert "content-encoding" not in headers
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        (None, False),
+        ("", False),
+        ("gzip", True),
+        ("GZIP", True),
+        ("deflate, gzip;q=0.5", True),
+        ("x-gzip", True),
+        ("gzip;q=0", False),
+        ("gzip; q=0.000", False),
+        ("*", True),
+        ("*;q=0", False),
+        ("br, deflate", False),
+        ("gzip;q=bogus", False),
+        ("identity", False),
+    ],
+)
+def test_accepts_gzip(header: str | None, expected: bool) -> None:
+    """Accept-Encoding is read as RFC 9110 says: tokens, q-values, the wildcard."""
+    assert accepts_gzip(header) is expected
+
+
+def test_document_gzips_once() -> None:
+    """The compressed form is made on first demand and then reused (the same object)."""
+    doc = Document(b"x" * 10000, "text/plain")
+    first = doc.gzipped()
+    assert doc.gzipped() is first
+    assert gzip.decompress(first) == doc.body
+
+
+def test_version_cache_keeps_newest_version() -> None:
+    """A reader with an older version is answered but does not evict the newer documents."""
+    cache = VersionCache()
+    new = cache.get(5, "k", lambda: Document(b"v5", "t"))
+    old = cache.get(4, "k", lambda: Document(b"v4", "t"))
+    assert old.body == b"v4"
+    assert cache.get(5, "k", lambda: Document(b"again", "t")) is new
+    assert cache.get(6, "k", lambda: Document(b"v6", "t")).body == b"v6"
+
+
+def test_version_cache_is_bounded() -> None:
+    """One version's documents never exceed max_entries."""
+    cache = VersionCache(max_entries=3)
+    for i in range(10):
+        cache.get(1, i, lambda i=i: Document(str(i).encode(), "t"))  # type: ignore[misc]
+        assert len(cache._docs) <= 3
+
+
+def test_age_cache_expires_and_is_bounded() -> None:
+    """A document is reused until max_age has passed; keys from headers cannot grow the cache."""
+    now = [0.0]
+    cache = AgeCache(1.0, max_entries=2, clock=lambda: now[0])
+    a = cache.get("a", lambda: Document(b"a1", "t"))
+    now[0] = 0.9
+    assert cache.get("a", lambda: Document(b"a2", "t")) is a
+    now[0] = 1.0
+    assert cache.get("a", lambda: Document(b"a3", "t")).body == b"a3"
+    for i in range(10):
+        cache.get(f"k{i}", lambda: Document(b"", "t"))
+        assert len(cache._docs) <= 2
+
+
+def _pair_model() -> Model:
+    """Two namespaces joined by a veth pair, with addresses and a route on each end."""
+    return synthetic(3)
+
+
+def _same_as_plain(renderer: StateRenderer, model: Model) -> None:
+    assert renderer.render(model) == json_bytes(state_json(model))
+
+
+@pytest.mark.parametrize("record_memo_min", [0, 10_000])
+def test_state_renderer_matches_state_json_through_changes(record_memo_min: int) -> None:
+    """The cached render (records kept or whole namespaces only) equals the plain one after renames of a link, of its veth peer, removals and additions."""
+    live = _pair_model()
+    renderer = StateRenderer(record_memo_min)
+    view = live.snapshot()
+    _same_as_plain(renderer, view)
+    steps: list[Event] = [
+        # The host end renamed: the namespace end's "peer" shows the new name.
+        LinkNew(HOST, replace(live.namespaces[HOST].links[100], name="renamed")),
+        # eth0 renamed inside a namespace: its addresses and routes show it.
+        LinkNew(1001, replace(live.namespaces[1001].links[2], name="eth9")),
+        AddressDel(1002, next(iter(live.namespaces[1002].addresses.values()))),
+        AddressNew(1002, Address(2, "inet", "198.18.200.2", 24)),
+        RouteDel(1000, next(iter(live.namespaces[1000].routes.values()))),
+        LinkDel(HOST, 102),
+    ]
+    for ev in steps:
+        live.apply(ev)
+        view = live.snapshot(view)
+        _same_as_plain(renderer, view)
+    peer = orjson.loads(renderer.render(view))["namespaces"]["nswB0"]["links"][1]["peer"]
+    assert peer["name"] == "renamed"
+
+
+@pytest.mark.parametrize(("record_memo_min", "afresh"), [(0, 2), (10_000, 1)])
+def test_state_renderer_serialises_only_what_changed(record_memo_min: int, afresh: int) -> None:
+    """After one address is added in one namespace, only that namespace (and with records kept, that address) is serialised again."""
+    live = synthetic(50)
+    renderer = StateRenderer(record_memo_min)
+    view = live.snapshot()
+    renderer.render(view)
+    first = renderer.serialised
+    renderer.render(view)
+    assert renderer.serialised == first
+    live.apply(AddressNew(1007, Address(2, "inet", "198.18.201.2", 24)))
+    view = live.snapshot(view)
+    renderer.render(view)
+    assert renderer.serialised - first == afresh
+
+
+def test_idle_caches_are_dropped(daemon: Counting) -> None:
+    """With no reader for the idle time, every cached document goes; the next reader gets a fresh render."""
+    api = Api(view=daemon.view, alive=lambda: True, ready=lambda: True, metrics=daemon.metrics)
+    router = Router(api, metrics_max_age=60)
+    for path in ("/api/v1/state", "/api/v1/namespaces/lab-1", "/metrics"):
+        assert router.route("GET", path, None).status == 200
+    assert not router.release_idle(60)  # read just now
+    assert router.release_idle(0)
+    assert not router.release_idle(0)  # nothing held any more
+    assert router.state_cache._docs == {} and router.namespace_cache._docs == {}
+    assert router.metrics_cache._docs == {} and router.state_renderer._memo == {}
+    router.route("GET", "/api/v1/state", None)
+    router.route("GET", "/metrics", None)
+    assert router.state_cache.made == 2 and daemon.metrics_calls == 2
+
+
+def test_idle_release_waits_for_a_running_render(daemon: Counting) -> None:
+    """A render holding the cache is not disturbed: the release says no and leaves the documents."""
+    api = Api(view=daemon.view, alive=lambda: True, ready=lambda: True, metrics=daemon.metrics)
+    router = Router(api)
+    router.route("GET", "/api/v1/state", None)
+    with router.state_cache._lock:
+        assert not router.release_idle(0)
+    assert router.state_cache._docs
