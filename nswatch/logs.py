@@ -33,7 +33,7 @@ from nswatch.model import (
     VethLost,
     VethResolved,
 )
-from nswatch.observer import BaseObserver
+from nswatch.observer import BaseObserver, internal_place
 from nswatch.state import table_name
 
 
@@ -160,6 +160,7 @@ class LogObserver(BaseObserver):
     def __init__(self, logger: Any = None) -> None:
         self.log = logger or structlog.get_logger("nswatch")
         self._ready = False
+        self._tracebacks: set[str] = set()
 
     def changes(self, changes: Sequence[Change], reason: str | None) -> None:
         # The first sync of a namespace would print every object it holds;
@@ -186,7 +187,16 @@ class LogObserver(BaseObserver):
         self.log.info("resync", netns=netns, reason=reason)
 
     def error(self, netns: str | None, where: str, err: BaseException) -> None:
-        self.log.warning("error", netns=netns, where=where, error=str(err))
+        if internal_place(where, err) is None:
+            self.log.warning("error", netns=netns, where=where, error=str(err))
+        elif where in self._tracebacks:
+            self.log.error("internal_error", netns=netns, where=where, error=repr(err))
+        else:
+            # A bug the loop survived: its traceback once per place, then a line.
+            self._tracebacks.add(where)
+            self.log.error(
+                "internal_error", netns=netns, where=where, error=repr(err), exc_info=err
+            )
 
     def ready(self, model: Model) -> None:
         self.log.info(

@@ -13,6 +13,23 @@ from typing import Protocol
 
 from nswatch.model import Change, Model
 
+# Where an unexpected exception was caught, by the part that caught it: the
+# labels of nswatch_internal_errors_total (bounded, and exported at 0).
+INTERNAL_ERROR_PLACES = ("inbox", "netlink_session", "observer", "timer")
+
+
+def internal_place(where: str, err: BaseException) -> str | None:
+    """The place of an unexpected error (a bug), or None for the kernel's or a file's.
+
+    Kernel and file-system errors are OSErrors and are part of normal
+    operation (a namespace vanishing mid-call); anything else is a bug that
+    the loop survived.
+    """
+    if isinstance(err, OSError):
+        return None
+    place = where.split(":", 1)[0]
+    return place if place in INTERNAL_ERROR_PLACES else "other"
+
 
 class Observer(Protocol):
     """The daemon's callbacks; all run on the event-loop thread."""

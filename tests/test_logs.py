@@ -75,3 +75,22 @@ def test_level_filters() -> None:
     obs.resync("lab", "overrun")
     obs.overrun("lab")
     assert [line["event"] for line in _lines(buf)] == ["netlink_overrun"]
+
+
+def test_a_bug_is_logged_with_its_traceback_once_and_a_kernel_error_is_a_warning() -> None:
+    """An unexpected exception logs internal_error with a traceback the first time per place, a line after; an OSError is a plain warning."""
+    buf = io.StringIO()
+    logs.configure("json", "info", stream=buf)
+    obs = logs.LogObserver()
+    try:
+        raise ValueError("boom")
+    except ValueError as e:
+        err = e
+    obs.error(None, "timer:rescan", err)
+    obs.error(None, "timer:rescan", err)
+    obs.error("ns1", "open_namespace", FileNotFoundError(2, "gone"))
+    first, second, kernel = _lines(buf)
+    assert first["event"] == "internal_error" and first["level"] == "error"
+    assert "Traceback" in str(first["exception"]) and "boom" in str(first["exception"])
+    assert second["event"] == "internal_error" and "exception" not in second
+    assert kernel["event"] == "error" and kernel["level"] == "warning" and "exception" not in kernel

@@ -938,3 +938,17 @@ if __name__ == "__main__":
     GOLDEN.mkdir(parents=True, exist_ok=True)
     for name, accept in GOLDEN_FORMATS.items():
         (GOLDEN / f"rich.{name}").write_bytes(rich_exposition(accept))
+
+
+def test_internal_errors_count_bugs_by_place_not_kernel_errors() -> None:
+    """nswatch_internal_errors_total counts exceptions that are bugs, by where they were caught, from 0; OSErrors are not bugs."""
+    h = Harness(base_events())
+    s = h.scrape()
+    assert one(s, "nswatch_internal_errors_total", where="observer") == 0
+    h.sink.error(None, "observer:LogObserver.changes", KeyError("x"))
+    h.sink.error(None, "timer:rescan", ValueError("y"))
+    h.sink.error("ns", "netlink_read", OSError(105, "ENOBUFS"))
+    s = h.scrape()
+    assert one(s, "nswatch_internal_errors_total", where="observer") == 1
+    assert one(s, "nswatch_internal_errors_total", where="timer") == 1
+    assert one(s, "nswatch_internal_errors_total", where="netlink_session") == 0

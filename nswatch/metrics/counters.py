@@ -6,6 +6,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from nswatch.observer import INTERNAL_ERROR_PLACES
 from nswatch.procnet import ProcNetSnapshot
 
 NETLINK_TYPES = ("link", "address", "rule", "route")
@@ -38,6 +39,9 @@ class Counters:
         default_factory=lambda: dict.fromkeys(DISCREPANCY_KINDS, 0)
     )
     last_event: float = 0.0
+    internal_errors: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys((*INTERNAL_ERROR_PLACES, "other"), 0)
+    )
     config_reloads: dict[str, int] = field(default_factory=lambda: dict.fromkeys(RELOAD_RESULTS, 0))
     # The daemon only starts with a valid config: 1 until a reload fails.
     last_reload_ok: bool = True
@@ -53,6 +57,7 @@ class Counters:
                 resyncs=dict(self.resyncs),
                 discrepancies=dict(self.discrepancies),
                 last_event=self.last_event,
+                internal_errors=dict(self.internal_errors),
                 config_reloads=dict(self.config_reloads),
                 last_reload_ok=self.last_reload_ok,
             )

@@ -109,6 +109,13 @@ class EventCollector:
         "counter",
         ("kind",),
     )
+    INTERNAL_ERRORS = FamilySpec(
+        "nswatch_internal_errors_total",
+        "Unexpected exceptions the daemon caught and survived, by where (a bug: see the log's"
+        " internal_error lines).",
+        "counter",
+        ("where",),
+    )
     LAST_EVENT = FamilySpec(
         "nswatch_last_event_timestamp_seconds",
         "Unix time the model was last updated from netlink (0: never).",
@@ -131,6 +138,7 @@ class EventCollector:
         OVERRUNS,
         RESYNCS,
         DISCREPANCIES,
+        INTERNAL_ERRORS,
         LAST_EVENT,
         RELOADS,
         RELOAD_OK,
@@ -156,6 +164,10 @@ class EventCollector:
         fam = self.DISCREPANCIES.family()
         for dkind, n in sorted(c.discrepancies.items()):
             fam.add((dkind,), n)
+        yield fam
+        fam = self.INTERNAL_ERRORS.family()
+        for place, n in sorted(c.internal_errors.items()):
+            fam.add((place,), n)
         yield fam
         fam = self.LAST_EVENT.family()
         fam.add((), c.last_event)

@@ -28,7 +28,7 @@ from nswatch.model import (
     NamespaceRemoved,
     NamespaceRenamed,
 )
-from nswatch.observer import BaseObserver
+from nswatch.observer import BaseObserver, internal_place
 
 
 class _Bindable(Protocol):
@@ -167,6 +167,13 @@ class MetricsSink(BaseObserver):
     def overrun(self, netns: str) -> None:
         with self._counters.lock:
             self._counters.overruns += 1
+
+    def error(self, netns: str | None, where: str, err: BaseException) -> None:
+        place = internal_place(where, err)
+        if place is not None:
+            c = self._counters
+            with c.lock:
+                c.internal_errors[place] += 1
 
     def resync(self, netns: str, reason: str) -> None:
         c = self._counters
