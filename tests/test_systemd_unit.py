@@ -665,7 +665,7 @@ def test_read_only_dropin_syncs_and_serves(box: Container) -> None:
     """Under the read-only drop-in: no CAP_NET_ADMIN, /proc/sys/net read-only, and a new veth pair and a namespace only a process holds are still seen and served."""
     box.ensure_running()
     dropin = "/run/systemd/system/nswatch.service.d/read-only.conf"
-    src = f"/opt/nswA/src/systemd/{READ_ONLY.name}"
+    src = f"{CHECKOUT}/systemd/{READ_ONLY.name}"
     box.run(
         "sh",
         "-c",
