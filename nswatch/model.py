@@ -268,6 +268,11 @@ class Namespace:
     addresses: dict[AddressKey, Address] = field(default_factory=dict)
     routes: dict[RouteKey, Route] = field(default_factory=dict)
     rules: dict[RuleKey, Rule] = field(default_factory=dict)
+    # ifindex -> keys of the routes through it, so that a link's routes cost
+    # their own number, not the table's: a host with 1,000 veths has 3,000
+    # routes, and every link going down re-dumps the routes through it.
+    # Kept by put_route/drop_route; a key it holds may be gone (checked).
+    routes_via: dict[int, set[RouteKey]] = field(default_factory=dict, repr=False)
     # netnsid (as seen from this namespace) -> inode of the namespace it names.
     nsids: dict[int, int] = field(default_factory=dict)
     synced: bool = False
@@ -283,6 +288,29 @@ class Namespace:
             return None
         link = self.links.get(index)
         return link.name if link is not None else None
+
+    def put_route(self, route: Route) -> None:
+        """Add or replace a route, keeping :attr:`routes_via` current."""
+        key = route.key
+        self.routes[key] = route
+        for dev in _route_devs(route):
+            self.routes_via.setdefault(dev, set()).add(key)
+
+    def drop_route(self, key: RouteKey) -> Route | None:
+        """Remove a route (None if there was none)."""
+        route = self.routes.pop(key, None)
+        if route is not None:
+            for dev in _route_devs(route):
+                keys = self.routes_via.get(dev)
+                if keys is not None:
+                    keys.discard(key)
+                    if not keys:
+                        del self.routes_via[dev]
+        return route
+
+    def route_keys_via(self, index: int) -> list[RouteKey]:
+        """Keys of the routes that leave through link ``index``."""
+        return [k for k in self.routes_via.get(index, ()) if k in self.routes]
 
     def link_by_name(self, name: str) -> Link | None:
         """The link called ``name`` here, or None."""
@@ -805,7 +833,9 @@ class Model:
         for inode, ns in self.namespaces.items():
             kept = reuse.get(inode)
             m.namespaces[inode] = (
-                kept if kept is not None and inode not in self._dirty else _copy_namespace(ns)
+                kept
+                if kept is not None and inode not in self._dirty
+                else _copy_namespace(ns, index=False)
             )
         self._dirty.clear()
         self._copy_indexes(m)
@@ -977,6 +1007,7 @@ class Model:
             self._link_remove(ns, index, why, out, from_dump=False)
         ns.addresses.clear()
         ns.routes.clear()
+        ns.routes_via.clear()
         ns.rules.clear()
         del self.namespaces[inode]
         self._unlabel(ns)
@@ -1029,8 +1060,8 @@ class Model:
         # IPv4 does not always say so, so the model does it here.
         for key in [k for k, a in ns.addresses.items() if a.link == index]:
             del ns.addresses[key]
-        for rkey in [k for k, r in ns.routes.items() if r.uses_link(index)]:
-            del ns.routes[rkey]
+        for rkey in ns.route_keys_via(index):
+            ns.drop_route(rkey)
         out.append(LinkRemoved(ns.name, ns.inode, link, reason, from_dump))
 
     def _unpeer(
@@ -1114,7 +1145,7 @@ class Model:
         if replace:
             for key, old in list(ns.routes.items()):
                 if old.base_key == route.base_key and key != route.key:
-                    del ns.routes[key]
+                    ns.drop_route(key)
                     out.append(RouteRemoved(ns.name, ns.inode, old))
         self._route_upsert(ns, route, out, from_dump=False)
 
@@ -1124,14 +1155,14 @@ class Model:
         old = ns.routes.get(route.key)
         if old == route:
             return
-        ns.routes[route.key] = route
+        ns.put_route(route)
         if old is None:
             out.append(RouteAdded(ns.name, ns.inode, route, from_dump))
         else:
             out.append(RouteChanged(ns.name, ns.inode, old, route, from_dump))
 
     def _route_del(self, ns: Namespace, route: Route, out: list[Change]) -> None:
-        old = ns.routes.pop(route.key, None)
+        old = ns.drop_route(route.key)
         if old is not None:
             out.append(RouteRemoved(ns.name, ns.inode, old))
 
@@ -1174,20 +1205,31 @@ class Model:
                     out.append(RuleAdded(ns.name, ns.inode, rule, from_dump))
         else:
             routes = {r.key: r for r in ev.items if isinstance(r, Route)}
-            for rkey, rold in list(ns.routes.items()):
-                if (
-                    rkey not in routes
-                    and (ev.family is None or rold.family == ev.family)
-                    and (ev.dev is None or rold.uses_link(ev.dev))
-                ):
-                    del ns.routes[rkey]
+            # A dump limited to one link replaces that link's routes only.
+            keys = list(ns.routes) if ev.dev is None else ns.route_keys_via(ev.dev)
+            for rkey in keys:
+                rold = ns.routes[rkey]
+                if rkey not in routes and (ev.family is None or rold.family == ev.family):
+                    ns.drop_route(rkey)
                     out.append(RouteRemoved(ns.name, ns.inode, rold, from_dump))
             for route in routes.values():
                 self._route_upsert(ns, route, out, from_dump=from_dump)
 
 
-def _copy_namespace(ns: Namespace) -> Namespace:
-    """A copy sharing the immutable records but none of the containers."""
+def _route_devs(route: Route) -> set[int]:
+    """The links a route leaves through."""
+    devs = {nh.dev for nh in route.nexthops if nh.dev is not None}
+    if route.dev is not None:
+        devs.add(route.dev)
+    return devs
+
+
+def _copy_namespace(ns: Namespace, *, index: bool = True) -> Namespace:
+    """A copy sharing the immutable records but none of the containers.
+
+    ``index=False`` leaves out the route index, which only the live model
+    (the one events are applied to) needs: readers' snapshots never use it.
+    """
     return Namespace(
         inode=ns.inode,
         names=ns.names,
@@ -1198,6 +1240,7 @@ def _copy_namespace(ns: Namespace) -> Namespace:
         addresses=dict(ns.addresses),
         routes=dict(ns.routes),
         rules=dict(ns.rules),
+        routes_via={k: set(v) for k, v in ns.routes_via.items()} if index else {},
         nsids=dict(ns.nsids),
         synced=ns.synced,
     )
