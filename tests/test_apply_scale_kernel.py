@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,6 +18,7 @@ from nswatch.dirwatch import DirWatcher
 from nswatch.netns import NetnsEnterer
 from nswatch.plan import Step
 from tests.kernel import Lab, ip, ip_json, wait_for
+from tests.test_apply_kernel import add_namespaces
 
 pytestmark = pytest.mark.kernel
 
@@ -60,18 +60,6 @@ def running(lab: Lab) -> Iterator[tuple[Daemon, ApplyEngine]]:
         assert daemon.loop_thread is not None
         daemon.loop_thread.join(5)
         engine.stop()
-
-
-def add_namespaces(lab: Lab, names: list[str]) -> None:
-    subprocess.run(
-        ["ip", "-batch", "-"],
-        input="".join(f"netns add {n}\n" for n in names),
-        text=True,
-        check=True,
-    )
-    lab.namespaces.extend(names)
-    for n in names:
-        lab.host_link(render_host_name("nsw-{id}", n))
 
 
 def wired(ns: str) -> bool:
