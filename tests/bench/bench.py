@@ -23,7 +23,6 @@ import platform
 import random
 import select
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,7 +35,16 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from tests.bench import codec, scene
-from tests.bench.scene import PREFIX, BatchFiles, NetlinkBurst, Scene, Storm, in_netns
+from tests.bench.scene import (
+    PREFIX,
+    BatchFiles,
+    NetlinkBurst,
+    Scene,
+    Storm,
+    free_port,
+    in_netns,
+    spawn_nswatch,
+)
 from tests.kernel import diff_namespace
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -88,12 +96,6 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 # --- nswatch as a real process -------------------------------------------------------
 
 
@@ -103,25 +105,7 @@ class Nswatch:
     def __init__(self) -> None:
         self.port = free_port()
         self.t0 = time.monotonic()
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "nswatch",
-                "run",
-                "--listen",
-                f"127.0.0.1:{self.port}",
-                "--include",
-                f"^{PREFIX}",
-                "--log-format",
-                "json",
-            ],
-            cwd=ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
+        self.proc = spawn_nswatch(self.port, "--include", f"^{PREFIX}", "--log-format", "json")
         self.pid = self.proc.pid
         self.lines = 0
         self._watch: Callable[[dict[str, Any]], bool] | None = None

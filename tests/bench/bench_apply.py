@@ -41,7 +41,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -53,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from nswatch.config import render_host_name
-from tests.bench.scene import parallel_batches
+from tests.bench.scene import free_port, parallel_batches, spawn_nswatch
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFIX = "nswF"
@@ -133,12 +132,6 @@ def cpu_seconds(pid: int) -> float:
 def loadavg() -> str:
     with open("/proc/loadavg") as f:
         return " ".join(f.read().split()[:3])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # --- the scene ------------------------------------------------------------------
@@ -230,25 +223,7 @@ class Nswatch:
 
     def __init__(self, config: str) -> None:
         self.port = free_port()
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "nswatch",
-                "run",
-                "--config",
-                config,
-                "--listen",
-                f"127.0.0.1:{self.port}",
-                "--log-format",
-                "json",
-            ],
-            cwd=ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
+        self.proc = spawn_nswatch(self.port, "--config", config, "--log-format", "json")
         self.pid = self.proc.pid
         self.applied: dict[str, float] = {}
         self.repaired: dict[str, float] = {}

@@ -29,7 +29,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.bench import scene
+from tests.bench.scene import free_port, spawn_nswatch
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFIX = "nswK"
@@ -136,21 +136,9 @@ class Nswatch:
     """``nswatch run`` as a child process; its JSON log is read for ``link_changed`` lines."""
 
     def __init__(self, extra: list[str], src: Path = ROOT) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = int(s.getsockname()[1])
-        self.proc = subprocess.Popen(
-            [
-                *(sys.executable, "-m", "nswatch", "run"),
-                *("--listen", f"127.0.0.1:{self.port}", "--include", f"^{PREFIX}"),
-                *("--log-format", "json", *extra),
-            ],
-            cwd=src,
-            env={**os.environ, "PYTHONPATH": str(src)},
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
+        self.port = free_port()
+        self.proc = spawn_nswatch(
+            self.port, "--include", f"^{PREFIX}", "--log-format", "json", *extra, src=src
         )
         self.pid = self.proc.pid
         self._want: tuple[str, bool] | None = None

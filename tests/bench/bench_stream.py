@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from tests.bench import scene
-from tests.bench.bench import free_port, pct
+from tests.bench.bench import pct
+from tests.bench.scene import free_port, spawn_nswatch
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFIX = "nswHb"
@@ -58,14 +59,9 @@ class Daemon:
 
     def __init__(self) -> None:
         self.port = free_port()
-        self.proc = subprocess.Popen(
-            [
-                *(sys.executable, "-m", "nswatch", "run", "--listen", f"127.0.0.1:{self.port}"),
-                *("--include", f"^{PREFIX}", "--log-level", "warning"),
-            ],
-            cwd=ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
+        self.proc = spawn_nswatch(
+            self.port,
+            *("--include", f"^{PREFIX}", "--log-level", "warning"),
             stderr=subprocess.DEVNULL,
         )
 

@@ -21,11 +21,13 @@ import os
 import socket
 import struct
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -38,6 +40,35 @@ STORM_ROUTE_V4 = ipaddress.IPv4Address("198.18.128.0")  # /17
 STORM_ADDR_V6 = ipaddress.IPv6Address("2001:db8:b1::")
 STORM_ROUTE_V6 = ipaddress.IPv6Address("2001:db8:b2::")
 MAX_NAMESPACES = 4096
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def spawn_nswatch(
+    port: int, *args: str, src: Path = ROOT, stderr: int = subprocess.PIPE
+) -> subprocess.Popen[bytes]:
+    """``nswatch run`` (from the checkout at ``src``) serving on ``port``, in its own session.
+
+    The benchmarks read its JSON log on stderr; its own session keeps a
+    Ctrl-C of the benchmark from reaching it before the benchmark's cleanup.
+    """
+    return subprocess.Popen(
+        [sys.executable, "-m", "nswatch", "run", "--listen", f"127.0.0.1:{port}", *args],
+        cwd=src,
+        env={**os.environ, "PYTHONPATH": str(src)},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
+        start_new_session=True,
+    )
 
 
 def ns_name(i: int) -> str:
