@@ -796,15 +796,6 @@ class Model:
         """Each resolved pair once, ordered (a, b) with a < b."""
         return self.veths.each_pair()
 
-    def unresolved_veths(self, inode: int) -> Iterator[Link]:
-        """Veth ends in namespace ``inode`` whose peer is not resolved."""
-        ns = self.namespaces.get(inode)
-        return self.veths.unpaired(ns) if ns is not None else iter(())
-
-    def peer_candidates(self, inode: int, link: Link) -> list[int]:
-        """Namespaces that could hold the peer of ``link`` (see :meth:`VethPeers.candidates`)."""
-        return self.veths.candidates(inode, link)
-
     def copy(self) -> Model:
         """A copy that shares the immutable records but none of the containers."""
         m = Model()

@@ -158,14 +158,6 @@ def scan_dirs(dirs: Iterable[str], nsfs_dev: int, accept: Callable[[str], bool])
     return out
 
 
-def scan(
-    dirs: Iterable[str], nsfs_dev: int, accept: Callable[[str], bool]
-) -> tuple[list[Found], list[str]]:
-    """List every namespace in ``dirs``: (mounted ones, files still waiting for their mount)."""
-    s = scan_dirs(dirs, nsfs_dev, accept)
-    return s.found, s.pending
-
-
 class NetnsEnterer:
     """Runs short functions inside another namespace, on the calling thread.
 

@@ -78,7 +78,7 @@ def test_cross_namespace_pair_needs_the_nsid() -> None:
     m.apply(LinkNew(HOST, veth(10, 2, 0)))
     m.apply(LinkNew(A, veth(2, 10, 0)))
     assert m.peers == {}
-    assert m.peer_candidates(HOST, m.namespaces[HOST].links[10]) == [A]
+    assert m.veths.candidates(HOST, m.namespaces[HOST].links[10]) == [A]
     out = m.apply(NsidLearned(HOST, 0, A))
     assert ("veth_peer", "resolved") in kinds(out)
     assert m.peers[(A, 2)] == (HOST, 10)

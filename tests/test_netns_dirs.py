@@ -9,7 +9,7 @@ import tempfile
 import pytest
 
 from nswatch.daemon import Settings
-from nswatch.netns import NameFilter, NetnsEnterer, probe, scan
+from nswatch.netns import NameFilter, NetnsEnterer, probe, scan_dirs
 from tests.conftest import start_daemon, stop_daemon
 from tests.kernel import Lab, wait_for
 
@@ -27,8 +27,8 @@ def test_unmounted_file_is_pending(tmp_path: os.PathLike[str]) -> None:
     try:
         d = str(tmp_path)
         open(os.path.join(d, "early"), "w").close()
-        found, pending = scan([d, "/nonexistent-nswatch-dir"], enterer.home.dev, NameFilter())
-        assert found == [] and pending == [os.path.join(d, "early")]
+        s = scan_dirs([d, "/nonexistent-nswatch-dir"], enterer.home.dev, NameFilter())
+        assert s.found == [] and s.pending == [os.path.join(d, "early")]
         assert probe(os.path.join(d, "early"), enterer.home.dev) is None
     finally:
         enterer.close()
