@@ -154,8 +154,13 @@ class Session:
         name: str,
         sock: socket.socket,
         clock: Callable[[], float] = time.monotonic,
+        port: int | None = None,
     ) -> None:
         self.inode = inode
+        # Our netlink port id. A notification caused by another socket's
+        # request carries that socket's port *and its seq*, which may equal
+        # one of ours: only port and seq together say a message answers us.
+        self.port: int = sock.getsockname()[0] if port is None else port
         self.clock = clock
         self.last_progress = clock()
         self.name = name
@@ -267,9 +272,8 @@ class Session:
     def _handle(self, msg: Message, events: list[Event], notes: list[Decoded]) -> bool:
         """Take one message; False when it was a notification that failed to decode."""
         dump = self._dump
-        # Replies carry our sequence number and come from the kernel (pid 0
-        # is the sender port of notifications too, so match seq first).
-        if dump is not None and msg.seq == dump.seq:
+        ours = msg.pid == self.port
+        if ours and dump is not None and msg.seq == dump.seq:
             if msg.flags & NLM_F_DUMP_INTR:
                 dump.interrupted = True
             self.last_progress = self.clock()
@@ -292,7 +296,7 @@ class Session:
             if item is not None:
                 dump.items.append(item)
             return True
-        target = self._nsid.pop(msg.seq, None) if msg.seq else None
+        target = self._nsid.pop(msg.seq, None) if ours and msg.seq else None
         if target is not None:
             if msg.type == RTM_NEWNSID:
                 try:

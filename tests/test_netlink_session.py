@@ -13,6 +13,7 @@ from nswatch.decode import (
     IFADDRMSG,
     IFINFOMSG,
     IFLA_IFNAME,
+    NETNSA_NSID,
     NLATTR,
     NLM_F_DUMP_INTR,
     NLMSG_DONE,
@@ -23,10 +24,12 @@ from nswatch.decode import (
     RTM_DELLINK,
     RTM_GETADDR,
     RTM_GETLINK,
+    RTM_GETNSID,
     RTM_GETROUTE,
     RTM_GETRULE,
     RTM_NEWADDR,
     RTM_NEWLINK,
+    RTM_NEWNSID,
     RTM_NEWROUTE,
     RTMSG,
     S32,
@@ -42,6 +45,7 @@ from nswatch.model import (
     LinkNew,
     Model,
     NamespaceSeen,
+    NsidLearned,
     Route,
     RouteNew,
     Synced,
@@ -50,6 +54,10 @@ from nswatch.model import (
 from nswatch.netlink import DECODE_ERROR, MAX_DUMP_ATTEMPTS, Session
 
 INODE = 4026531999
+# The session's netlink port id: the kernel's replies to it carry it.
+PORT = 4242
+# Another socket's port: notifications caused by its requests carry it, with its seq.
+OTHER = 777
 NLM_F_MULTI = 0x2
 ARPHRD_ETHER = 1
 
@@ -65,15 +73,23 @@ def attr(atype: int, payload: bytes) -> bytes:
     return _pad(NLATTR.pack(4 + len(payload), atype) + payload)
 
 
-def msg(mtype: int, body: bytes, seq: int = 0, flags: int = 0) -> bytes:
-    return _pad(NLMSG_HDR.pack(16 + len(body), mtype, flags, seq, 0) + body)
+def msg(mtype: int, body: bytes, seq: int = 0, flags: int = 0, pid: int | None = None) -> bytes:
+    # A message with a seq is a reply to the session unless another port is given.
+    if pid is None:
+        pid = PORT if seq else 0
+    return _pad(NLMSG_HDR.pack(16 + len(body), mtype, flags, seq, pid) + body)
 
 
 def link_msg(
-    index: int, name: str, seq: int = 0, flags: int = 0, mtype: int = RTM_NEWLINK
+    index: int,
+    name: str,
+    seq: int = 0,
+    flags: int = 0,
+    mtype: int = RTM_NEWLINK,
+    pid: int | None = None,
 ) -> bytes:
     body = IFINFOMSG.pack(0, ARPHRD_ETHER, index, 0, 0) + attr(IFLA_IFNAME, name.encode() + b"\0")
-    return msg(mtype, body, seq, flags)
+    return msg(mtype, body, seq, flags, pid)
 
 
 def addr_msg(index: int, ip: str, prefixlen: int, seq: int = 0, flags: int = 0) -> bytes:
@@ -83,13 +99,20 @@ def addr_msg(index: int, ip: str, prefixlen: int, seq: int = 0, flags: int = 0) 
     return msg(RTM_NEWADDR, body, seq, flags)
 
 
-def route_msg(dst: str, dst_len: int, dev: int, seq: int = 0, flags: int = 0) -> bytes:
+def route_msg(
+    dst: str, dst_len: int, dev: int, seq: int = 0, flags: int = 0, pid: int | None = None
+) -> bytes:
     body = (
         RTMSG.pack(socket.AF_INET, dst_len, 0, 0, 254, 3, 0, 1, 0)
         + attr(RTA_DST, socket.inet_pton(socket.AF_INET, dst))
         + attr(RTA_OIF, U32.pack(dev))
     )
-    return msg(RTM_NEWROUTE, body, seq, flags)
+    return msg(RTM_NEWROUTE, body, seq, flags, pid)
+
+
+def nsid_reply(seq: int, nsid: int) -> bytes:
+    # RTM_NEWNSID: an rtgenmsg (padded to 4), then NETNSA_NSID.
+    return msg(RTM_NEWNSID, b"\0\0\0\0" + attr(NETNSA_NSID, S32.pack(nsid)), seq)
 
 
 def done(seq: int, flags: int = 0) -> bytes:
@@ -135,7 +158,7 @@ class Kernel:
         self.sock = FlakySocket(a.family, a.type, fileno=a.detach())
         self.sock.setblocking(False)
         self.peer.setblocking(False)
-        self.session = Session(INODE, "ns", self.sock)
+        self.session = Session(INODE, "ns", self.sock, port=PORT)
 
     def requests(self) -> list[tuple[int, int]]:
         """(message type, seq) of every request the session sent since the last call."""
@@ -236,6 +259,37 @@ def test_notifications_outside_dumps_pass_straight_through(kernel: Kernel) -> No
     events, notes, stale = kernel.session.read()
     assert events == [AddressNew(INODE, Address(1, "inet", "198.18.0.9", 32))]
     assert [(n.type, n.action) for n in notes] == [("address", "new")] and stale is None
+
+
+def test_another_sockets_notification_with_our_seq_is_not_a_dump_item(kernel: Kernel) -> None:
+    """A notification caused by another socket's request carries that socket's seq: equal to
+    the running dump's seq, it is still a notification (held), never an item of the dump."""
+    sync(kernel)
+    kernel.session.resync("test", kinds=("link",))
+    seq = kernel.answer(RTM_GETLINK)
+    kernel.send(link_msg(2, "e2", seq, pid=OTHER))
+    kernel.send(link_msg(1, "lo", seq, NLM_F_MULTI), done(seq))
+    events, notes, _ = kernel.session.read()
+    assert [(n.type, n.action) for n in notes] == [("link", "new")]
+    assert events == [Dump(INODE, "link", (dev(1),), reason="test"), LinkNew(INODE, dev(2))]
+
+
+def test_nsid_reply_is_matched_by_port_and_seq(kernel: Kernel) -> None:
+    """A route notification caused by another socket with the seq of an outstanding nsid
+    question is a notification; the kernel's reply that follows still answers the question
+    (seen on a real kernel: `ip route add` in the namespace used the same seq)."""
+    sync(kernel)
+    with open("/dev/null") as f:
+        kernel.session.ask_nsid(4026532000, f.fileno())
+    seq = kernel.answer(RTM_GETNSID)
+    kernel.send(route_msg("198.18.5.0", 24, 1, seq, pid=OTHER))
+    events, _, _ = kernel.session.read()
+    assert [type(e) for e in events] == [RouteNew]
+    assert not kernel.session.idle  # still waiting for the answer
+    kernel.send(nsid_reply(seq, 3))
+    events, _, _ = kernel.session.read()
+    assert events == [NsidLearned(INODE, 3, 4026532000)]
+    assert kernel.session.idle
 
 
 def test_interrupted_dump_is_retried_before_it_is_trusted(kernel: Kernel) -> None:
