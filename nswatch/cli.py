@@ -203,7 +203,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         view=daemon.view,
         alive=lambda: time.monotonic() - daemon.last_tick < STALL_AFTER,
         ready=daemon.ready.is_set,
-        metrics=sink.render,
+        metrics=sink.render_parts,
         unwatched=daemon.unwatched,
         events=hub,
     )

@@ -210,12 +210,13 @@ def test_large_renders_do_not_block_other_connections() -> None:
 
 
 def test_slow_readers_are_shed_beyond_the_output_budget() -> None:
-    """Clients that ask for a large document and never read it are dropped once their bytes exceed the budget."""
-    body = b"x" * (16 << 20)
+    """Clients that ask for large documents and never read them are dropped once the
+    documents they hold exceed the budget (each render here is a document of its own)."""
     srv = _server(
-        Limits(output_budget=24 << 20),
-        metrics=lambda accept: (body, "text/plain; version=0.0.4"),
+        Limits(output_budget=24 << 20, metrics_max_age=0),
+        metrics=lambda accept: (b"x" * (16 << 20), "text/plain; version=0.0.4"),
     )
+    body = b"x" * (16 << 20)
     stalled = []
     try:
         for _ in range(3):
@@ -245,6 +246,46 @@ def test_slow_readers_are_shed_beyond_the_output_budget() -> None:
         assert srv.table.shed_total >= 1
     finally:
         for s in stalled:
+            s.close()
+        srv.stop()
+
+
+def test_readers_of_one_shared_document_are_not_shed() -> None:
+    """Many readers of one cached document hold it once: six slow readers of the same
+    12 MB scrape fit a 24 MB budget, and each gets the whole body (they were shed when
+    each reader's unsent share counted as memory of its own)."""
+    body = b"y" * (12 << 20)
+    srv = _server(
+        Limits(output_budget=24 << 20), metrics=lambda accept: (body, "text/plain; version=0.0.4")
+    )
+    readers: list[socket.socket] = []
+    try:
+        for _ in range(6):
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect(srv.address)
+            s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            readers.append(s)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if sum(c.phase == "write" for c in srv.table.conns) == 6:
+                break
+            time.sleep(0.02)
+        assert sum(c.phase == "write" for c in srv.table.conns) == 6
+        for s in readers:
+            s.settimeout(10)
+            got = b""
+            while b"\r\n\r\n" not in got:
+                got += s.recv(65536)
+            _, _, rest = got.partition(b"\r\n\r\n")
+            n = len(rest)
+            while n < len(body):
+                chunk = s.recv(1 << 20)
+                assert chunk, f"dropped after {n} of {len(body)} bytes"
+                n += len(chunk)
+        assert srv.table.shed_total == 0
+    finally:
+        for s in readers:
             s.close()
         srv.stop()
 

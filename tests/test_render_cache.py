@@ -6,6 +6,7 @@ import gzip
 import http.client
 import json
 import threading
+import tracemalloc
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
@@ -203,6 +204,22 @@ def test_document_gzips_once() -> None:
     first = doc.gzipped()
     assert doc.gzipped() is first
     assert gzip.decompress(first) == doc.body
+
+
+def test_document_in_parts_gzips_without_joining_them() -> None:
+    """A document made in parts (a scrape, one per family) is gzipped part by part: a gzip
+    client never costs the joined body, which is made only when an identity client asks."""
+    parts = [bytes([65 + i % 26]) * 1_000_000 for i in range(8)]
+    doc = Document(parts, "text/plain")
+    tracemalloc.start()
+    try:
+        gz = doc.gzipped()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2_000_000  # 8 MB of parts, never held joined
+    assert gzip.decompress(gz) == b"".join(parts)
+    assert doc.body == b"".join(parts) and doc.gzipped() is gz
 
 
 def test_version_cache_keeps_newest_version() -> None:

@@ -14,7 +14,7 @@ private helpers, which older releases within the declared range lack.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,7 +130,17 @@ class FastEncoder:
         return f"# HELP {name} {doc}\n# TYPE {name} {fam.type}\n"
 
     def encode(self, families: Iterable[Family]) -> bytes:
-        out: list[str] = []
+        """The whole exposition of ``families`` (see :meth:`parts`)."""
+        return b"".join(self.parts(families))
+
+    def parts(self, families: Iterable[Family]) -> Iterator[bytes]:
+        """The exposition one family at a time, as each is taken from ``families``.
+
+        A scrape of 1,000 namespaces is ~11 MB of text in ~136,000 lines:
+        held as one list of lines, then one string, then its bytes, that was
+        ~55 MB at once, and a heap that size stays fragmented after. One
+        family's lines at a time is a few hundred KB.
+        """
         esc = self.escaping
         # Whole label sets repeat (a device's netns and name label 12
         # families), and so do integer values (0, 1, an MTU): render each
@@ -146,7 +156,7 @@ class FastEncoder:
             return s
 
         for fam in families:
-            out.append(self._header(fam))
+            out = [self._header(fam)]
             sname = self._sample_name(fam)
             if not fam.labels:
                 out.extend(
@@ -155,6 +165,7 @@ class FastEncoder:
                         for v in fam.values
                     ]
                 )
+                yield "".join(out).encode("utf-8")
                 continue
             # prometheus-client sorts the labels by name.
             order = sorted(range(len(fam.labels)), key=lambda i: fam.labels[i])
@@ -180,7 +191,7 @@ class FastEncoder:
                     for lv, v in zip(fam.keys, fam.values, strict=True)
                 ]
             )
-        return "".join(out).encode("utf-8")
+            yield "".join(out).encode("utf-8")
 
 
 def fast_encoder(encoder: Callable[..., Any]) -> FastEncoder | None:

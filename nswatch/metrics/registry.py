@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from nswatch.metrics.family import Family, MetricType
 from nswatch.metrics.internal import (
     PROCESSING,
@@ -51,7 +53,15 @@ COLLECTORS: tuple[Collector, ...] = collectors()
 
 def collect(view: ScrapeView, collectors: tuple[Collector, ...] = COLLECTORS) -> list[Family]:
     """Every collector's families for one scrape (pure: reads the view, no I/O, no locks)."""
-    return [fam for c in collectors for fam in c.collect(view)]
+    return list(each_family(view, collectors))
+
+
+def each_family(
+    view: ScrapeView, collectors: tuple[Collector, ...] = COLLECTORS
+) -> Iterator[Family]:
+    """:func:`collect` one collector at a time: an encoder lets each family go once written."""
+    for c in collectors:
+        yield from c.collect(view)
 
 
 def metric_names() -> dict[str, MetricType]:

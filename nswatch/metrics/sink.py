@@ -15,7 +15,7 @@ from nswatch.metrics.encoder import fast_encoder
 from nswatch.metrics.family import Family
 from nswatch.metrics.internal import PROCESSING, PROCESSING_BUCKETS
 from nswatch.metrics.network import MAX_OBJECTS_PER_NAMESPACE
-from nswatch.metrics.registry import collect, collectors
+from nswatch.metrics.registry import collect, collectors, each_family
 from nswatch.metrics.view import ScrapeView
 from nswatch.model import (
     REMOVAL_REASONS,
@@ -203,17 +203,25 @@ class MetricsSink(BaseObserver):
 
     def render(self, accept: str | None) -> tuple[bytes, str]:
         """The body and content type of ``/metrics`` for this Accept header."""
+        parts, ctype = self.render_parts(accept)
+        return b"".join(parts), ctype
+
+    def render_parts(self, accept: str | None) -> tuple[list[bytes], str]:
+        """:meth:`render`'s body in parts, one per family (what the HTTP server caches)."""
         encoder, ctype = choose_encoder(accept or "")
         fast = fast_encoder(encoder)
         with self._render_lock:
             if fast is None:
-                return encoder(self.registry), ctype
+                return [encoder(self.registry)], ctype
             std = encoder(self._std)
             om = fast.openmetrics
             if om:
                 std = std.removesuffix(b"# EOF\n")
-            body = fast.encode(self.families())
-        return std + body + (b"# EOF\n" if om else b""), ctype
+            parts = [std]
+            parts.extend(fast.parts(each_family(self.scrape_view(), self._collectors)))
+        if om:
+            parts.append(b"# EOF\n")
+        return parts, ctype
 
 
 class ModelCollector:

@@ -206,6 +206,8 @@ def readers_child(
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     times: dict[str, list[float]] = {"/api/v1/state": [], "/metrics": []}
+    # Until the response head arrived: the server's part, without the transfer.
+    heads: dict[str, list[float]] = {"/api/v1/state": [], "/metrics": []}
     sizes: dict[str, int] = {}
     errors = [0]
 
@@ -217,6 +219,7 @@ def readers_child(
             try:
                 conn.request("GET", path, headers=headers)
                 resp = conn.getresponse()
+                t_head = time.monotonic()
                 body = resp.read()
                 if resp.status != 200:
                     errors[0] += 1
@@ -228,6 +231,7 @@ def readers_child(
                 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
                 continue
             times[path].append((time.monotonic() - t0) * 1000)
+            heads[path].append((t_head - t0) * 1000)
             sizes[path] = len(body)
             if gap:
                 stop.wait(gap)
@@ -241,7 +245,7 @@ def readers_child(
     for t in threads:
         t.join()
     with open(out, "w") as f:
-        json.dump({"times": times, "sizes": sizes, "errors": errors[0]}, f)
+        json.dump({"times": times, "heads": heads, "sizes": sizes, "errors": errors[0]}, f)
 
 
 # --- measurements ------------------------------------------------------------------
@@ -344,7 +348,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         with open(out) as f:
             got = json.load(f)
         with open(probe_out) as f:
-            probed = json.load(f)["times"]["/api/v1/state"]
+            probe_got = json.load(f)
+        probed = probe_got["times"]["/api/v1/state"]
+        probe_heads = probe_got["heads"]["/api/v1/state"]
         os.unlink(out)
         os.unlink(probe_out)
         res["probe /api/v1/state"] = {
@@ -352,6 +358,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "p50_ms": pct(probed, 50),
             "p99_ms": pct(probed, 99),
             "max_ms": max(probed, default=float("nan")),
+            "head_p50_ms": pct(probe_heads, 50),
+            "head_p99_ms": pct(probe_heads, 99),
         }
         res["loaded_latency_ms"] = {
             "p50": pct(loaded, 50),
@@ -365,6 +373,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "p50_ms": pct(xs, 50),
                 "p99_ms": pct(xs, 99),
                 "max_ms": max(xs, default=float("nan")),
+                "head_p99_ms": pct(got["heads"][path], 99),
                 "bytes": got["sizes"].get(path),
             }
         res["reader_errors"] = got["errors"]
