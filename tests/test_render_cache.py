@@ -220,6 +220,9 @@ def test_document_in_parts_gzips_without_joining_them() -> None:
     assert peak < 2_000_000  # 8 MB of parts, never held joined
     assert gzip.decompress(gz) == b"".join(parts)
     assert doc.body == b"".join(parts) and doc.gzipped() is gz
+    # Joined first, then gzipped: the same bytes either way.
+    other = Document(parts, "text/plain")
+    assert other.body == doc.body and other.gzipped() == gz
 
 
 def test_version_cache_keeps_newest_version() -> None:
