@@ -106,7 +106,10 @@ class VersionCache:
         with self._lock:
             if self._version is not None and version < self._version:
                 # A reader that took its view before a newer one was cached:
-                # answer it, but keep the newer documents.
+                # the newer document is at least as fresh as it asked for.
+                doc = self._docs.get(key)
+                if doc is not None:
+                    return doc
                 self.made += 1
                 return make()
             if version != self._version:
