@@ -724,6 +724,32 @@ class VethPair:
     b_link: str
 
 
+def _refs_of(link: Link) -> tuple[object, ...]:
+    """What of a link other links' JSON may show, or may be found by: name and pointers."""
+    return (
+        link.name,
+        link.kind,
+        link.peer_index,
+        link.peer_netnsid,
+        link.parent_index,
+        link.parent_netnsid,
+    )
+
+
+def _may_move_refs(event: Event) -> bool:
+    """Whether ``event`` may change a link's peer or lower device, or their names.
+
+    Addresses, routes, rules, counters and sync marks never do; a link
+    notification is judged by what it changes (see :meth:`Model.apply`).
+    """
+    match event:
+        case NamespaceSeen() | NamespaceGone() | LinkDel() | NsidLearned():
+            return True
+        case Dump(kind="link"):
+            return True
+    return False
+
+
 class Model:
     """All watched namespaces and the veth pairs between them.
 
@@ -743,6 +769,11 @@ class Model:
         self.veths = VethPeers()
         # Bumped by every event applied: readers' views are made per version.
         self.version = 0
+        # Bumped by every event that may change what a link shows of links
+        # elsewhere (its veth peer's or lower device's namespace and name):
+        # a renderer can then reuse a namespace it has not seen change
+        # without looking its peers up again.
+        self.refs_version = 0
         # How many changes the model has made, ever: the event stream numbers
         # changes 1, 2, 3, ... in the same order, so a view with
         # ``changes_made == n`` is consistent with stream event id n.
@@ -809,6 +840,7 @@ class Model:
         m._holders = {k: list(v) for k, v in self._holders.items()}
         m.veths = self.veths.copy()
         m.version = self.version
+        m.refs_version = self.refs_version
         m.changes_made = self.changes_made
 
     def snapshot(self, previous: Model | None = None) -> Model:
@@ -839,6 +871,8 @@ class Model:
         self.version += 1
         self._dirty.add(event.inode)
         out: list[Change] = []
+        if _may_move_refs(event):
+            self.refs_version += 1
         match event:
             case NamespaceSeen():
                 self._namespace_seen(event, out)
@@ -847,6 +881,9 @@ class Model:
             case LinkNew():
                 ns = self.namespaces.get(event.inode)
                 if ns is not None:
+                    old_link = ns.links.get(event.link.index)
+                    if old_link is None or _refs_of(old_link) != _refs_of(event.link):
+                        self.refs_version += 1
                     self._link_upsert(ns, event.link, out, from_dump=False)
             case LinkDel():
                 ns = self.namespaces.get(event.inode)

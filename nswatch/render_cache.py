@@ -18,7 +18,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -204,19 +204,27 @@ class StateRenderer:
         self.record_memo_min = record_memo_min
         self._memo: dict[int, _NsMemo] = {}  # by inode
         self.serialised = 0  # namespaces and records serialised afresh, for tests
+        self.inspected = 0  # namespaces whose peers were looked up again, for tests
 
     def render(self, model: Model) -> bytes:
         """The bytes of ``json_bytes(state_json(model))``."""
         used: dict[int, _NsMemo] = {}
 
+        refs_version = model.refs_version
+
         def namespace(ns: Namespace) -> Any:
+            old = self._memo.get(ns.inode)
+            if old is not None and old.ns is ns and old.refs_version == refs_version:
+                # Unchanged, and nothing it shows of other namespaces moved.
+                used[ns.inode] = old
+                return old.fragment
+            self.inspected += 1
             names = tuple((i, link.name) for i, link in ns.links.items())
             refs = tuple(link_refs(model, ns, link) for link in ns.links.values())
-            old = self._memo.get(ns.inode)
             if old is not None and old.names != names:
                 old = None  # every record showing a link name may be stale
             if old is not None and old.ns is ns and old.refs == refs:
-                used[ns.inode] = old
+                used[ns.inode] = replace(old, refs_version=refs_version)
                 return old.fragment
             before = old.records if old is not None else {}
             now: dict[int, tuple[object, object, Any]] = {}
@@ -225,7 +233,7 @@ class StateRenderer:
                 # memo would cost more memory than the namespace's JSON.
                 frag = _fragment(namespace_json(model, ns))
                 self.serialised += 1
-                used[ns.inode] = _NsMemo(ns, names, refs, now, frag)
+                used[ns.inode] = _NsMemo(ns, names, refs, now, frag, refs_version)
                 return frag
 
             def fragment(record: object, make: Callable[[], dict[str, Any]]) -> Any:
@@ -239,7 +247,7 @@ class StateRenderer:
 
             frag = _fragment(namespace_json(model, ns, fragment))
             self.serialised += 1
-            used[ns.inode] = _NsMemo(ns, names, refs, now, frag)
+            used[ns.inode] = _NsMemo(ns, names, refs, now, frag, refs_version)
             return frag
 
         body = json_bytes(state_json(model, namespace))
@@ -270,3 +278,4 @@ class _NsMemo:
     refs: tuple[tuple[object, object], ...]
     records: dict[int, tuple[object, object, Any]]  # id(record) -> (record, its refs, fragment)
     fragment: Any
+    refs_version: int  # the model's refs_version ``refs`` were checked against

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, replace
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nswatch.http import Api, HttpServer, Limits, Router, accepts_gzip
 from nswatch.model import (
@@ -22,9 +24,12 @@ from nswatch.model import (
     Link,
     LinkDel,
     LinkNew,
+    LinkStats,
     Model,
+    NamespaceGone,
     NamespaceSeen,
     RouteDel,
+    StatsUpdate,
     Synced,
 )
 from nswatch.render_cache import AgeCache, Document, StateRenderer, VersionCache, json_bytes
@@ -309,6 +314,64 @@ def test_state_renderer_serialises_only_what_changed(record_memo_min: int, afres
     view = live.snapshot(view)
     renderer.render(view)
     assert renderer.serialised - first == afresh
+
+
+def test_state_renderer_looks_again_only_where_peers_may_have_moved() -> None:
+    """A link going down changes only its namespace: the others are reused without their
+    peers looked up again; a rename makes every namespace look again (its peer may be it)."""
+    live = synthetic(50)
+    renderer = StateRenderer()
+    view = live.snapshot()
+    renderer.render(view)
+    before = renderer.inspected
+    live.apply(LinkNew(HOST, replace(live.namespaces[HOST].links[107], admin_up=False)))
+    view = live.snapshot(view)
+    _same_as_plain(renderer, view)
+    assert renderer.inspected - before == 1
+    before = renderer.inspected
+    live.apply(LinkNew(HOST, replace(live.namespaces[HOST].links[107], name="vh7-renamed")))
+    view = live.snapshot(view)
+    _same_as_plain(renderer, view)
+    assert renderer.inspected - before == 51
+
+
+_NSES = st.integers(1000, 1005)
+
+
+@st.composite
+def _events(draw: st.DrawFn, live: Model) -> Event:
+    """One event of the kinds that move what links show of each other, or do not."""
+    kind = draw(st.sampled_from(["rename", "flip", "stats", "del", "addr", "gone", "host"]))
+    inode = HOST if kind == "host" else draw(_NSES)
+    ns = live.namespaces.get(inode)
+    if ns is None or not ns.links or kind == "gone":
+        return NamespaceGone(draw(_NSES))
+    link = draw(st.sampled_from(sorted(ns.links.values(), key=lambda x: x.index)))
+    match kind:
+        case "rename" | "host":
+            return LinkNew(inode, replace(link, name=f"n{draw(st.integers(0, 99))}"))
+        case "flip":
+            return LinkNew(inode, replace(link, admin_up=not link.admin_up))
+        case "stats":
+            return StatsUpdate(inode, ((link.index, LinkStats(draw(st.integers(0, 9)))),))
+        case "del":
+            return LinkDel(inode, link.index)
+    return AddressNew(inode, Address(link.index, "inet", f"198.18.9.{draw(st.integers(1, 9))}", 32))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_state_renderer_equals_the_plain_render_whatever_happens(data: st.DataObject) -> None:
+    """Through any sequence of renames, flips, counter updates, removals, new addresses
+    and namespaces going, the cached render equals ``state_json`` of the same view."""
+    live = synthetic(6)
+    renderer = StateRenderer(record_memo_min=data.draw(st.sampled_from([0, 10_000])))
+    view = live.snapshot()
+    _same_as_plain(renderer, view)
+    for _ in range(data.draw(st.integers(1, 12))):
+        live.apply(data.draw(_events(live)))
+        view = live.snapshot(view)
+        _same_as_plain(renderer, view)
 
 
 def test_idle_caches_are_dropped(daemon: Counting) -> None:
