@@ -24,6 +24,7 @@ from nswatch.config import (
     DEFAULT_CONFIG_PATH,
     Config,
     ConfigError,
+    Problem,
     check_config_main,
     is_own_network,
     load_config,
@@ -38,7 +39,7 @@ from nswatch.observer import BaseObserver, Observer
 from nswatch.state import state_json, table_name
 from nswatch.stream import KINDS, StreamHub
 from nswatch.watch import DEFAULT_URL, Watcher
-from nswatch.webconfig import load_web_config
+from nswatch.webconfig import WebConfig, load_web_config
 
 STOP_TIMEOUT = 2.0
 # What the teardown may take of STOP_TIMEOUT; the rest is the interpreter's exit.
@@ -238,7 +239,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             wake.clear()
             if reload.is_set() and not stop.is_set():
                 reload.clear()
-                config = _reload(args, config, daemon, engine, sink, log, stop)
+                config = _reload(args, config, daemon, engine, sink, log, stop, server)
     finally:
         died = not stop.is_set()
         stuck = _teardown(daemon, thread, engine.stop, server.stop, STOP_BUDGET)
@@ -335,21 +336,27 @@ def _reload(
     sink: Any,
     log: Any,
     stop: threading.Event | None = None,
+    server: HttpServer | None = None,
 ) -> Config:
     """Re-read the config and hand it to every consumer; keep the old one (and say why) when bad.
 
     The file is read and checked on a thread of its own: a stop (``stop`` set)
     ends the wait for it, however long a huge file or a FIFO would take.
+    With a ``server``, the web config file is read again too (users, TLS,
+    headers, rate limit: what exporter-toolkit users expect to change without
+    a restart); the two apply together or not at all.
     """
     for o in daemon.observers:
         hook = getattr(o, "reloading", None)
         if hook is not None:
             hook()
     try:
-        loaded = _load_unless_stopped(args, stop or threading.Event())
+        loaded = _load_unless_stopped(args, stop or threading.Event(), web=server is not None)
         if loaded is None:
             return config  # stopping: the old config serves until the end
-        new = loaded
+        new, web = loaded
+        if server is not None and web is not None:
+            _use_web(server, web)  # first: if it cannot be used, nothing changes
     except ConfigError as e:
         log.error("config_reload_failed", problems=[str(p) for p in e.problems])
         sink.config_reloaded(False)
@@ -370,14 +377,33 @@ def _reload(
     return new
 
 
-def _load_unless_stopped(args: argparse.Namespace, stop: threading.Event) -> Config | None:
-    """``load(args)``, or None if ``stop`` is set first (the read is left to finish alone)."""
+def _use_web(server: HttpServer, web: WebConfig) -> None:
+    """``server.use_web(web)``; a certificate that will not load is a problem of the file."""
+    try:
+        server.use_web(web)
+    except OSError as e:  # ssl.SSLError too
+        where = web.source or "web config"
+        raise ConfigError([Problem(where, None, "tls_server_config", str(e))]) from e
+
+
+def _load_unless_stopped(
+    args: argparse.Namespace, stop: threading.Event, web: bool = False
+) -> tuple[Config, WebConfig | None] | None:
+    """``load(args)`` and, with ``web``, the web config it names (an empty one if none);
+    None if ``stop`` is set first (the read is left to finish alone)."""
     done = threading.Event()
-    result: list[Config | BaseException] = []
+    result: list[tuple[Config, WebConfig | None] | BaseException] = []
+
+    def both() -> tuple[Config, WebConfig | None]:
+        config = load(args)
+        if not web:
+            return config, None
+        path = config.settings.web_config_file
+        return config, load_web_config(path) if path else WebConfig()
 
     def read() -> None:
         try:
-            result.append(load(args))
+            result.append(both())
         except BaseException as e:  # handed to the caller, who re-raises it
             result.append(e)
         finally:

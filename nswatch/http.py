@@ -573,6 +573,31 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class _Guard:
+    """What a web config makes of the server: its TLS, password check and rate limit.
+
+    Swapped whole on a reload, so a request sees one config, never a mix.
+    """
+
+    web: WebConfig
+    auth: BasicAuth | None
+    tls: TlsContexts | None
+    limiter: RateLimiter | None
+
+    @classmethod
+    def of(cls, web: WebConfig) -> _Guard:
+        """Build from ``web``; raises OSError or ssl.SSLError if the certificate will not load."""
+        return cls(
+            web,
+            BasicAuth(web.users) if web.users else None,
+            TlsContexts(web.tls) if web.tls is not None else None,
+            RateLimiter(web.rate_limit.interval, web.rate_limit.burst)
+            if web.rate_limit is not None
+            else None,
+        )
+
+
 class HttpServer:
     """The HTTP API, served by an asyncio loop on its own thread."""
 
@@ -583,17 +608,10 @@ class HttpServer:
         web: WebConfig | None = None,
         limits: Limits | None = None,
     ) -> None:
-        self.web = web or WebConfig()
         self.limits = limits or Limits()
         self.router = Router(api, self.limits.metrics_max_age)
         self.table = ConnectionTable(self.limits.max_connections, self.limits.output_budget)
-        self._auth = BasicAuth(self.web.users) if self.web.users else None
-        self._tls = TlsContexts(self.web.tls) if self.web.tls is not None else None
-        self._limiter = (
-            RateLimiter(self.web.rate_limit.interval, self.web.rate_limit.burst)
-            if self.web.rate_limit is not None
-            else None
-        )
+        self._guard = _Guard.of(web or WebConfig())
         self._pending_auth = 0
         self._sock = self._bind(listen)
         self._render = Renderer(
@@ -606,6 +624,22 @@ class HttpServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
         self._started = threading.Event()
+
+    @property
+    def web(self) -> WebConfig:
+        """The web config in force."""
+        return self._guard.web
+
+    def use_web(self, web: WebConfig) -> None:
+        """Serve under ``web`` from the next connection (TLS) or request (users, limit, headers) on.
+
+        Raises OSError or ssl.SSLError, changing nothing, when its certificate
+        cannot be loaded. Requests under way finish under the config they began with.
+        """
+        guard = _Guard.of(web)
+        self.warn_if_exposed(*self.address, web)
+        # One reference, replaced whole: each handler reads it once.
+        self._guard = guard
 
     @staticmethod
     def _bind(listen: tuple[str, int]) -> socket.socket:
@@ -736,10 +770,11 @@ class HttpServer:
         """Answer requests until the client or a limit ends it; True if it ended cleanly."""
         limits = self.limits
         deadline = conn.since + limits.head_timeout
-        if self._tls is not None:
+        tls = self._guard.tls
+        if tls is not None:
             async with asyncio.timeout_at(self._loop_time(deadline)):
-                await writer.start_tls(self._tls.current())
-            if not self._tls.settings.peer_allowed(writer.get_extra_info("peercert")):
+                await writer.start_tls(tls.current())
+            if not tls.settings.peer_allowed(writer.get_extra_info("peercert")):
                 return False
         h = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_head)
         fresh = True
@@ -841,10 +876,11 @@ class HttpServer:
 
     async def _refusal(self, req: _Request) -> Response | None:
         """The answer when the rate limit or the password refuses ``req``, else None."""
-        if self._limiter is not None and not self._limiter.allow():
+        guard = self._guard
+        if guard.limiter is not None and not guard.limiter.allow():
             return error_response(429, "too many requests")
-        if self._auth is not None:
-            return await self._authenticate(req.authorization)
+        if guard.auth is not None:
+            return await self._authenticate(guard.auth, req.authorization)
         return None
 
     async def _respond(self, req: _Request) -> Response:
@@ -855,17 +891,16 @@ class HttpServer:
             return await self._render.render(req.path, req.accept, req.gzip)
         return encoded(self.router.route(req.method, req.path, req.accept), req.gzip)
 
-    async def _authenticate(self, header: str | None) -> Response | None:
+    async def _authenticate(self, auth: BasicAuth, header: str | None) -> Response | None:
         """None when the credentials are good, else the refusal."""
-        assert self._auth is not None
-        known = self._auth.cached(header)
+        known = auth.cached(header)
         if known is None:
             if self._pending_auth >= self.limits.max_pending_auth:
                 return error_response(503, "too many password checks under way")
             self._pending_auth += 1
             try:
                 loop = asyncio.get_running_loop()
-                known = await loop.run_in_executor(self._bcrypt, self._auth.check, header)
+                known = await loop.run_in_executor(self._bcrypt, auth.check, header)
             finally:
                 self._pending_auth -= 1
         if known:

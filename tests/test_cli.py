@@ -22,6 +22,7 @@ from nswatch.config import Config, render_host_name
 from nswatch.model import Model
 from nswatch.netns import NetnsEnterer
 from nswatch.settings import DEFAULTS, Settings, declared
+from nswatch.webconfig import WebConfig
 from tests.kernel import Lab, ip, ip_json, wait_for
 
 NSWATCH = [sys.executable, "-m", "nswatch"]
@@ -188,6 +189,44 @@ class _FakeSink:
 
     def config_reloaded(self, ok: bool) -> None:
         self.results.append(ok)
+
+
+class _FakeServer:
+    """Stands in for HttpServer: records the web configs it is handed."""
+
+    def __init__(self) -> None:
+        self.webs: list[WebConfig] = []
+
+    def use_web(self, web: WebConfig) -> None:
+        self.webs.append(web)
+
+
+def test_reload_reads_the_web_config_again(tmp_path: Path) -> None:
+    """A reload re-reads the web config file the config names (new users take over); a
+    broken web config fails the whole reload, and the old config and web config stay."""
+    web = tmp_path / "web.yml"
+    web.write_text("basic_auth_users: {}\n")
+    cfg = tmp_path / "nswatch.yaml"
+    cfg.write_text(f"web_config_file: {web}\n")
+    args = build_parser().parse_args(["run", "--config", str(cfg)])
+    config = load(args)
+    enterer = NetnsEnterer()
+    try:
+        engine = ApplyEngine(config, Model, Applier(enterer, lambda name: None))
+        daemon: Any = _FakeDaemon()
+        sink: Any = _FakeSink()
+        server: Any = _FakeServer()
+        hashed = "$2y$04$" + "a" * 53
+        web.write_text(f"basic_auth_users:\n  bob: '{hashed}'\n")
+        new = _reload(args, config, daemon, engine, sink, structlog.get_logger(), None, server)
+        assert [list(w.users) for w in server.webs] == [["bob"]]
+        web.write_text("basic_auth_users: [not, a, mapping]\n")
+        cfg.write_text(f"web_config_file: {web}\nhost_label: other\n")
+        assert _reload(args, new, daemon, engine, sink, structlog.get_logger(), None, server) is new
+        assert len(server.webs) == 1 and engine.config is new
+        assert sink.results == [True, False]
+    finally:
+        enterer.close()
 
 
 def test_reload_hands_one_config_to_every_consumer(tmp_path: Path) -> None:

@@ -279,6 +279,41 @@ def test_renewed_certificate_is_served_without_restart(certs: Certs, tmp_path: P
         srv.stop()
 
 
+def test_a_new_web_config_takes_over_without_restart(certs: Certs, tmp_path: Path) -> None:
+    """use_web swaps users and TLS for the next requests and connections: alice is refused
+    once only bob is listed, plain HTTP stops once TLS is on, and a certificate that will
+    not load changes nothing."""
+    for f in (certs.server_cert, certs.server_key):
+        shutil.copy(f, tmp_path / f.name)
+    alice = {"basic_auth_users": {"alice": htpasswd_hash(PASSWORD)}}
+    srv = _server(load_web_config(str(write_web_config(tmp_path / "a.yml", alice))))
+    try:
+        host, port = srv.address
+        plain, tls = f"http://{host}:{port}/healthz", f"https://{host}:{port}/healthz"
+        assert curl(plain, "-u", f"alice:{PASSWORD}")[0] == 200
+        bob = {
+            "tls_server_config": {"cert_file": "server.pem", "key_file": "server.key"},
+            "basic_auth_users": {"bob": htpasswd_hash(PASSWORD)},
+        }
+        srv.use_web(load_web_config(str(write_web_config(tmp_path / "b.yml", bob))))
+        assert curl(plain, "-u", f"bob:{PASSWORD}")[0] in (0, 400)  # TLS expected now
+        assert curl(tls, "--cacert", certs.ca, "-u", f"alice:{PASSWORD}")[0] == 401
+        assert curl(tls, "--cacert", certs.ca, "-u", f"bob:{PASSWORD}")[0] == 200
+        # A certificate that breaks between the file's check and its use.
+        shutil.copy(certs.server_cert, tmp_path / "s2.pem")
+        shutil.copy(certs.server_key, tmp_path / "s2.key")
+        other = {"tls_server_config": {"cert_file": "s2.pem", "key_file": "s2.key"}}
+        web = load_web_config(str(write_web_config(tmp_path / "c.yml", other)))
+        (tmp_path / "s2.pem").write_text("not a certificate\n")
+        with pytest.raises(OSError):
+            srv.use_web(web)
+        assert curl(tls, "--cacert", certs.ca, "-u", f"bob:{PASSWORD}")[0] == 200
+        srv.use_web(WebConfig())
+        assert curl(plain)[0] == 200
+    finally:
+        srv.stop()
+
+
 def test_rate_limit_and_headers(tmp_path: Path) -> None:
     """rate_limit answers 429 past the burst; http_server_config headers are on every response."""
     path = write_web_config(
