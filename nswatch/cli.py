@@ -163,11 +163,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     raise_fd_limit()
     fix_mmap_threshold()
     config = load(args)
-    web = (
-        load_web_config(config.settings.web_config_file)
-        if config.settings.web_config_file
-        else None
-    )
+    web = web_config_of(config)
     logs.configure(config.settings.log_format, config.settings.log_level)
     log = structlog.get_logger("nswatch")
     sink = metrics.MetricsSink(
@@ -212,7 +208,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     server = HttpServer(listen, api, web)
     if sys.stderr.isatty():
         # A person at a terminal first learns what is watched and where to look.
-        tls = web is not None and web.tls is not None
+        tls = web.tls is not None
         sys.stderr.write(startup_summary(config, server.address, tls=tls))
     stop = threading.Event()
     reload = threading.Event()
@@ -377,6 +373,12 @@ def _reload(
     return new
 
 
+def web_config_of(config: Config) -> WebConfig:
+    """The web config file ``config`` names, read and checked; an empty one (plain HTTP) if none."""
+    path = config.settings.web_config_file
+    return load_web_config(path) if path else WebConfig()
+
+
 def _use_web(server: HttpServer, web: WebConfig) -> None:
     """``server.use_web(web)``; a certificate that will not load is a problem of the file."""
     try:
@@ -396,10 +398,7 @@ def _load_unless_stopped(
 
     def both() -> tuple[Config, WebConfig | None]:
         config = load(args)
-        if not web:
-            return config, None
-        path = config.settings.web_config_file
-        return config, load_web_config(path) if path else WebConfig()
+        return config, web_config_of(config) if web else None
 
     def read() -> None:
         try:
