@@ -29,6 +29,8 @@ import json
 import os
 import random
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -132,44 +134,76 @@ def build(n: int) -> float:
 # --- nswatch -----------------------------------------------------------------------
 
 
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+_TIMESPEC = struct.Struct("qq")
+
+
 class Nswatch:
-    """``nswatch run`` as a child process; its JSON log is read for ``link_changed`` lines."""
+    """``nswatch run`` as a child process; its JSON log is read for ``link_changed`` lines.
+
+    Its stderr is a TCP loopback socket with kernel receive timestamps
+    (SO_TIMESTAMPNS; a pipe or a Unix socket has none): a line's time is
+    when nswatch wrote it, not when this process, on the same busy two
+    cores, got round to reading it. The reading time is kept too.
+    """
 
     def __init__(self, extra: list[str], src: Path = ROOT) -> None:
         self.port = free_port()
+        listener = socket.create_server(("127.0.0.1", 0))
+        theirs = socket.create_connection(listener.getsockname())
+        self._log, _ = listener.accept()
+        listener.close()
+        self._log.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         self.proc = spawn_nswatch(
-            self.port, "--include", f"^{PREFIX}", "--log-format", "json", *extra, src=src
+            self.port,
+            "--include",
+            f"^{PREFIX}",
+            "--log-format",
+            "json",
+            *extra,
+            src=src,
+            stderr=theirs.fileno(),
         )
+        theirs.close()
         self.pid = self.proc.pid
         self._want: tuple[str, bool] | None = None
         self._seen = threading.Event()
-        self.seen_at = 0.0
+        self.seen_at = (0.0, 0.0)  # (written: wall clock, read: monotonic)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
     def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            t = time.monotonic()
+        tail = b""
+        while True:
+            data, anc, _, _ = self._log.recvmsg(1 << 20, socket.CMSG_SPACE(_TIMESPEC.size))
+            if not data:
+                return
+            t_read = time.monotonic()
+            written = _stamp(anc)
+            *lines, tail = (tail + data).split(b"\n")
             want = self._want
-            if want is None or b"link_changed" not in line:
+            if want is None:
                 continue
-            with contextlib.suppress(ValueError):
-                d = json.loads(line)
-                if (
-                    d.get("netns") == "host"
-                    and d.get("link") == want[0]
-                    and d.get("admin_up") is want[1]
-                ):
-                    self.seen_at = t
-                    self._want = None
-                    self._seen.set()
+            for line in lines:
+                if b"link_changed" not in line:
+                    continue
+                with contextlib.suppress(ValueError):
+                    d = json.loads(line)
+                    if (
+                        d.get("netns") == "host"
+                        and d.get("link") == want[0]
+                        and d.get("admin_up") is want[1]
+                    ):
+                        self.seen_at = (written, t_read)
+                        self._want = None
+                        self._seen.set()
 
     def expect(self, link: str, up: bool) -> None:
         self._seen.clear()
         self._want = (link, up)
 
-    def wait_seen(self, timeout: float) -> float | None:
+    def wait_seen(self, timeout: float) -> tuple[float, float] | None:
+        """When the awaited line was written (wall clock) and read here (monotonic)."""
         return self.seen_at if self._seen.wait(timeout) else None
 
     def wait_ready(self, timeout: float) -> float:
@@ -193,7 +227,17 @@ class Nswatch:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        self._reader.join(5)
+        self._log.close()
         return time.monotonic() - t0
+
+
+def _stamp(anc: list[tuple[int, int, bytes]]) -> float:
+    for level, kind, raw in anc:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+            sec, nsec = _TIMESPEC.unpack(raw[: _TIMESPEC.size])
+            return float(sec + nsec / 1e9)
+    raise RuntimeError("no receive timestamp on nswatch's log socket")
 
 
 # --- readers (a child process) -----------------------------------------------------
@@ -251,8 +295,13 @@ def readers_child(
 # --- measurements ------------------------------------------------------------------
 
 
-def flips(nsw: Nswatch, n: int, changes: int, gap: float) -> list[float]:
-    """Set random host ends down then up; ms from the write to the model logging it."""
+def flips(nsw: Nswatch, n: int, changes: int, gap: float) -> tuple[list[float], list[float]]:
+    """Set random host ends down then up; ms from the write to nswatch logging it, and to here.
+
+    The first list ends when nswatch wrote its ``link_changed`` line (after
+    the model took the change): the figure the targets are about. The
+    second ends when this process read that line, its own delays included.
+    """
     ip = subprocess.Popen(
         ["ip", "-force", "-batch", "-"],
         stdin=subprocess.PIPE,
@@ -263,27 +312,29 @@ def flips(nsw: Nswatch, n: int, changes: int, gap: float) -> list[float]:
     assert ip.stdin is not None
     rng = random.Random(10)
     out: list[float] = []
+    read: list[float] = []
     missed = 0
     try:
         for _ in range(changes):
             h = host_end(rng.randrange(n))
             for state in ("down", "up"):
                 nsw.expect(h, state == "up")
-                t0 = time.monotonic()
+                wall0, t0 = time.time(), time.monotonic()
                 ip.stdin.write(f"link set {h} {state}\n")
                 ip.stdin.flush()
-                t = nsw.wait_seen(30)
-                if t is None:
+                seen = nsw.wait_seen(30)
+                if seen is None:
                     missed += 1
                 else:
-                    out.append((t - t0) * 1000)
+                    out.append((seen[0] - wall0) * 1000)
+                    read.append((seen[1] - t0) * 1000)
                 time.sleep(gap)
     finally:
         ip.stdin.close()
         ip.wait(10)
     if missed:
         log(f"  {missed} changes not seen within 30 s")
-    return out
+    return out, read
 
 
 class RssSampler:
@@ -316,7 +367,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         time.sleep(3)
         res["rss_idle_mb"] = rss_mb(nsw.pid)
         log(f"ready in {res['ready_s']:.1f} s, RSS {res['rss_idle_mb']:.0f} MB; idle flips")
-        idle = flips(nsw, args.n, args.changes // 2, args.gap)
+        idle, _ = flips(nsw, args.n, args.changes // 2, args.gap)
         res["idle_latency_ms"] = {"p50": pct(idle, 50), "p99": pct(idle, 99), "max": max(idle)}
         log(f"  idle {res['idle_latency_ms']}; readers start")
         out = tempfile.mktemp(prefix="nswK-readers-", suffix=".json")
@@ -338,7 +389,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         sampler = RssSampler(nsw.pid)
         time.sleep(2)
-        loaded = flips(nsw, args.n, args.changes, args.gap)
+        loaded, loaded_read = flips(nsw, args.n, args.changes, args.gap)
         res["load_during"] = os.getloadavg()
         for c in (child, probe):
             c.send_signal(signal.SIGTERM)
@@ -366,6 +417,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "p99": pct(loaded, 99),
             "max": max(loaded),
             "samples": len(loaded),
+        }
+        res["loaded_latency_read_ms"] = {
+            "p50": pct(loaded_read, 50),
+            "p99": pct(loaded_read, 99),
+            "max": max(loaded_read),
         }
         for path, xs in got["times"].items():
             res[f"get {path}"] = {
