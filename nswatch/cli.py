@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import gc
 import ipaddress
 import json
 import os
@@ -31,11 +30,12 @@ from nswatch.config import (
 )
 from nswatch.daemon import Daemon
 from nswatch.dirwatch import DirWatcher
+from nswatch.gcschedule import CollectionSchedule
 from nswatch.heap import fix_mmap_threshold
 from nswatch.http import Api, HttpServer
 from nswatch.limits import raise_fd_limit
 from nswatch.model import Model
-from nswatch.observer import BaseObserver, Observer
+from nswatch.observer import Observer
 from nswatch.state import state_json, table_name
 from nswatch.stream import KINDS, StreamHub
 from nswatch.watch import DEFAULT_URL, Watcher
@@ -192,7 +192,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     sink.bind_apply(engine)
     for extra in _service_observers(daemon):
         daemon.observers.append(extra)
-    daemon.observers.append(_FreezeAfterSync())
+    daemon.observers.append(CollectionSchedule())
     # A scrape renders on an HTTP thread; a shorter GIL switch interval lets
     # the event loop in every millisecond rather than every five.
     sys.setswitchinterval(0.001)
@@ -308,20 +308,6 @@ def startup_summary(config: Config, address: tuple[str, int], *, tls: bool) -> s
         f"nswatch {__version__} watches {watched}; {applies} ({source})\n"
         f"serving {url}/ (the state: /api/v1/state, metrics: /metrics); Ctrl-C stops\n"
     )
-
-
-class _FreezeAfterSync(BaseObserver):
-    """Move the synced model out of the garbage collector's sight.
-
-    A full collection walks every object; over a 1000-namespace model that
-    took 40-95 ms, and scrapes (which allocate) trigger them. Objects alive
-    after the first sync live as long as the daemon, so freezing them cuts
-    the event loop's worst-case stalls (measured p99 186 ms -> 20-37 ms).
-    """
-
-    def ready(self, model: Model) -> None:
-        gc.collect()
-        gc.freeze()
 
 
 def _reload(
