@@ -56,7 +56,7 @@ class CollectionSchedule(BaseObserver):
     def __init__(
         self,
         interval: float = 30.0,
-        deep_every: int = 20,
+        deep_every: int = 10,
         clock: Callable[[], float] = time.monotonic,
         collector: GcControl = gc,
     ) -> None:
