@@ -24,7 +24,7 @@ from typing import Any
 import orjson
 
 from nswatch.model import Link, Model, Namespace
-from nswatch.state import link_refs, namespace_json, state_json
+from nswatch.state import link_refs, namespace_json, state_json, veth_pairs_json
 
 # Level 6 (zlib's default) shrinks a 1,000-namespace /metrics about as well
 # as 9 in a third of the time; it runs once per document, not per reader.
@@ -203,6 +203,7 @@ class StateRenderer:
     def __init__(self, record_memo_min: int = RECORD_MEMO_MIN) -> None:
         self.record_memo_min = record_memo_min
         self._memo: dict[int, _NsMemo] = {}  # by inode
+        self._pairs: tuple[int, Any] | None = None  # (refs_version, veth_pairs fragment)
         self.serialised = 0  # namespaces and records serialised afresh, for tests
         self.inspected = 0  # namespaces whose peers were looked up again, for tests
 
@@ -250,7 +251,11 @@ class StateRenderer:
             used[ns.inode] = _NsMemo(ns, names, refs, now, frag, refs_version)
             return frag
 
-        body = json_bytes(state_json(model, namespace))
+        # The pairs show namespace and link names and who is whose peer:
+        # all of it moves only with refs_version.
+        if self._pairs is None or self._pairs[0] != refs_version:
+            self._pairs = (refs_version, _fragment(veth_pairs_json(model)))
+        body = json_bytes(state_json(model, namespace, self._pairs[1]))
         # Only what this model holds is kept: namespaces and records gone are let go.
         self._memo = used
         return body
@@ -258,6 +263,7 @@ class StateRenderer:
     def forget(self) -> None:
         """Drop every kept fragment (the next render makes them all again)."""
         self._memo = {}
+        self._pairs = None
 
 
 def _records(ns: Namespace) -> int:

@@ -212,12 +212,8 @@ def link_refs(model: Model, ns: Namespace, link: Link) -> tuple[object, object]:
     return peer, parent
 
 
-def state_json(model: Model, namespace: Callable[[Namespace], Any] | None = None) -> dict[str, Any]:
-    """The whole model: ``synced``, ``namespaces`` by name, ``veth_pairs``.
-
-    ``namespace`` makes each namespace's JSON (or a stand-in that serialises
-    the same); by default :func:`namespace_json`.
-    """
+def veth_pairs_json(model: Model) -> list[dict[str, Any]]:
+    """The resolved veth pairs, each as its two ends' namespace and link names, sorted."""
     pairs = []
     for a, b in model.veth_pairs():
         na, nb = model.namespaces[a[0]], model.namespaces[b[0]]
@@ -228,6 +224,20 @@ def state_json(model: Model, namespace: Callable[[Namespace], Any] | None = None
             }
         )
     pairs.sort(key=lambda p: (p["a"]["netns"], p["a"]["link"]))
+    return pairs
+
+
+def state_json(
+    model: Model,
+    namespace: Callable[[Namespace], Any] | None = None,
+    pairs: Any = None,
+) -> dict[str, Any]:
+    """The whole model: ``synced``, ``namespaces`` by name, ``veth_pairs``.
+
+    ``namespace`` makes each namespace's JSON (or a stand-in that serialises
+    the same); by default :func:`namespace_json`. ``pairs`` likewise stands
+    in for :func:`veth_pairs_json`.
+    """
     return {
         # The event stream's id of the last change this state includes.
         "event_id": model.changes_made,
@@ -236,5 +246,5 @@ def state_json(model: Model, namespace: Callable[[Namespace], Any] | None = None
             ns.name: namespace(ns) if namespace else namespace_json(model, ns)
             for ns in sorted(model.namespaces.values(), key=lambda n: n.name)
         },
-        "veth_pairs": pairs,
+        "veth_pairs": veth_pairs_json(model) if pairs is None else pairs,
     }
