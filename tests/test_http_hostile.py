@@ -399,3 +399,68 @@ def test_health_checks_get_in_when_every_slot_waits_for_a_render() -> None:
         for s in socks:
             s.close()
         srv.stop()
+
+
+def fetch(srv: HttpServer, path: str, timeout: float = 5) -> tuple[int, bytes]:
+    host, port = srv.address
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def _start_blocked_render(srv: HttpServer, view: BlockingView) -> list[socket.socket]:
+    """A state GET whose render waits in ``view`` until released."""
+    view.release.clear()
+    view.started.clear()
+    socks = _send_all(srv, 1, b"GET /api/v1/state HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert view.started.wait(5)
+    return socks
+
+
+def test_a_reader_gets_the_last_state_at_once_while_a_newer_one_renders() -> None:
+    """While the state renders, a GET is answered with the last document made, not made to wait."""
+    view = BlockingView()
+    view.release.set()
+    srv = _blocking_server(view)
+    socks: list[socket.socket] = []
+    try:
+        status, first = fetch(srv, "/api/v1/state")
+        assert status == 200
+        socks = _start_blocked_render(srv, view)
+        t0 = time.monotonic()
+        assert fetch(srv, "/api/v1/state", timeout=5) == (200, first)
+        assert time.monotonic() - t0 < 5
+        assert srv._render.stale_served == 1
+        assert view.calls == 2  # the blocked render is still the only one under way
+    finally:
+        view.release.set()
+        for s in socks:
+            s.close()
+        srv.stop()
+
+
+@pytest.mark.parametrize("grace", [0.0, 0.3])
+def test_a_reader_waits_for_the_render_when_the_last_document_is_too_old(grace: float) -> None:
+    """With no grace, or a last document asked for longer ago than the grace, a GET waits for the render."""
+    view = BlockingView()
+    view.release.set()
+    srv = _blocking_server(view, Limits(stale_grace=grace))
+    socks: list[socket.socket] = []
+    try:
+        assert fetch(srv, "/api/v1/state")[0] == 200
+        time.sleep(grace + 0.1)
+        socks = _start_blocked_render(srv, view)
+        threading.Timer(0.5, view.release.set).start()
+        t0 = time.monotonic()
+        assert fetch(srv, "/api/v1/state", timeout=5)[0] == 200
+        assert time.monotonic() - t0 >= 0.4
+        assert srv._render.stale_served == 0
+    finally:
+        view.release.set()
+        for s in socks:
+            s.close()
+        srv.stop()
