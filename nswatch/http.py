@@ -51,8 +51,6 @@ MetricsRenderer = Callable[[str | None], tuple[bytes | list[bytes], str]]
 
 SERVER_NAME = "nswatch"  # no versions: they only help an attacker pick exploits
 _NS_PREFIX = "/api/v1/namespaces/"
-# Answers kept to serve while their successor renders, across Accept headers.
-MAX_KEPT_ANSWERS = 8
 EVENTS_PATH = "/api/v1/events"
 TOPOLOGY_PATH = "/api/v1/topology"
 # The page and its assets, from the package: nothing is fetched from elsewhere.
@@ -117,9 +115,6 @@ class Limits:
     # /metrics is made at most once per this many seconds per Accept header
     # (counters and process figures move without the model; see render_cache).
     metrics_max_age: float = 1.0
-    # While a document renders, the last one made is served instead if it
-    # was asked for less than this long ago (see Renderer); 0: always wait.
-    stale_grace: float = 1.0
     # Cached documents are dropped (and the heap trimmed) after this long
     # without a reader: a burst of readers must not leave the daemon fat.
     cache_idle: float = 10.0
@@ -390,29 +385,11 @@ class Renderer:
     one render, not a queue of a thousand. /metrics has its own thread, so a
     scrape never queues behind state documents. Too many distinct renders
     waiting: 503 at once rather than an ever longer queue.
-
-    While a document renders, a request for it is answered at once with the
-    last one made, if that one was asked for less than ``stale_grace``
-    seconds ago: under churn the model moves on every few tens of
-    milliseconds, and a render of the state competes for the GIL with
-    everything else, so readers that all waited for the newest render waited
-    its whole length (a third of the probe's time in ``bench_readers``). The
-    document says which change it includes (``event_id``), so a slightly
-    older one is still a consistent state to resume the event stream from.
     """
 
-    def __init__(
-        self,
-        router: Router,
-        workers: int,
-        max_pending: int,
-        stale_grace: float = 0.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
+    def __init__(self, router: Router, workers: int, max_pending: int) -> None:
         self.router = router
         self.max_pending = max_pending
-        self.stale_grace = stale_grace
-        self._clock = clock
         self._lanes = {
             "metrics": ThreadPoolExecutor(1, "nswatch-http-metrics"),
             "state": ThreadPoolExecutor(workers, "nswatch-http-render"),
@@ -420,9 +397,6 @@ class Renderer:
         self._inflight: dict[tuple[str, str | None, bool], asyncio.Future[Response]] = {}
         self._waiters: dict[tuple[str, str | None, bool], int] = {}
         self._pending = dict.fromkeys(self._lanes, 0)
-        # The last good answer per request, with when it was asked for (loop thread only).
-        self._last: dict[tuple[str, str | None, bool], tuple[float, Response]] = {}
-        self.stale_served = 0  # requests answered with the last document, for tests
 
     def _answer(self, path: str, accept: str | None, gzip: bool) -> Response:
         return encoded(self.router.route("GET", path, accept), gzip)
@@ -431,35 +405,21 @@ class Renderer:
         """The answer to a GET (HEAD alike), made (and compressed) on a worker thread."""
         key = (path, accept, gzip)
         future = self._inflight.get(key)
-        if future is not None:
-            last = self._last.get(key)
-            if last is not None and self._clock() - last[0] < self.stale_grace:
-                self.stale_served += 1
-                return last[1]
-        else:
+        if future is None:
             lane = "metrics" if path == "/metrics" else "state"
             if self._pending[lane] >= self.max_pending:
                 return error_response(503, "busy", headers=(("Retry-After", "1"),))
             loop = asyncio.get_running_loop()
-            asked = self._clock()
             future = loop.run_in_executor(self._lanes[lane], self._answer, path, accept, gzip)
             self._inflight[key] = future
             self._waiters[key] = 0
             self._pending[lane] += 1
 
-            def done(
-                _: object, lane: str = lane, future: Any = future, asked: float = asked
-            ) -> None:
+            def done(_: object, lane: str = lane, future: Any = future) -> None:
                 self._pending[lane] -= 1
                 if self._inflight.get(key) is future:
                     del self._inflight[key]
                     del self._waiters[key]
-                if self.stale_grace > 0 and not future.cancelled() and future.exception() is None:
-                    response = future.result()
-                    if response.status == 200 and path in self.router.HEAVY:
-                        if key not in self._last and len(self._last) >= MAX_KEPT_ANSWERS:
-                            self._last = {}  # keys come from a header: bounded, not grown
-                        self._last[key] = (asked, response)
 
             future.add_done_callback(done)
         self._waiters[key] += 1
@@ -473,11 +433,6 @@ class Renderer:
         finally:
             if key in self._waiters and self._inflight.get(key) is future:
                 self._waiters[key] -= 1
-
-    def prune(self) -> None:
-        """Let go of the answers too old to be served again (loop thread)."""
-        now = self._clock()
-        self._last = {k: v for k, v in self._last.items() if now - v[0] < self.stale_grace}
 
     async def housekeeping(self, fn: Callable[[], object]) -> None:
         """Run ``fn`` on the state lane (its locks may wait for a render there)."""
@@ -660,10 +615,7 @@ class HttpServer:
         self._pending_auth = 0
         self._sock = self._bind(listen)
         self._render = Renderer(
-            self.router,
-            self.limits.render_workers,
-            self.limits.max_pending_renders,
-            self.limits.stale_grace,
+            self.router, self.limits.render_workers, self.limits.max_pending_renders
         )
         # Password checks get their own thread: a storm of wrong passwords
         # then slows only other password checks, never a render.
@@ -790,7 +742,6 @@ class HttpServer:
         while True:
             await asyncio.sleep(idle / 2)
             await self._render.housekeeping(lambda: self.router.release_idle(idle))
-            self._render.prune()
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = Connection(writer, time.monotonic())
