@@ -27,7 +27,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from http import HTTPStatus
@@ -46,7 +46,7 @@ from nswatch.stream import StreamHub
 from nswatch.topology import build as build_topology
 from nswatch.webconfig import BasicAuth, TlsSettings, WebConfig
 
-MetricsRenderer = Callable[[str | None], tuple[bytes | list[bytes], str]]
+MetricsRenderer = Callable[[str | None], tuple[bytes | Iterable[bytes], str]]
 """Given the Accept header, return (body, content type) for /metrics."""
 
 SERVER_NAME = "nswatch"  # no versions: they only help an attacker pick exploits
@@ -258,17 +258,21 @@ class Router:
         """Whether answering may take long enough to hold up other clients."""
         return path in self.HEAVY or path.startswith(_NS_PREFIX)
 
-    def route(self, method: str, path: str, accept: str | None) -> Response:
-        """The answer to ``method path``; a handler's bug becomes a 500, never a dead server."""
+    def route(self, method: str, path: str, accept: str | None, gzip: bool = False) -> Response:
+        """The answer to ``method path``; a handler's bug becomes a 500, never a dead server.
+
+        ``gzip``: the client takes gzip, so a document made for it may be
+        made compressed (an identity client later costs an inflate).
+        """
         try:
             if method in ("GET", "HEAD"):
-                return self._get(path, accept)
+                return self._get(path, accept, gzip)
             return self._not_allowed(path)
         except Exception as e:
             body = {"error": "internal error", "detail": type(e).__name__}
             return json_response(500, body, close=True)
 
-    def _get(self, path: str, accept: str | None) -> Response:
+    def _get(self, path: str, accept: str | None, gzip: bool) -> Response:
         api = self.api
         if self.heavy(path):
             self.last_read = time.monotonic()
@@ -306,7 +310,7 @@ class Router:
         if path == "/metrics" and api.metrics is not None:
             render = api.metrics
             return document_response(
-                self.metrics_cache.get(accept, lambda: Document(*render(accept)))
+                self.metrics_cache.get(accept, lambda: Document(*render(accept), compress=gzip))
             )
         if path == EVENTS_PATH and api.events is not None:  # HEAD: the headers only
             return Response(200, b"", "text/event-stream")
@@ -399,7 +403,7 @@ class Renderer:
         self._pending = dict.fromkeys(self._lanes, 0)
 
     def _answer(self, path: str, accept: str | None, gzip: bool) -> Response:
-        return encoded(self.router.route("GET", path, accept), gzip)
+        return encoded(self.router.route("GET", path, accept, gzip), gzip)
 
     async def render(self, path: str, accept: str | None, gzip: bool = False) -> Response:
         """The answer to a GET (HEAD alike), made (and compressed) on a worker thread."""

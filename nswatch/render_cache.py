@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 import time
 import zlib
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -43,16 +43,26 @@ class Document:
     gzip form is compressed part by part, the parts are let go, and the
     whole body is made only when a client that does not take gzip asks:
     Prometheus always takes gzip, and 11 MB held for nobody is held for nothing.
+    With ``compress``, the parts are compressed as they are taken from
+    ``body`` (which may make them as it goes) and never kept.
     """
 
     __slots__ = ("_body", "_gz", "_lock", "_parts", "content_type")
 
-    def __init__(self, body: bytes | Sequence[bytes], content_type: str) -> None:
+    def __init__(
+        self, body: bytes | Iterable[bytes], content_type: str, *, compress: bool = False
+    ) -> None:
         self._body: bytes | None = body if isinstance(body, bytes) else None
-        self._parts: tuple[bytes, ...] | None = None if isinstance(body, bytes) else tuple(body)
+        self._parts: tuple[bytes, ...] | None = None
         self.content_type = content_type
         self._gz: bytes | None = None
         self._lock = threading.Lock()
+        if self._body is None:
+            assert not isinstance(body, bytes)
+            if compress:
+                self._gz = _gzip(body)
+            else:
+                self._parts = tuple(body)
 
     @property
     def body(self) -> bytes:
@@ -71,18 +81,24 @@ class Document:
         """The body gzip-compressed (the same body always compresses to the same bytes)."""
         with self._lock:
             if self._gz is None:
-                # zlib lets go of the GIL while it compresses. wbits 31: a
-                # gzip wrapper, with no file name and mtime 0.
-                z = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 31)
-                parts = (self._body,) if self._body is not None else self._parts or ()
-                out = [z.compress(p) for p in parts]
-                out.append(z.flush())
-                self._gz = b"".join(out)
+                self._gz = _gzip((self._body,) if self._body is not None else self._parts or ())
                 # The parts (11 MB for a 1,000-namespace scrape) are not kept
                 # beside their gzip form (0.6 MB): a client without gzip, rare
                 # for /metrics, costs an inflate (~20 ms) instead.
                 self._parts = None
             return self._gz
+
+
+def _gzip(parts: Iterable[bytes]) -> bytes:
+    """``parts`` joined and gzip-compressed, one part at a time.
+
+    zlib lets go of the GIL while it compresses. wbits 31: a gzip wrapper,
+    with no file name and mtime 0, so the same body gives the same bytes.
+    """
+    z = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 31)
+    out = [z.compress(p) for p in parts]
+    out.append(z.flush())
+    return b"".join(out)
 
 
 class VersionCache:

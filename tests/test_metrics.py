@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import gzip
 import re
 import tracemalloc
 from collections.abc import Iterable, Iterator, Sequence
@@ -54,6 +55,7 @@ from nswatch.procnet import (
     NetStats,
     ProcNetSnapshot,
 )
+from nswatch.render_cache import Document
 from nswatch.stream import StreamStats
 from tests.bench.bench_metrics import synthetic_sink
 
@@ -291,17 +293,36 @@ def test_a_scrape_is_encoded_one_family_at_a_time() -> None:
     collector's families and the model view): it used to hold every line, then the joined
     text, then its bytes, about five times its size (55 MB at 1,000 namespaces)."""
     _, sink = synthetic_sink(300)
-    sink.render_parts(None)  # the first scrape also fills caches that stay
+    sink.render(None)  # the first scrape also fills caches that stay
     gc.collect()
     tracemalloc.start()
     try:
-        parts, _ = sink.render_parts(None)
+        parts = list(sink.render_parts(None)[0])
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     size = sum(map(len, parts))
     assert size > 3_000_000
     assert peak < 2.6 * size, (peak, size)
+
+
+def test_a_scrape_for_a_gzip_client_never_holds_its_text_whole() -> None:
+    """Compressed as its parts are made, a scrape peaks at well under twice its size (1.4x
+    measured, against 2.1x when its parts are all made first): nothing holds every part."""
+    _, sink = synthetic_sink(300)
+    whole, _ = sink.render(None)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        doc = Document(*sink.render_parts(None), compress=True)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    size = len(whole)
+    assert size > 3_000_000
+    assert peak < 1.7 * size, (peak, size)
+    # The build info's and process figures move between scrapes; the network part does not.
+    assert nswatch_lines(gzip.decompress(doc.gzipped())) == nswatch_lines(whole)
 
 
 GOLDEN_FORMATS = {"text": "text/plain; version=0.0.4", "openmetrics": OM}

@@ -230,6 +230,23 @@ def test_document_in_parts_gzips_without_joining_them() -> None:
     assert other.body == doc.body and other.gzipped() == gz
 
 
+def test_document_compressed_as_made_equals_the_one_gzipped_later() -> None:
+    """Parts compressed as they are taken give the same gzip bytes as parts kept and gzipped
+    later, and an identity client still gets the whole body (inflated)."""
+    parts = [bytes([65 + i % 26]) * 100_000 for i in range(8)]
+    taken: list[int] = []
+
+    def made() -> Iterator[bytes]:
+        for i, p in enumerate(parts):
+            taken.append(i)
+            yield p
+
+    doc = Document(made(), "text/plain", compress=True)
+    assert taken == list(range(8))
+    assert doc.gzipped() == Document(parts, "text/plain").gzipped()
+    assert doc.body == b"".join(parts)
+
+
 def test_version_cache_answers_older_readers_with_the_newest_document() -> None:
     """A reader whose view is older than the newest document gets that document, made
     once: rendering each older view afresh made 16 state readers render ~40 times a

@@ -206,22 +206,31 @@ class MetricsSink(BaseObserver):
         parts, ctype = self.render_parts(accept)
         return b"".join(parts), ctype
 
-    def render_parts(self, accept: str | None) -> tuple[list[bytes], str]:
-        """:meth:`render`'s body in parts, one per family (what the HTTP server caches)."""
+    def render_parts(self, accept: str | None) -> tuple[Iterator[bytes], str]:
+        """:meth:`render`'s body as it is made, one part per family.
+
+        The parts are made as they are taken, so that a consumer that
+        compresses them (the HTTP server, for a gzip client) never holds the
+        whole text (11 MB at 1,000 namespaces): one scrape renders at a time,
+        from the first part taken to the last.
+        """
         encoder, ctype = choose_encoder(accept or "")
+        return self._parts(encoder), ctype
+
+    def _parts(self, encoder: Callable[[CollectorRegistry], bytes]) -> Iterator[bytes]:
         fast = fast_encoder(encoder)
         with self._render_lock:
             if fast is None:
-                return [encoder(self.registry)], ctype
+                yield encoder(self.registry)
+                return
             std = encoder(self._std)
             om = fast.openmetrics
             if om:
                 std = std.removesuffix(b"# EOF\n")
-            parts = [std]
-            parts.extend(fast.parts(each_family(self.scrape_view(), self._collectors)))
+            yield std
+            yield from fast.parts(each_family(self.scrape_view(), self._collectors))
         if om:
-            parts.append(b"# EOF\n")
-        return parts, ctype
+            yield b"# EOF\n"
 
 
 class ModelCollector:
