@@ -51,7 +51,7 @@ from nswatch.model import (
     Synced,
     apply_all,
 )
-from nswatch.netlink import DECODE_ERROR, MAX_DUMP_ATTEMPTS, Session
+from nswatch.netlink import DECODE_ERROR, MAX_DUMP_ATTEMPTS, READ_BUDGET, Session
 
 INODE = 4026531999
 # The session's netlink port id: the kernel's replies to it carry it.
@@ -427,3 +427,21 @@ def test_truncated_datagram_tail_is_ignored(kernel: Kernel) -> None:
     kernel.send(link_msg(2, "e2"), tail[:-4])
     events, _, stale = kernel.session.read()
     assert events == [LinkNew(INODE, dev(2))] and stale is None
+
+
+def test_one_read_takes_a_bounded_number_of_datagrams(kernel: Kernel) -> None:
+    """A read takes at most READ_BUDGET datagrams and leaves the rest for the loop's next
+    turn, so a big dump never holds every other socket and timer up for its whole length."""
+    sync(kernel)
+    n = READ_BUDGET * 2 + 3
+    for i in range(n):
+        kernel.send(link_msg(100 + i, f"v{i}"))
+    seen: list[int] = []
+    reads = 0
+    while len(seen) < n:
+        events, _, _ = kernel.session.read()
+        assert len(events) <= READ_BUDGET
+        seen += [e.link.index for e in events if isinstance(e, LinkNew)]
+        reads += 1
+    assert seen == [100 + i for i in range(n)]
+    assert reads == 3
