@@ -15,7 +15,10 @@ off (young ones still run: they are short and find most cycles); the loop
 runs a full one every ``interval`` seconds and then freezes what survived,
 so the next one only walks what is newer. A cycle that forms among frozen
 objects would never be found that way: every ``deep_every``-th collection
-unfreezes everything first, which bounds that garbage to one deep period.
+unfreezes everything first, which bounds that garbage to one deep period
+(5 minutes). Each collection walks what 10 s of readers left alive (22-41 ms
+under bench_readers' 16 + 4 readers when it was every 30 s); the deep one
+walks the whole heap.
 """
 
 from __future__ import annotations
@@ -55,8 +58,8 @@ class CollectionSchedule(BaseObserver):
 
     def __init__(
         self,
-        interval: float = 30.0,
-        deep_every: int = 10,
+        interval: float = 10.0,
+        deep_every: int = 30,
         clock: Callable[[], float] = time.monotonic,
         collector: GcControl = gc,
     ) -> None:
