@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -40,6 +40,9 @@ from nswatch.state import state_json, table_name
 from nswatch.stream import KINDS, StreamHub
 from nswatch.watch import DEFAULT_URL, Watcher
 from nswatch.webconfig import WebConfig, load_web_config
+
+if TYPE_CHECKING:
+    from nswatch.procnet import ProcNetPoller
 
 STOP_TIMEOUT = 2.0
 # What the teardown may take of STOP_TIMEOUT; the rest is the interpreter's exit.
@@ -181,12 +184,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     sink.bind(daemon)
     sink.bind_stream(hub)
     # Per-namespace /proc statistics; started once the daemon is ready.
+    procnet: ProcNetPoller | None = None
     if config.settings.procnet_interval > 0:
-        sink.bind_procnet(
-            ProcNetPoller(
-                daemon.view, daemon.sessions.path_of, interval=config.settings.procnet_interval
-            )
+        procnet = ProcNetPoller(
+            daemon.view, daemon.sessions.path_of, interval=config.settings.procnet_interval
         )
+        sink.bind_procnet(procnet)
     # The engine hands its config's host label to its applier, now and on reload.
     engine = ApplyEngine(config, daemon.view, Applier(daemon.enterer, daemon.path_of))
     daemon.observers.append(engine)
@@ -239,7 +242,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             wake.clear()
             if reload.is_set() and not stop.is_set():
                 reload.clear()
-                config = _reload(args, config, daemon, engine, sink, log, stop, server)
+                config = _reload(args, config, daemon, engine, sink, log, stop, server, procnet)
     finally:
         died = not stop.is_set()
         stuck = _teardown(daemon, thread, engine.stop, server.stop, STOP_BUDGET)
@@ -323,6 +326,7 @@ def _reload(
     log: Any,
     stop: threading.Event | None = None,
     server: HttpServer | None = None,
+    procnet: ProcNetPoller | None = None,
 ) -> Config:
     """Re-read the config and hand it to every consumer; keep the old one (and say why) when bad.
 
@@ -330,7 +334,9 @@ def _reload(
     ends the wait for it, however long a huge file or a FIFO would take.
     With a ``server``, the web config file is read again too (users, TLS,
     headers, rate limit: what exporter-toolkit users expect to change without
-    a restart); the two apply together or not at all.
+    a restart); the two apply together or not at all. A running ``procnet``
+    poller (:class:`nswatch.procnet.ProcNetPoller`) takes a new interval;
+    turning it on or off takes a restart, and the log says so.
     """
     for o in daemon.observers:
         hook = getattr(o, "reloading", None)
@@ -351,6 +357,12 @@ def _reload(
         listen = new.settings.listen
         if listen != config.settings.listen:
             log.warning("listen_change_needs_restart", listen=f"{listen[0]}:{listen[1]}")
+        interval = new.settings.procnet_interval
+        if interval != config.settings.procnet_interval:
+            if procnet is not None and interval > 0:
+                procnet.set_interval(interval)
+            else:
+                log.warning("procnet_change_needs_restart", procnet_interval=interval)
         logs.configure(new.settings.log_format, new.settings.log_level)
         daemon.reconfigure(new.settings)
         engine.reload(new)

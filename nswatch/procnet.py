@@ -208,6 +208,8 @@ class ProcNetPoller:
         self._passes = 0
         self._logged: set[str] = set()
         self._stop = threading.Event()
+        # Set by stop() and set_interval(): a wait for the next read ends early.
+        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._enterer: NetnsEnterer | None = None
         self._log = structlog.get_logger("nswatch.procnet")
@@ -223,8 +225,18 @@ class ProcNetPoller:
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the thread and wait for it."""
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
+
+    def set_interval(self, interval: float) -> None:
+        """Read every namespace once per ``interval`` seconds from now on (a reload).
+
+        A pass under way spreads what it has left over the new interval, so
+        going from an hour to 30 s does not wait out the hour.
+        """
+        self.interval = interval
+        self._wake.set()
 
     def snapshot(self) -> ProcNetSnapshot:
         """A copy of the latest statistics and counts (any thread)."""
@@ -244,7 +256,11 @@ class ProcNetPoller:
                 self.poll_once(spread=spread)
                 spread = self.interval
                 # A pass with nothing to read still waits a whole interval.
-                self._stop.wait(max(0.0, self.interval - (time.monotonic() - start)))
+                while not self._stop.is_set():
+                    left = self.interval - (time.monotonic() - start)
+                    if left <= 0 or not self._wake.wait(left):
+                        break
+                    self._wake.clear()  # a new interval: measure against it
         finally:
             self._enterer.close()
 
@@ -259,8 +275,13 @@ class ProcNetPoller:
             step = spread / len(targets) if targets else 0.0
             start = time.monotonic()
             for i, (inode, is_host) in enumerate(targets):
-                if step and self._stop.wait(max(0.0, start + i * step - time.monotonic())):
-                    return
+                while step and self._wake.wait(max(0.0, start + i * step - time.monotonic())):
+                    if self._stop.is_set():
+                        return
+                    self._wake.clear()
+                    # A new interval: the rest of the pass spreads over it from now.
+                    step = self.interval / len(targets)
+                    start = time.monotonic() - i * step
                 cpu = time.thread_time()
                 stats = self._read_one(enterer, inode, is_host)
                 with self._lock:

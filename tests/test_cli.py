@@ -15,12 +15,14 @@ from typing import Any
 
 import pytest
 import structlog
+from structlog.testing import capture_logs
 
 from nswatch.apply import Applier, ApplyEngine
 from nswatch.cli import _reload, build_parser, load
 from nswatch.config import Config, render_host_name
 from nswatch.model import Model
 from nswatch.netns import NetnsEnterer
+from nswatch.procnet import ProcNetPoller
 from nswatch.settings import DEFAULTS, Settings, declared
 from nswatch.webconfig import WebConfig
 from tests.kernel import Lab, ip, ip_json, wait_for
@@ -249,6 +251,36 @@ def test_reload_hands_one_config_to_every_consumer(tmp_path: Path) -> None:
         assert _reload(args, new, daemon, engine, sink, structlog.get_logger()) is new
         assert engine.applier.host_label == "root"
         assert sink.results == [True, False]
+    finally:
+        enterer.close()
+
+
+def test_reload_gives_the_procnet_poller_its_new_interval(tmp_path: Path) -> None:
+    """A reload hands a running /proc poller a changed interval; turning it off (or on)
+    is said to need a restart and leaves the poller as it was."""
+    cfg = tmp_path / "nswatch.yaml"
+    cfg.write_text("procnet_interval: 30\n")
+    args = build_parser().parse_args(["run", "--config", str(cfg)])
+    config = load(args)
+    poller = ProcNetPoller(Model, lambda inode: None, interval=30.0)
+    enterer = NetnsEnterer()
+    try:
+        engine = ApplyEngine(config, Model, Applier(enterer, lambda name: None))
+        daemon: Any = _FakeDaemon()
+        sink: Any = _FakeSink()
+        log = structlog.get_logger()
+        cfg.write_text("procnet_interval: 60\n")
+        new = _reload(args, config, daemon, engine, sink, log, None, None, poller)
+        assert poller.interval == 60.0
+        cfg.write_text("procnet_interval: 0\n")
+        with capture_logs() as logs:
+            newer = _reload(args, new, daemon, engine, sink, log, None, None, poller)
+        assert newer.settings.procnet_interval == 0
+        assert poller.interval == 60.0
+        assert [e["event"] for e in logs if e["log_level"] == "warning"] == [
+            "procnet_change_needs_restart"
+        ]
+        assert sink.results == [True, True]
     finally:
         enterer.close()
 

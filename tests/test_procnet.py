@@ -175,3 +175,20 @@ def test_sink_starts_the_poller_when_ready_and_stops_it_with_the_daemon() -> Non
     sink.ready(Model())
     sink.stopping()
     assert rec.calls == ["start", "stop"]
+
+
+def test_a_new_interval_takes_over_without_waiting_out_the_old_one(tmp_path: Path) -> None:
+    """After a reload sets a shorter interval, the next pass comes within it, not after
+    the hour the poller was started with (the wait is cut short and measured again)."""
+    model = Model()
+    model.apply(NamespaceSeen(1, ("host",), is_host=True))
+    poller = ProcNetPoller(
+        model.copy, lambda inode: None, interval=3600.0, proc=str(fake_proc(tmp_path))
+    )
+    poller.start()
+    try:
+        wait_for(lambda: poller.snapshot().passes >= 1, timeout=5)
+        poller.set_interval(0.2)
+        wait_for(lambda: poller.snapshot().passes >= 3, timeout=5)
+    finally:
+        poller.stop()
