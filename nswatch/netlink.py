@@ -126,12 +126,12 @@ class _Request:
 # need not hold notifications back (which would delay them by the dump's
 # length, ~45 ms for a host with 1000 links).
 STATS = "stats"
-# Datagrams one read() takes before it lets the loop go round: the socket is
-# still readable, so the rest comes next turn. A dump is made as it is read,
-# a few datagrams ahead, and a notification is queued behind only those: a
-# counter refresh of a host with 1,000 veths (a dump of 1,000 links) read in
-# one go held every other event up for 40-110 ms under readers, every 15 s
-# (tests/bench/bench_readers.py, with the loop's callbacks timed).
+# Datagrams one read() takes of a counter refresh before it lets the loop go
+# round: the socket is still readable, so the rest comes next turn. A dump
+# is made as it is read, a few datagrams ahead, and a notification is queued
+# behind only those: the refresh of a host with 1,000 veths (a dump of 1,000
+# links) read in one go held every other event up for 40-110 ms under
+# readers, every 15 s (tests/bench/bench_readers.py, the loop's callbacks timed).
 READ_BUDGET = 8
 
 # A dump interrupted this often in a row is taken as it is; the periodic
@@ -244,7 +244,7 @@ class Session:
         self._dump = req
 
     def read(self) -> tuple[list[Event], list[Decoded], str | None]:
-        """Read what the socket has, up to :data:`READ_BUDGET` datagrams (the rest next turn).
+        """Read what the socket has (of a counter refresh, :data:`READ_BUDGET` datagrams a turn).
 
         Returns (events to apply in order, the notifications among them for
         counting, a resync reason if the namespace went stale). A message
@@ -255,7 +255,18 @@ class Session:
         events: list[Event] = []
         notes: list[Decoded] = []
         stale: str | None = None
-        for _ in range(READ_BUDGET):
+        budget = READ_BUDGET
+        while True:
+            # Only a counter refresh is left half-read: its notifications are
+            # applied as they come, and no other dump is asked for until it
+            # is done. Any other dump holds notifications back until its end,
+            # so one asked for with older notifications still unread would
+            # apply them over its fresher state; and a stale namespace is
+            # read to the end before its resync.
+            dump = self._dump
+            if budget <= 0 and stale is None and dump is not None and dump.reason == STATS:
+                break
+            budget -= 1
             try:
                 data = self.sock.recv(1 << 20)
             except BlockingIOError:

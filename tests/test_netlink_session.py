@@ -429,19 +429,41 @@ def test_truncated_datagram_tail_is_ignored(kernel: Kernel) -> None:
     assert events == [LinkNew(INODE, dev(2))] and stale is None
 
 
-def test_one_read_takes_a_bounded_number_of_datagrams(kernel: Kernel) -> None:
-    """A read takes at most READ_BUDGET datagrams and leaves the rest for the loop's next
-    turn, so a big dump never holds every other socket and timer up for its whole length."""
+def test_a_counter_refresh_is_read_a_few_datagrams_a_turn(kernel: Kernel) -> None:
+    """A counter refresh's dump is read READ_BUDGET datagrams at a time, the rest left for
+    the loop's next turns; a notification among them is applied as soon as it is read."""
+    sync(kernel)
+    kernel.session.refresh_stats()
+    seq = kernel.answer(RTM_GETLINK)
+    n = READ_BUDGET * 2 + 3
+    for i in range(n):
+        kernel.send(link_msg(100 + i, f"v{i}", seq, NLM_F_MULTI))
+        if i == READ_BUDGET + 2:
+            kernel.send(addr_msg(1, "198.18.0.5", 32))
+    kernel.send(done(seq))
+    got: list[list[str]] = []
+    while not got or "StatsUpdate" not in got[-1]:
+        events, _, _ = kernel.session.read()
+        got.append([type(e).__name__ for e in events])
+    # 21 datagrams: 19 dump parts, the notification after the 11th, and the end.
+    assert got == [[], ["AddressNew"], ["StatsUpdate"]]
+
+
+def test_anything_but_a_counter_refresh_is_read_to_the_end(kernel: Kernel) -> None:
+    """Notifications, and a stale namespace, are read whole in one go: a dump asked for
+    later must not find older notifications still unread and apply them over its state."""
     sync(kernel)
     n = READ_BUDGET * 2 + 3
     for i in range(n):
         kernel.send(link_msg(100 + i, f"v{i}"))
-    seen: list[int] = []
-    reads = 0
-    while len(seen) < n:
-        events, _, _ = kernel.session.read()
-        assert len(events) <= READ_BUDGET
-        seen += [e.link.index for e in events if isinstance(e, LinkNew)]
-        reads += 1
-    assert seen == [100 + i for i in range(n)]
-    assert reads == 3
+    events, _, _ = kernel.session.read()
+    assert [e.link.index for e in events if isinstance(e, LinkNew)] == [100 + i for i in range(n)]
+    kernel.session.refresh_stats()
+    seq = kernel.answer(RTM_GETLINK)
+    kernel.send(broken_addr())  # the namespace is stale from here
+    for i in range(n):
+        kernel.send(link_msg(100 + i, f"v{i}", seq, NLM_F_MULTI))
+    kernel.send(done(seq))
+    _, _, stale = kernel.session.read()
+    assert stale == DECODE_ERROR
+    assert kernel.session.read() == ([], [], None)  # nothing was left behind
