@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -10,6 +11,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -203,86 +206,85 @@ class _FakeServer:
         self.webs.append(web)
 
 
+@dataclass
+class _ReloadKit:
+    """What ``_reload`` is handed in the tests: the file, its args and config, and fakes."""
+
+    cfg: Path
+    args: Any
+    config: Config
+    engine: ApplyEngine
+    daemon: Any
+    sink: Any
+
+
+@contextlib.contextmanager
+def _reload_kit(tmp_path: Path, text: str) -> Iterator[_ReloadKit]:
+    """A config file holding ``text``, loaded, with a real apply engine and fake consumers."""
+    cfg = tmp_path / "nswatch.yaml"
+    cfg.write_text(text)
+    args = build_parser().parse_args(["run", "--config", str(cfg)])
+    config = load(args)
+    enterer = NetnsEnterer()
+    try:
+        engine = ApplyEngine(config, Model, Applier(enterer, lambda name: None))
+        yield _ReloadKit(cfg, args, config, engine, _FakeDaemon(), _FakeSink())
+    finally:
+        enterer.close()
+
+
 def test_reload_reads_the_web_config_again(tmp_path: Path) -> None:
     """A reload re-reads the web config file the config names (new users take over); a
     broken web config fails the whole reload, and the old config and web config stay."""
     web = tmp_path / "web.yml"
     web.write_text("basic_auth_users: {}\n")
-    cfg = tmp_path / "nswatch.yaml"
-    cfg.write_text(f"web_config_file: {web}\n")
-    args = build_parser().parse_args(["run", "--config", str(cfg)])
-    config = load(args)
-    enterer = NetnsEnterer()
-    try:
-        engine = ApplyEngine(config, Model, Applier(enterer, lambda name: None))
-        daemon: Any = _FakeDaemon()
-        sink: Any = _FakeSink()
+    with _reload_kit(tmp_path, f"web_config_file: {web}\n") as k:
         server: Any = _FakeServer()
+        log = structlog.get_logger()
         hashed = "$2y$04$" + "a" * 53
         web.write_text(f"basic_auth_users:\n  bob: '{hashed}'\n")
-        new = _reload(args, config, daemon, engine, sink, structlog.get_logger(), None, server)
+        new = _reload(k.args, k.config, k.daemon, k.engine, k.sink, log, None, server)
         assert [list(w.users) for w in server.webs] == [["bob"]]
         web.write_text("basic_auth_users: [not, a, mapping]\n")
-        cfg.write_text(f"web_config_file: {web}\nhost_label: other\n")
-        assert _reload(args, new, daemon, engine, sink, structlog.get_logger(), None, server) is new
-        assert len(server.webs) == 1 and engine.config is new
-        assert sink.results == [True, False]
-    finally:
-        enterer.close()
+        k.cfg.write_text(f"web_config_file: {web}\nhost_label: other\n")
+        assert _reload(k.args, new, k.daemon, k.engine, k.sink, log, None, server) is new
+        assert len(server.webs) == 1 and k.engine.config is new
+        assert k.sink.results == [True, False]
 
 
 def test_reload_hands_one_config_to_every_consumer(tmp_path: Path) -> None:
     """A reload gives the daemon, the apply engine and its applier the same new config (a new host_label reaches all); a bad file keeps the old one."""
-    cfg = tmp_path / "nswatch.yaml"
-    cfg.write_text("host_label: host\n")
-    args = build_parser().parse_args(["run", "--config", str(cfg)])
-    config = load(args)
-    enterer = NetnsEnterer()
-    try:
-        engine = ApplyEngine(config, Model, Applier(enterer, lambda name: None))
-        daemon: Any = _FakeDaemon()
-        sink: Any = _FakeSink()
-        cfg.write_text("host_label: root\n")
-        new: Config = _reload(args, config, daemon, engine, sink, structlog.get_logger())
-        assert engine.applier.host_label == "root"
-        assert engine.config is new and new.settings.host_label == "root"
-        assert daemon.settings is new.settings
-        cfg.write_text(DEEP)
-        assert _reload(args, new, daemon, engine, sink, structlog.get_logger()) is new
-        assert engine.applier.host_label == "root"
-        assert sink.results == [True, False]
-    finally:
-        enterer.close()
+    with _reload_kit(tmp_path, "host_label: host\n") as k:
+        log = structlog.get_logger()
+        k.cfg.write_text("host_label: root\n")
+        new: Config = _reload(k.args, k.config, k.daemon, k.engine, k.sink, log)
+        assert k.engine.applier.host_label == "root"
+        assert k.engine.config is new and new.settings.host_label == "root"
+        assert k.daemon.settings is new.settings
+        k.cfg.write_text(DEEP)
+        assert _reload(k.args, new, k.daemon, k.engine, k.sink, log) is new
+        assert k.engine.applier.host_label == "root"
+        assert k.sink.results == [True, False]
 
 
 def test_reload_gives_the_procnet_poller_its_new_interval(tmp_path: Path) -> None:
     """A reload hands a running /proc poller a changed interval; turning it off (or on)
     is said to need a restart and leaves the poller as it was."""
-    cfg = tmp_path / "nswatch.yaml"
-    cfg.write_text("procnet_interval: 30\n")
-    args = build_parser().parse_args(["run", "--config", str(cfg)])
-    config = load(args)
     poller = ProcNetPoller(Model, lambda inode: None, interval=30.0)
-    enterer = NetnsEnterer()
-    try:
-        engine = ApplyEngine(config, Model, Applier(enterer, lambda name: None))
-        daemon: Any = _FakeDaemon()
-        sink: Any = _FakeSink()
+    with _reload_kit(tmp_path, "procnet_interval: 30\n") as k:
         log = structlog.get_logger()
-        cfg.write_text("procnet_interval: 60\n")
-        new = _reload(args, config, daemon, engine, sink, log, None, None, poller)
+        k.cfg.write_text("procnet_interval: 60\n")
+        new = _reload(k.args, k.config, k.daemon, k.engine, k.sink, log, None, None, poller)
         assert poller.interval == 60.0
-        cfg.write_text("procnet_interval: 0\n")
+        k.cfg.write_text("procnet_interval: 0\n")
         with capture_logs() as logs:
-            newer = _reload(args, new, daemon, engine, sink, log, None, None, poller)
+            newer = _reload(k.args, new, k.daemon, k.engine, k.sink, log, None, None, poller)
         assert newer.settings.procnet_interval == 0
         assert poller.interval == 60.0
         assert [e["event"] for e in logs if e["log_level"] == "warning"] == [
             "procnet_change_needs_restart"
         ]
-        assert sink.results == [True, True]
-    finally:
-        enterer.close()
+        assert k.sink.results == [True, True]
 
 
 def _get(url: str) -> tuple[int, bytes]:

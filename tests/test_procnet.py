@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 from nswatch.metrics import MetricsSink
@@ -134,8 +136,9 @@ def test_poller_unreadable_file_is_a_read_error(tmp_path: Path) -> None:
     assert snap.stats[1].netstat["Tcp_RetransSegs"] == 17
 
 
-def test_poller_thread_reads_at_once_then_stops(tmp_path: Path) -> None:
-    """The thread's first pass reads every namespace without waiting for the interval, and stop() ends it."""
+@contextlib.contextmanager
+def _hourly_poller(tmp_path: Path) -> Iterator[ProcNetPoller]:
+    """A started poller of the host, once per hour, after its first pass; stopped after."""
     model = Model()
     model.apply(NamespaceSeen(1, ("host",), is_host=True))
     poller = ProcNetPoller(
@@ -144,9 +147,15 @@ def test_poller_thread_reads_at_once_then_stops(tmp_path: Path) -> None:
     poller.start()
     try:
         wait_for(lambda: poller.snapshot().passes >= 1, timeout=5)
-        assert 1 in poller.snapshot().stats
+        yield poller
     finally:
         poller.stop()
+
+
+def test_poller_thread_reads_at_once_then_stops(tmp_path: Path) -> None:
+    """The thread's first pass reads every namespace without waiting for the interval, and stop() ends it."""
+    with _hourly_poller(tmp_path) as poller:
+        assert 1 in poller.snapshot().stats
     assert poller._thread is not None and not poller._thread.is_alive()
 
 
@@ -180,15 +189,6 @@ def test_sink_starts_the_poller_when_ready_and_stops_it_with_the_daemon() -> Non
 def test_a_new_interval_takes_over_without_waiting_out_the_old_one(tmp_path: Path) -> None:
     """After a reload sets a shorter interval, the next pass comes within it, not after
     the hour the poller was started with (the wait is cut short and measured again)."""
-    model = Model()
-    model.apply(NamespaceSeen(1, ("host",), is_host=True))
-    poller = ProcNetPoller(
-        model.copy, lambda inode: None, interval=3600.0, proc=str(fake_proc(tmp_path))
-    )
-    poller.start()
-    try:
-        wait_for(lambda: poller.snapshot().passes >= 1, timeout=5)
+    with _hourly_poller(tmp_path) as poller:
         poller.set_interval(0.2)
         wait_for(lambda: poller.snapshot().passes >= 3, timeout=5)
-    finally:
-        poller.stop()
