@@ -209,6 +209,15 @@ def test_large_renders_do_not_block_other_connections() -> None:
     assert result == [200]
 
 
+def _slow_reader(srv: HttpServer) -> socket.socket:
+    """A client that asks for /metrics with a 4 KiB receive buffer and reads nothing yet."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(srv.address)
+    s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    return s
+
+
 def test_slow_readers_are_shed_beyond_the_output_budget() -> None:
     """Clients that ask for large documents and never read them are dropped once the
     documents they hold exceed the budget (each render here is a document of its own)."""
@@ -220,11 +229,7 @@ def test_slow_readers_are_shed_beyond_the_output_budget() -> None:
     stalled = []
     try:
         for _ in range(3):
-            s = socket.socket()
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            s.connect(srv.address)
-            s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-            stalled.append(s)
+            stalled.append(_slow_reader(srv))
             time.sleep(0.3)  # rendered and queued, in this order
         host, port = srv.address
         conn = http.client.HTTPConnection(host, port, timeout=10)
@@ -260,12 +265,7 @@ def test_readers_of_one_shared_document_are_not_shed() -> None:
     )
     readers: list[socket.socket] = []
     try:
-        for _ in range(6):
-            s = socket.socket()
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            s.connect(srv.address)
-            s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-            readers.append(s)
+        readers += [_slow_reader(srv) for _ in range(6)]
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if sum(c.phase == "write" for c in srv.table.conns) == 6:
