@@ -14,17 +14,29 @@ seconds per Accept header (1 s in the daemon: a scrape is at most that old).
 
 from __future__ import annotations
 
+import operator
 import threading
 import time
 import zlib
 from collections.abc import Callable, Hashable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from nswatch.model import Link, Model, Namespace
-from nswatch.state import link_refs, namespace_json, state_json, veth_pairs_json
+from nswatch.state import (
+    LINK_SHOWN,
+    addresses_json,
+    link_refs,
+    links_json,
+    namespace_head,
+    namespace_json,
+    routes_json,
+    rules_json,
+    state_json,
+    veth_pairs_json,
+)
 
 # Level 6 (zlib's default) shrinks a 1,000-namespace /metrics about as well
 # as 9 in a third of the time; it runs once per document, not per reader.
@@ -201,18 +213,25 @@ class AgeCache:
 # Namespaces with fewer records than this are serialised whole when they change.
 RECORD_MEMO_MIN = 200
 
+_SECTIONS = ("links", "addresses", "routes", "rules")
+
 
 class StateRenderer:
-    """``state_json`` as bytes, each namespace and record serialised once while unchanged.
+    """``state_json`` as bytes, each namespace, list and record serialised once while unchanged.
 
     A model version differs from the previous one in a few records, but the
-    state document holds all of them (1,000 namespaces: 3 MB, 50-100 ms of
-    Python per render). Namespaces unchanged since the last snapshot are the
-    same objects, and records (links, addresses, routes, rules) are immutable
-    and shared, so each one's JSON is kept as an ``orjson.Fragment`` for as
-    long as it is in the model and what else the JSON shows is unchanged:
-    the names of its namespace's links, and for a link its veth peer and
-    lower device (:func:`nswatch.state.link_refs`).
+    state document holds all of them (1,000 namespaces: 6.7 MB). Namespaces
+    unchanged since the last snapshot are the same objects, and records
+    (links, addresses, routes, rules) are immutable and shared, so a
+    namespace's JSON is kept for as long as its records are the same objects
+    and what else the JSON shows is unchanged: the names of its namespace's
+    links, and for a link its veth peer and lower device
+    (:func:`nswatch.state.link_refs`), which move only with the model's
+    ``refs_version``. A namespace changed in one list (a host with 1,000
+    veths, one of them set down) keeps its other lists, and in a big
+    namespace each record's JSON is kept too. A counter refresh makes new
+    link records that show the same (:data:`nswatch.state.LINK_SHOWN`): it
+    changes no JSON and none is made again.
     Not thread-safe: call under one lock (the state's :class:`VersionCache`).
     """
 
@@ -227,46 +246,12 @@ class StateRenderer:
         """The bytes of ``json_bytes(state_json(model))``."""
         used: dict[int, _NsMemo] = {}
 
-        refs_version = model.refs_version
-
         def namespace(ns: Namespace) -> Any:
-            old = self._memo.get(ns.inode)
-            if old is not None and old.ns is ns and old.refs_version == refs_version:
-                # Unchanged, and nothing it shows of other namespaces moved.
-                used[ns.inode] = old
-                return old.fragment
-            self.inspected += 1
-            names = tuple((i, link.name) for i, link in ns.links.items())
-            refs = tuple(link_refs(model, ns, link) for link in ns.links.values())
-            if old is not None and old.names != names:
-                old = None  # every record showing a link name may be stale
-            if old is not None and old.ns is ns and old.refs == refs:
-                used[ns.inode] = replace(old, refs_version=refs_version)
-                return old.fragment
-            before = old.records if old is not None else {}
-            now: dict[int, tuple[object, object, Any]] = {}
-            if _records(ns) < self.record_memo_min:
-                # Small: made afresh in well under a millisecond, and a
-                # memo would cost more memory than the namespace's JSON.
-                frag = _fragment(namespace_json(model, ns))
-                self.serialised += 1
-                used[ns.inode] = _NsMemo(ns, names, refs, now, frag, refs_version)
-                return frag
+            memo = self._namespace(model, ns, self._memo.get(ns.inode))
+            used[ns.inode] = memo
+            return memo.fragment
 
-            def fragment(record: object, make: Callable[[], dict[str, Any]]) -> Any:
-                deps = link_refs(model, ns, record) if isinstance(record, Link) else None
-                hit = before.get(id(record))
-                if hit is None or hit[0] is not record or hit[1] != deps:
-                    hit = (record, deps, _fragment(make()))
-                    self.serialised += 1
-                now[id(record)] = hit
-                return hit[2]
-
-            frag = _fragment(namespace_json(model, ns, fragment))
-            self.serialised += 1
-            used[ns.inode] = _NsMemo(ns, names, refs, now, frag, refs_version)
-            return frag
-
+        refs_version = model.refs_version
         # The pairs show namespace and link names and who is whose peer:
         # all of it moves only with refs_version.
         if self._pairs is None or self._pairs[0] != refs_version:
@@ -275,6 +260,110 @@ class StateRenderer:
         # Only what this model holds is kept: namespaces and records gone are let go.
         self._memo = used
         return body
+
+    def _namespace(self, model: Model, ns: Namespace, old: _NsMemo | None) -> _NsMemo:
+        """``ns``'s memo: ``old`` if it still holds, else one with what changed made again."""
+        refs_version = model.refs_version
+        if old is not None and old.ns is ns and old.refs_version == refs_version:
+            return old  # unchanged, and nothing it shows of other namespaces moved
+        if old is not None and old.refs_version == refs_version:
+            # No link came, went, was renamed or re-pointed anywhere since
+            # (each bumps refs_version): the names and peers are as they were.
+            names, refs = old.names, old.refs
+        else:
+            self.inspected += 1
+            names = tuple((i, link.name) for i, link in ns.links.items())
+            refs = tuple(link_refs(model, ns, link) for link in ns.links.values())
+            if old is not None and old.names != names:
+                old = None  # every list shows link names: all may be stale
+        lists = (
+            tuple(ns.links.values()),
+            tuple(ns.addresses.values()),
+            tuple(ns.routes.values()),
+            tuple(ns.rules.values()),
+        )
+        head = namespace_head(ns)
+        if old is not None:
+            same = (
+                old.refs == refs and _links_alike(old.lists[0], lists[0]),
+                *(_same_records(a, b) for a, b in zip(old.lists[1:], lists[1:], strict=True)),
+            )
+            if all(same) and old.head == head:
+                return _NsMemo(
+                    ns,
+                    head,
+                    names,
+                    refs,
+                    refs_version,
+                    lists,
+                    old.sections,
+                    old.records,
+                    old.fragment,
+                )
+        else:
+            same = (False,) * len(_SECTIONS)
+        if _records(ns) < self.record_memo_min:
+            # Small: made afresh in well under a millisecond, and a memo of
+            # its lists and records would cost more memory than its JSON.
+            self.serialised += 1
+            return _NsMemo(
+                ns,
+                head,
+                names,
+                refs,
+                refs_version,
+                lists,
+                None,
+                {},
+                _fragment(namespace_json(model, ns)),
+            )
+        before = old.records if old is not None else {}
+        now: dict[object, tuple[object, object, Any]] = {}
+        by_index = dict(zip(ns.links, refs, strict=True))
+
+        def fragment(record: object, make: Callable[[], dict[str, Any]]) -> Any:
+            if isinstance(record, Link):
+                key: object = ("link", record.index)
+                deps: object = by_index[record.index]
+                hit = before.get(key)
+                if hit is not None and hit[1] == deps and _link_alike(hit[0], record):
+                    now[key] = (record, deps, hit[2])
+                    return hit[2]
+            else:
+                key, deps = id(record), None
+                hit = before.get(key)
+                if hit is not None and hit[0] is record:
+                    now[key] = hit
+                    return hit[2]
+            self.serialised += 1
+            now[key] = (record, deps, _fragment(make()))
+            return now[key][2]
+
+        makers: tuple[Callable[[], list[Any]], ...] = (
+            lambda: links_json(model, ns, fragment),
+            lambda: addresses_json(ns, fragment),
+            lambda: routes_json(ns, fragment),
+            lambda: rules_json(ns, fragment),
+        )
+        sections = []
+        for i, make in enumerate(makers):
+            if same[i] and old is not None and old.sections is not None:
+                sections.append(old.sections[i])
+                # Records of a list kept whole stay in the memo too.
+                for record in lists[i]:
+                    if isinstance(record, Link):
+                        kept = before.get(("link", record.index))
+                        if kept is not None:
+                            now["link", record.index] = (record, kept[1], kept[2])
+                    elif id(record) in before:
+                        now[id(record)] = before[id(record)]
+            else:
+                sections.append(_fragment(make()))
+        self.serialised += 1
+        body = {**head, **dict(zip(_SECTIONS, sections, strict=True))}
+        return _NsMemo(
+            ns, head, names, refs, refs_version, lists, tuple(sections), now, _fragment(body)
+        )
 
     def forget(self) -> None:
         """Drop every kept fragment (the next render makes them all again)."""
@@ -286,6 +375,21 @@ def _records(ns: Namespace) -> int:
     return len(ns.links) + len(ns.addresses) + len(ns.routes) + len(ns.rules)
 
 
+def _same_records(a: tuple[object, ...], b: tuple[object, ...]) -> bool:
+    """The same record objects in the same order (equal is not enough: an
+    address's lifetimes, which its JSON shows, are left out of its equality)."""
+    return len(a) == len(b) and all(map(operator.is_, a, b))
+
+
+def _link_alike(a: object, b: Link) -> bool:
+    return a is b or (isinstance(a, Link) and LINK_SHOWN(a) == LINK_SHOWN(b))
+
+
+def _links_alike(a: tuple[object, ...], b: tuple[Link, ...]) -> bool:
+    """The same links, or links that show the same (a counter refresh), in the same order."""
+    return len(a) == len(b) and all(map(_link_alike, a, b))
+
+
 def _fragment(obj: Any) -> Any:
     # orjson leaves its output in a buffer of at least 4 KiB whatever the
     # length; kept for long, a few hundred bytes of JSON would hold 4 KiB
@@ -295,9 +399,15 @@ def _fragment(obj: Any) -> Any:
 
 @dataclass(frozen=True, slots=True)
 class _NsMemo:
+    """A namespace's JSON and what it was made from."""
+
     ns: Namespace
-    names: tuple[tuple[int, str], ...]
-    refs: tuple[tuple[object, object], ...]
-    records: dict[int, tuple[object, object, Any]]  # id(record) -> (record, its refs, fragment)
+    head: dict[str, Any]  # namespace_head(ns)
+    names: tuple[tuple[int, str], ...]  # (index, name) of each link
+    refs: tuple[tuple[object, object], ...]  # link_refs of each link, in ns.links order
+    refs_version: int  # the model's refs_version ``names`` and ``refs`` were taken at
+    lists: tuple[tuple[object, ...], ...]  # the records of each of _SECTIONS, as held
+    sections: tuple[Any, ...] | None  # each list's JSON (big namespaces only)
+    # ("link", index) or id(record) -> (record, its refs, fragment) (big namespaces only)
+    records: dict[object, tuple[object, object, Any]]
     fragment: Any
-    refs_version: int  # the model's refs_version ``refs`` were checked against

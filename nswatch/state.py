@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
+from operator import attrgetter
 from typing import Any
 
 from nswatch.model import Address, Link, Model, Namespace, Route, Rule
@@ -91,6 +92,34 @@ def link_json(model: Model, ns: Namespace, link: Link) -> dict[str, Any]:
     return out
 
 
+# Every field of a Link that link_json shows (besides what link_refs
+# finds): two links alike in these give the same JSON. The counters
+# (``stats``), refreshed every few seconds, are not among them.
+LINK_SHOWN = attrgetter(
+    "index",
+    "name",
+    "kind",
+    "mac",
+    "mtu",
+    "admin_up",
+    "oper_state",
+    "master",
+    "peer_index",
+    "peer_netnsid",
+    "parent_index",
+    "parent_netnsid",
+    "carrier",
+    "carrier_changes",
+    "carrier_up_count",
+    "carrier_down_count",
+    "txqlen",
+    "flags",
+    "promiscuity",
+    "ifalias",
+    "broadcast",
+)
+
+
 def address_json(ns: Namespace, addr: Address) -> dict[str, Any]:
     """One address; ``link`` is the link's name."""
     return {
@@ -158,13 +187,8 @@ def _made(record: object, make: Callable[[], dict[str, Any]]) -> Any:
     return make()
 
 
-def namespace_json(model: Model, ns: Namespace, fragment: Fragment = _made) -> dict[str, Any]:
-    """One namespace with its links, addresses and routes, in stable order.
-
-    ``fragment`` may serve records from a cache: addresses, routes and rules
-    depend only on the record and the names of this namespace's links; links
-    also on :func:`link_refs`.
-    """
+def namespace_head(ns: Namespace) -> dict[str, Any]:
+    """What a namespace's JSON shows before its lists: names, inode, holder, sync."""
     return {
         "name": ns.name,
         "names": list(ns.names),
@@ -183,25 +207,56 @@ def namespace_json(model: Model, ns: Namespace, fragment: Fragment = _made) -> d
             }
         ),
         "synced": ns.synced,
-        "links": [
-            fragment(ns.links[i], partial(link_json, model, ns, ns.links[i]))
-            for i in sorted(ns.links)
-        ],
-        "addresses": [
-            fragment(a, partial(address_json, ns, a))
-            for a in sorted(ns.addresses.values(), key=lambda a: (a.link, a.family, a.address))
-        ],
-        "routes": [
-            fragment(r, partial(route_json, ns, r))
-            for r in sorted(
-                ns.routes.values(),
-                key=lambda r: (r.family, r.table, r.dst, r.priority or 0, str(r.gateway)),
-            )
-        ],
-        "rules": [
-            fragment(r, partial(rule_json, r))
-            for r in sorted(ns.rules.values(), key=lambda r: (r.family, r.priority, repr(r.key)))
-        ],
+    }
+
+
+def links_json(model: Model, ns: Namespace, fragment: Fragment = _made) -> list[Any]:
+    """A namespace's links, by index."""
+    return [
+        fragment(ns.links[i], partial(link_json, model, ns, ns.links[i])) for i in sorted(ns.links)
+    ]
+
+
+def addresses_json(ns: Namespace, fragment: Fragment = _made) -> list[Any]:
+    """A namespace's addresses, by link, family and address."""
+    return [
+        fragment(a, partial(address_json, ns, a))
+        for a in sorted(ns.addresses.values(), key=lambda a: (a.link, a.family, a.address))
+    ]
+
+
+def routes_json(ns: Namespace, fragment: Fragment = _made) -> list[Any]:
+    """A namespace's routes, by family, table, destination, priority and gateway."""
+    return [
+        fragment(r, partial(route_json, ns, r))
+        for r in sorted(
+            ns.routes.values(),
+            key=lambda r: (r.family, r.table, r.dst, r.priority or 0, str(r.gateway)),
+        )
+    ]
+
+
+def rules_json(ns: Namespace, fragment: Fragment = _made) -> list[Any]:
+    """A namespace's policy routing rules, by family and priority."""
+    return [
+        fragment(r, partial(rule_json, r))
+        for r in sorted(ns.rules.values(), key=lambda r: (r.family, r.priority, repr(r.key)))
+    ]
+
+
+def namespace_json(model: Model, ns: Namespace, fragment: Fragment = _made) -> dict[str, Any]:
+    """One namespace with its links, addresses, routes and rules, in stable order.
+
+    ``fragment`` may serve records from a cache: addresses, routes and rules
+    depend only on the record and the names of this namespace's links; links
+    also on :func:`link_refs`.
+    """
+    return {
+        **namespace_head(ns),
+        "links": links_json(model, ns, fragment),
+        "addresses": addresses_json(ns, fragment),
+        "routes": routes_json(ns, fragment),
+        "rules": rules_json(ns, fragment),
     }
 
 
