@@ -14,11 +14,12 @@ seconds per Accept header (1 s in the daemon: a scrape is at most that old).
 
 from __future__ import annotations
 
+import bisect
 import operator
 import threading
 import time
 import zlib
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,13 +28,16 @@ import orjson
 from nswatch.model import Link, Model, Namespace
 from nswatch.state import (
     LINK_SHOWN,
-    addresses_json,
+    address_json,
+    address_order,
+    link_json,
     link_refs,
-    links_json,
     namespace_head,
     namespace_json,
-    routes_json,
-    rules_json,
+    route_json,
+    route_order,
+    rule_json,
+    rule_order,
     state_json,
     veth_pairs_json,
 )
@@ -235,8 +239,11 @@ class StateRenderer:
     Not thread-safe: call under one lock (the state's :class:`VersionCache`).
     """
 
-    def __init__(self, record_memo_min: int = RECORD_MEMO_MIN) -> None:
+    def __init__(self, record_memo_min: int = RECORD_MEMO_MIN, insert_max: int = 16) -> None:
         self.record_memo_min = record_memo_min
+        # New records put in place one by one up to this many (or an eighth
+        # of the list); more, and the list is sorted again.
+        self.insert_max = insert_max
         self._memo: dict[int, _NsMemo] = {}  # by inode
         self._pairs: tuple[int, Any] | None = None  # (refs_version, veth_pairs fragment)
         self.serialised = 0  # namespaces and records serialised afresh, for tests
@@ -297,7 +304,6 @@ class StateRenderer:
                     refs_version,
                     lists,
                     old.sections,
-                    old.records,
                     old.fragment,
                 )
         else:
@@ -314,56 +320,64 @@ class StateRenderer:
                 refs_version,
                 lists,
                 None,
-                {},
                 _fragment(namespace_json(model, ns)),
             )
-        before = old.records if old is not None else {}
-        now: dict[object, tuple[object, object, Any]] = {}
         by_index = dict(zip(ns.links, refs, strict=True))
-
-        def fragment(record: object, make: Callable[[], dict[str, Any]]) -> Any:
-            if isinstance(record, Link):
-                key: object = ("link", record.index)
-                deps: object = by_index[record.index]
-                hit = before.get(key)
-                if hit is not None and hit[1] == deps and _link_alike(hit[0], record):
-                    now[key] = (record, deps, hit[2])
-                    return hit[2]
-            else:
-                key, deps = id(record), None
-                hit = before.get(key)
-                if hit is not None and hit[0] is record:
-                    now[key] = hit
-                    return hit[2]
-            self.serialised += 1
-            now[key] = (record, deps, _fragment(make()))
-            return now[key][2]
-
-        makers: tuple[Callable[[], list[Any]], ...] = (
-            lambda: links_json(model, ns, fragment),
-            lambda: addresses_json(ns, fragment),
-            lambda: routes_json(ns, fragment),
-            lambda: rules_json(ns, fragment),
+        kinds = (
+            _Kind(_link_order, lambda r: link_json(model, ns, r), by_index),
+            _Kind(address_order, lambda r: address_json(ns, r)),
+            _Kind(route_order, lambda r: route_json(ns, r)),
+            _Kind(rule_order, rule_json),
         )
         sections = []
-        for i, make in enumerate(makers):
-            if same[i] and old is not None and old.sections is not None:
-                sections.append(old.sections[i])
-                # Records of a list kept whole stay in the memo too.
-                for record in lists[i]:
-                    if isinstance(record, Link):
-                        kept = before.get(("link", record.index))
-                        if kept is not None:
-                            now["link", record.index] = (record, kept[1], kept[2])
-                    elif id(record) in before:
-                        now[id(record)] = before[id(record)]
-            else:
-                sections.append(_fragment(make()))
+        for i, kind in enumerate(kinds):
+            prior = old.sections[i] if old is not None and old.sections is not None else None
+            if same[i] and prior is not None:
+                sections.append(prior)
+                continue
+            entries = self._entries(lists[i], prior[1] if prior is not None else None, kind)
+            sections.append((_fragment([e[3] for e in entries]), entries))
         self.serialised += 1
-        body = {**head, **dict(zip(_SECTIONS, sections, strict=True))}
-        return _NsMemo(
-            ns, head, names, refs, refs_version, lists, tuple(sections), now, _fragment(body)
-        )
+        body = {**head, **{name: sec[0] for name, sec in zip(_SECTIONS, sections, strict=True)}}
+        return _NsMemo(ns, head, names, refs, refs_version, lists, tuple(sections), _fragment(body))
+
+    def _entries(
+        self, records: tuple[Any, ...], prior: list[_Entry] | None, kind: _Kind
+    ) -> list[_Entry]:
+        """One list's entries in order: ``prior``'s where they still hold, the rest made."""
+        deps_of = kind.deps
+        if prior is not None:
+            # A few records came or went (a link set down: its own two
+            # routes and address, among a host's thousands): the rest keep
+            # their place, and the new ones are put in theirs.
+            ids = {id(r) for r in records}
+            kept = [
+                e
+                for e in prior
+                if id(e[1]) in ids and (deps_of is None or deps_of[e[1].index] == e[2])
+            ]
+            if len(records) - len(kept) <= max(self.insert_max, len(records) // 8):
+                have = {id(e[1]) for e in kept}
+                for r in records:
+                    if id(r) not in have:
+                        e = self._entry(r, kind, None)
+                        kept.insert(bisect.bisect_right(kept, e[0], key=_first), e)
+                return kept
+        # Many changed (a counter refresh made every link anew): sort them
+        # all, reusing the JSON of each record that still shows the same.
+        before: dict[object, _Entry] = {}
+        if prior is not None:
+            before = {_memo_key(e[1]): e for e in prior}
+        out = [self._entry(r, kind, before.get(_memo_key(r))) for r in records]
+        out.sort(key=_first)
+        return out
+
+    def _entry(self, record: Any, kind: _Kind, was: _Entry | None) -> _Entry:
+        deps = kind.deps[record.index] if kind.deps is not None else None
+        if was is not None and was[2] == deps and _record_alike(was[1], record):
+            return (was[0], record, deps, was[3])
+        self.serialised += 1
+        return (kind.order(record), record, deps, _fragment(kind.make(record)))
 
     def forget(self) -> None:
         """Drop every kept fragment (the next render makes them all again)."""
@@ -397,6 +411,37 @@ def _fragment(obj: Any) -> Any:
     return orjson.Fragment(bytes(memoryview(orjson.dumps(obj))))
 
 
+# (place in its list, record, what of other links it shows, its JSON)
+_Entry = tuple[Any, Any, object, Any]
+
+
+def _first(e: _Entry) -> Any:
+    return e[0]
+
+
+def _link_order(link: Link) -> int:
+    return link.index
+
+
+def _memo_key(record: object) -> object:
+    # A link's JSON may be kept across a new record for the same link
+    # (a counter refresh); other records' only while they are the same object.
+    return ("link", record.index) if isinstance(record, Link) else id(record)
+
+
+def _record_alike(a: object, b: object) -> bool:
+    return a is b or (isinstance(b, Link) and _link_alike(a, b))
+
+
+@dataclass(frozen=True, slots=True)
+class _Kind:
+    """How one of a namespace's lists is ordered and made, and (links) each record's refs."""
+
+    order: Callable[[Any], Any]
+    make: Callable[[Any], dict[str, Any]]
+    deps: Mapping[int, object] | None = None  # link index -> link_refs (links only)
+
+
 @dataclass(frozen=True, slots=True)
 class _NsMemo:
     """A namespace's JSON and what it was made from."""
@@ -407,7 +452,6 @@ class _NsMemo:
     refs: tuple[tuple[object, object], ...]  # link_refs of each link, in ns.links order
     refs_version: int  # the model's refs_version ``names`` and ``refs`` were taken at
     lists: tuple[tuple[object, ...], ...]  # the records of each of _SECTIONS, as held
-    sections: tuple[Any, ...] | None  # each list's JSON (big namespaces only)
-    # ("link", index) or id(record) -> (record, its refs, fragment) (big namespaces only)
-    records: dict[object, tuple[object, object, Any]]
+    # Each list's JSON and its entries in order (big namespaces only).
+    sections: tuple[tuple[Any, list[_Entry]], ...] | None
     fragment: Any

@@ -210,6 +210,34 @@ def namespace_head(ns: Namespace) -> dict[str, Any]:
     }
 
 
+# Each list's order is total (no two records of a namespace sort alike), so
+# it does not depend on the order the kernel reported them in, and a
+# renderer may keep a sorted list and insert what is new.
+def address_order(a: Address) -> tuple[object, ...]:
+    """Where an address goes in its namespace's list: by link, family, address, prefix."""
+    return (a.link, a.family, a.address, a.prefixlen)
+
+
+def route_order(r: Route) -> tuple[object, ...]:
+    """Where a route goes: by family, table, destination, metric, gateway, then the rest."""
+    return (
+        r.family,
+        r.table,
+        r.dst,
+        -1 if r.priority is None else r.priority,
+        str(r.gateway),
+        -1 if r.dev is None else r.dev,
+        r.tos,
+        r.type,
+        str([(nh.gateway, nh.dev, nh.weight) for nh in r.nexthops]) if r.nexthops else "",
+    )
+
+
+def rule_order(r: Rule) -> tuple[object, ...]:
+    """Where a rule goes: by family and priority, then its whole key."""
+    return (r.family, r.priority, repr(r.key))
+
+
 def links_json(model: Model, ns: Namespace, fragment: Fragment = _made) -> list[Any]:
     """A namespace's links, by index."""
     return [
@@ -218,30 +246,23 @@ def links_json(model: Model, ns: Namespace, fragment: Fragment = _made) -> list[
 
 
 def addresses_json(ns: Namespace, fragment: Fragment = _made) -> list[Any]:
-    """A namespace's addresses, by link, family and address."""
+    """A namespace's addresses, in :func:`address_order`."""
     return [
         fragment(a, partial(address_json, ns, a))
-        for a in sorted(ns.addresses.values(), key=lambda a: (a.link, a.family, a.address))
+        for a in sorted(ns.addresses.values(), key=address_order)
     ]
 
 
 def routes_json(ns: Namespace, fragment: Fragment = _made) -> list[Any]:
-    """A namespace's routes, by family, table, destination, priority and gateway."""
+    """A namespace's routes, in :func:`route_order`."""
     return [
-        fragment(r, partial(route_json, ns, r))
-        for r in sorted(
-            ns.routes.values(),
-            key=lambda r: (r.family, r.table, r.dst, r.priority or 0, str(r.gateway)),
-        )
+        fragment(r, partial(route_json, ns, r)) for r in sorted(ns.routes.values(), key=route_order)
     ]
 
 
 def rules_json(ns: Namespace, fragment: Fragment = _made) -> list[Any]:
-    """A namespace's policy routing rules, by family and priority."""
-    return [
-        fragment(r, partial(rule_json, r))
-        for r in sorted(ns.rules.values(), key=lambda r: (r.family, r.priority, repr(r.key)))
-    ]
+    """A namespace's policy routing rules, in :func:`rule_order`."""
+    return [fragment(r, partial(rule_json, r)) for r in sorted(ns.rules.values(), key=rule_order)]
 
 
 def namespace_json(model: Model, ns: Namespace, fragment: Fragment = _made) -> dict[str, Any]:

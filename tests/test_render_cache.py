@@ -9,6 +9,7 @@ import threading
 import tracemalloc
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields, replace
+from typing import Any, cast
 
 import orjson
 import pytest
@@ -401,7 +402,7 @@ def test_link_shown_names_every_field_link_json_shows() -> None:
             other = LinkStats(42)
         else:
             other = f"x-{f.name}" if f.name not in ("master",) else 1
-        changed = replace(link, **{f.name: other})
+        changed = replace(link, **cast(dict[str, Any], {f.name: other}))
         same = link_json(live, ns, changed) == link_json(live, ns, link)
         assert same == (f.name not in shown), f.name
 
@@ -499,7 +500,10 @@ def test_state_renderer_equals_the_plain_render_whatever_happens(data: st.DataOb
     addresses (and their lifetimes), routes, rules, namespaces renamed, re-held and going,
     the cached render equals ``state_json`` of the same view."""
     live = synthetic(6)
-    renderer = StateRenderer(record_memo_min=data.draw(st.sampled_from([0, 10_000])))
+    renderer = StateRenderer(
+        record_memo_min=data.draw(st.sampled_from([0, 10_000])),
+        insert_max=data.draw(st.sampled_from([0, 16])),
+    )
     view = live.snapshot()
     _same_as_plain(renderer, view)
     for _ in range(data.draw(st.integers(1, 20))):
