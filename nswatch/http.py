@@ -456,7 +456,14 @@ IDLE, HANDSHAKE, HEAD, BODY, WRITE, BUSY = "idle", "handshake", "head", "body", 
 # An event stream gives way like a slow reader: it resumes where it left off.
 STREAM = "stream"
 _SHED_ORDER = ((IDLE,), (HANDSHAKE, HEAD, BODY), (WRITE, STREAM))
-_WRITE_PIECE = 256 * 1024
+# A body goes to the transport this much at a time, each reader in turn.
+# Each piece costs the HTTP thread a trip through the GIL, which the
+# renders and the event loop also want: with 16 readers of a 6.7 MB state,
+# 1 MiB pieces served 1.6 times the GETs of 256 KiB ones and the probe's
+# median GET fell from 94-133 to 75-88 ms (tests/bench/bench_readers.py,
+# three interleaved runs each, 2026-12-05). A piece the socket does not
+# take at once is copied into the transport: at most this much per reader.
+_WRITE_PIECE = 1024 * 1024
 
 
 class Connection:

@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from nswatch.config import render_host_name
+from tests.bench import scene
 from tests.bench.scene import free_port, parallel_batches, spawn_nswatch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -98,14 +99,11 @@ def ip_batch(lines: list[str], force: bool = False) -> float:
 
 
 def own_namespaces() -> list[str]:
-    if not os.path.isdir(NETNS_DIR):
-        return []
-    return sorted(n for n in os.listdir(NETNS_DIR) if n.startswith(PREFIX))
+    return scene.own_namespaces(PREFIX)
 
 
 def own_host_links() -> list[str]:
-    out = json.loads(run(["ip", "-j", "link", "show"]) or "[]")
-    return [str(link["ifname"]) for link in out if str(link["ifname"]).startswith(PREFIX)]
+    return scene.own_host_links(PREFIX)
 
 
 def sweep(wait: float = 60.0) -> None:

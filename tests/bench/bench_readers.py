@@ -81,9 +81,7 @@ def host_end(i: int) -> str:
 
 
 def own() -> tuple[list[str], list[str]]:
-    names = sorted(n for n in os.listdir(scene.NETNS_DIR) if n.startswith(PREFIX))
-    links = json.loads(scene.run(["ip", "-j", "link", "show"]) or "[]")
-    return names, [str(x["ifname"]) for x in links if str(x["ifname"]).startswith(PREFIX)]
+    return scene.own_namespaces(PREFIX), scene.own_host_links(PREFIX)
 
 
 def sweep() -> None:

@@ -139,17 +139,17 @@ def parallel_batches(files: dict[str, str], jobs: int = 0) -> float:
         os.unlink(script)
 
 
-def own_namespaces() -> list[str]:
-    """Namespaces in /run/netns with our prefix."""
+def own_namespaces(prefix: str = PREFIX) -> list[str]:
+    """Namespaces in /run/netns named with ``prefix`` (a fresh boot has no /run/netns)."""
     if not os.path.isdir(NETNS_DIR):
         return []
-    return sorted(n for n in os.listdir(NETNS_DIR) if n.startswith(PREFIX))
+    return sorted(n for n in os.listdir(NETNS_DIR) if n.startswith(prefix))
 
 
-def own_host_links() -> list[str]:
-    """Host links with our prefix."""
+def own_host_links(prefix: str = PREFIX) -> list[str]:
+    """Host links named with ``prefix``."""
     out = json.loads(run(["ip", "-j", "link", "show"]) or "[]")
-    return [str(link["ifname"]) for link in out if str(link["ifname"]).startswith(PREFIX)]
+    return [str(link["ifname"]) for link in out if str(link["ifname"]).startswith(prefix)]
 
 
 def sweep(wait: float = 30.0) -> None:
