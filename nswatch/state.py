@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
 from operator import attrgetter
 from typing import Any
 
 from nswatch.model import Address, Link, Model, Namespace, Route, Rule
-
-Fragment = Callable[[object, Callable[[], dict[str, Any]]], Any]
-"""Given a record (link, address, route, rule) and how to make its JSON: that
-JSON, or anything that serialises the same (a cache's pre-serialised fragment)."""
 
 TABLE_NAMES = {253: "default", 254: "main", 255: "local"}
 # IFF_* bits as `ip link` names them (RUNNING too, which `ip` folds into NO-CARRIER).
@@ -183,10 +178,6 @@ def rule_json(rule: Rule) -> dict[str, Any]:
     }
 
 
-def _made(record: object, make: Callable[[], dict[str, Any]]) -> Any:
-    return make()
-
-
 def namespace_head(ns: Namespace) -> dict[str, Any]:
     """What a namespace's JSON shows before its lists: names, inode, holder, sync."""
     return {
@@ -238,46 +229,39 @@ def rule_order(r: Rule) -> tuple[object, ...]:
     return (r.family, r.priority, repr(r.key))
 
 
-def links_json(model: Model, ns: Namespace, fragment: Fragment = _made) -> list[Any]:
+def links_json(model: Model, ns: Namespace) -> list[dict[str, Any]]:
     """A namespace's links, by index."""
-    return [
-        fragment(ns.links[i], partial(link_json, model, ns, ns.links[i])) for i in sorted(ns.links)
-    ]
+    return [link_json(model, ns, ns.links[i]) for i in sorted(ns.links)]
 
 
-def addresses_json(ns: Namespace, fragment: Fragment = _made) -> list[Any]:
+def addresses_json(ns: Namespace) -> list[dict[str, Any]]:
     """A namespace's addresses, in :func:`address_order`."""
-    return [
-        fragment(a, partial(address_json, ns, a))
-        for a in sorted(ns.addresses.values(), key=address_order)
-    ]
+    return [address_json(ns, a) for a in sorted(ns.addresses.values(), key=address_order)]
 
 
-def routes_json(ns: Namespace, fragment: Fragment = _made) -> list[Any]:
+def routes_json(ns: Namespace) -> list[dict[str, Any]]:
     """A namespace's routes, in :func:`route_order`."""
-    return [
-        fragment(r, partial(route_json, ns, r)) for r in sorted(ns.routes.values(), key=route_order)
-    ]
+    return [route_json(ns, r) for r in sorted(ns.routes.values(), key=route_order)]
 
 
-def rules_json(ns: Namespace, fragment: Fragment = _made) -> list[Any]:
+def rules_json(ns: Namespace) -> list[dict[str, Any]]:
     """A namespace's policy routing rules, in :func:`rule_order`."""
-    return [fragment(r, partial(rule_json, r)) for r in sorted(ns.rules.values(), key=rule_order)]
+    return [rule_json(r) for r in sorted(ns.rules.values(), key=rule_order)]
 
 
-def namespace_json(model: Model, ns: Namespace, fragment: Fragment = _made) -> dict[str, Any]:
-    """One namespace with its links, addresses, routes and rules, in stable order.
+def namespace_json(model: Model, ns: Namespace) -> dict[str, Any]:
+    """One namespace with its links, addresses, routes and rules, each list in its order.
 
-    ``fragment`` may serve records from a cache: addresses, routes and rules
-    depend only on the record and the names of this namespace's links; links
-    also on :func:`link_refs`.
+    A renderer may keep each part apart (:mod:`nswatch.render_cache`):
+    addresses, routes and rules depend only on the record and the names of
+    this namespace's links; links also on :func:`link_refs`.
     """
     return {
         **namespace_head(ns),
-        "links": links_json(model, ns, fragment),
-        "addresses": addresses_json(ns, fragment),
-        "routes": routes_json(ns, fragment),
-        "rules": rules_json(ns, fragment),
+        "links": links_json(model, ns),
+        "addresses": addresses_json(ns),
+        "routes": routes_json(ns),
+        "rules": rules_json(ns),
     }
 
 
