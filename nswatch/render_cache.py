@@ -290,38 +290,24 @@ class StateRenderer:
             tuple(ns.rules.values()),
         )
         head = namespace_head(ns)
+
+        def memo(sections: tuple[tuple[Any, list[_Entry]], ...] | None, fragment: Any) -> _NsMemo:
+            return _NsMemo(ns, head, names, refs, refs_version, lists, sections, fragment)
+
         if old is not None:
             same = (
                 old.refs == refs and _links_alike(old.lists[0], lists[0]),
                 *(_same_records(a, b) for a, b in zip(old.lists[1:], lists[1:], strict=True)),
             )
             if all(same) and old.head == head:
-                return _NsMemo(
-                    ns,
-                    head,
-                    names,
-                    refs,
-                    refs_version,
-                    lists,
-                    old.sections,
-                    old.fragment,
-                )
+                return memo(old.sections, old.fragment)
         else:
             same = (False,) * len(_SECTIONS)
         if _records(ns) < self.record_memo_min:
             # Small: made afresh in well under a millisecond, and a memo of
             # its lists and records would cost more memory than its JSON.
             self.serialised += 1
-            return _NsMemo(
-                ns,
-                head,
-                names,
-                refs,
-                refs_version,
-                lists,
-                None,
-                _fragment(namespace_json(model, ns)),
-            )
+            return memo(None, _fragment(namespace_json(model, ns)))
         by_index = dict(zip(ns.links, refs, strict=True))
         kinds = (
             _Kind(_link_order, lambda r: link_json(model, ns, r), by_index),
@@ -339,7 +325,7 @@ class StateRenderer:
             sections.append((_fragment([e[3] for e in entries]), entries))
         self.serialised += 1
         body = {**head, **{name: sec[0] for name, sec in zip(_SECTIONS, sections, strict=True)}}
-        return _NsMemo(ns, head, names, refs, refs_version, lists, tuple(sections), _fragment(body))
+        return memo(tuple(sections), _fragment(body))
 
     def _entries(
         self, records: tuple[Any, ...], prior: list[_Entry] | None, kind: _Kind
