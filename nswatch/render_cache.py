@@ -31,6 +31,7 @@ from nswatch.state import (
     address_json,
     address_order,
     link_json,
+    link_order,
     link_refs,
     namespace_head,
     namespace_json,
@@ -310,7 +311,7 @@ class StateRenderer:
             return memo(None, _fragment(namespace_json(model, ns)))
         by_index = dict(zip(ns.links, refs, strict=True))
         kinds = (
-            _Kind(_link_order, lambda r: link_json(model, ns, r), by_index),
+            _Kind(link_order, lambda r: link_json(model, ns, r), by_index),
             _Kind(address_order, lambda r: address_json(ns, r)),
             _Kind(route_order, lambda r: route_json(ns, r)),
             _Kind(rule_order, rule_json),
@@ -411,10 +412,6 @@ _Entry = tuple[Any, Any, object, Any]
 
 def _first(e: _Entry) -> Any:
     return e[0]
-
-
-def _link_order(link: Link) -> int:
-    return link.index
 
 
 def _memo_key(record: object) -> object:

@@ -204,6 +204,11 @@ def namespace_head(ns: Namespace) -> dict[str, Any]:
 # Each list's order is total (no two records of a namespace sort alike), so
 # it does not depend on the order the kernel reported them in, and a
 # renderer may keep a sorted list and insert what is new.
+def link_order(link: Link) -> int:
+    """Where a link goes in its namespace's list: by index."""
+    return link.index
+
+
 def address_order(a: Address) -> tuple[object, ...]:
     """Where an address goes in its namespace's list: by link, family, address, prefix."""
     return (a.link, a.family, a.address, a.prefixlen)
@@ -230,8 +235,8 @@ def rule_order(r: Rule) -> tuple[object, ...]:
 
 
 def links_json(model: Model, ns: Namespace) -> list[dict[str, Any]]:
-    """A namespace's links, by index."""
-    return [link_json(model, ns, ns.links[i]) for i in sorted(ns.links)]
+    """A namespace's links, in :func:`link_order`."""
+    return [link_json(model, ns, link) for link in sorted(ns.links.values(), key=link_order)]
 
 
 def addresses_json(ns: Namespace) -> list[dict[str, Any]]:
