@@ -1016,15 +1016,16 @@ def machine() -> dict[str, Any]:
 
 @contextlib.contextmanager
 def guarded() -> Iterator[None]:
-    """Leave nothing behind, even on Ctrl-C."""
-    scene.sweep()
-    try:
-        yield
-    finally:
+    """Leave nothing behind, even on Ctrl-C; one run at a time."""
+    with scene.exclusive():
         scene.sweep()
-        left = scene.own_namespaces() + scene.own_host_links()
-        if left:
-            log(f"WARNING: left behind: {left}")
+        try:
+            yield
+        finally:
+            scene.sweep()
+            left = scene.own_namespaces() + scene.own_host_links()
+            if left:
+                log(f"WARNING: left behind: {left}")
 
 
 def main(argv: list[str] | None = None) -> int:

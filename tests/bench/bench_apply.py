@@ -466,17 +466,18 @@ def drift(nsw: Nswatch, n: int, counts: list[int]) -> list[dict[str, Any]]:
 
 @contextlib.contextmanager
 def guarded() -> Iterator[None]:
-    """Leave nothing behind, even on Ctrl-C or a failure."""
-    sweep()
-    run(["ip", "link", "del", FLAP[0]], check=False)
-    try:
-        yield
-    finally:
-        run(["ip", "link", "del", FLAP[0]], check=False)
+    """Leave nothing behind, even on Ctrl-C or a failure; one run at a time."""
+    with scene.exclusive(PREFIX):
         sweep()
-        left = own_namespaces() + own_host_links()
-        if left:
-            log(f"WARNING: left behind: {left}")
+        run(["ip", "link", "del", FLAP[0]], check=False)
+        try:
+            yield
+        finally:
+            run(["ip", "link", "del", FLAP[0]], check=False)
+            sweep()
+            left = own_namespaces() + own_host_links()
+            if left:
+                log(f"WARNING: left behind: {left}")
 
 
 def table(r: dict[str, Any]) -> str:

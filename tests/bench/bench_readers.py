@@ -477,14 +477,15 @@ def main(argv: list[str] | None = None) -> int:
             args.pause,
         )
         return 0
-    sweep()
-    try:
-        res = run(args)
-    finally:
+    with scene.exclusive(PREFIX):
         sweep()
-        names, links = own()
-        if names or links:
-            log(f"WARNING: left behind {names[:5]} {links[:5]}")
+        try:
+            res = run(args)
+        finally:
+            sweep()
+            names, links = own()
+            if names or links:
+                log(f"WARNING: left behind {names[:5]} {links[:5]}")
     print(json.dumps(res, indent=2))
     ok: Callable[[float, float], str] = lambda v, t: "ok" if v < t else "MISSED"  # noqa: E731
     print(

@@ -14,7 +14,9 @@ Everything here is named with :data:`PREFIX` (``nswB``) and uses only
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
 import ipaddress
 import json
 import os
@@ -25,7 +27,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -150,6 +152,23 @@ def own_host_links(prefix: str = PREFIX) -> list[str]:
     """Host links named with ``prefix``."""
     out = json.loads(run(["ip", "-j", "link", "show"]) or "[]")
     return [str(link["ifname"]) for link in out if str(link["ifname"]).startswith(prefix)]
+
+
+@contextlib.contextmanager
+def exclusive(prefix: str = PREFIX) -> Iterator[None]:
+    """Hold the lock of ``prefix``'s objects; a second run with the same prefix stops at once.
+
+    Each run sweeps its prefix before and after: a second run started while
+    one is under way would delete the first one's namespaces under it.
+    """
+    with open(f"/run/lock/nswatch-bench-{prefix}.lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            raise SystemExit(
+                f"another benchmark run is using the prefix {prefix}: wait for it"
+            ) from e
+        yield
 
 
 def sweep(wait: float = 30.0) -> None:
