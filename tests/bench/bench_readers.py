@@ -16,7 +16,12 @@ run`` as a child process watching only them (``--include ^nswK``), then:
    its ``link_changed`` log line (after applying the change to its model;
    the kernel's receive timestamp on the TCP socket that is its stderr);
    each GET's duration; RSS sampled every 0.1 s, and the peak (VmHWM);
-3. after: RSS 20 s after the readers stopped.
+3. after: RSS 20 s after the readers stopped;
+4. the floor (``--peer nginx``, the default): the same readers and probe,
+   for as long, against nginx serving the very documents nswatch last
+   served (the state, and /metrics gzipped) as static files with sendfile,
+   one worker per core: what this machine and these clients allow any
+   server, so nswatch's figures are also given as ratios to it.
 
 Everything it creates is removed at the end (and leftovers first).
 """
@@ -29,6 +34,7 @@ import http.client
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import struct
@@ -37,7 +43,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -355,6 +361,143 @@ class RssSampler:
         return self.samples
 
 
+NGINX_CONF = """\
+worker_processes {workers};
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log;
+daemon off;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  sendfile on;
+  tcp_nopush on;
+  keepalive_requests 1000000;
+  keepalive_timeout 120;
+  client_body_temp_path {tmp}/temp;
+  proxy_temp_path {tmp}/temp;
+  fastcgi_temp_path {tmp}/temp;
+  uwsgi_temp_path {tmp}/temp;
+  scgi_temp_path {tmp}/temp;
+  server {{
+    listen 127.0.0.1:{port};
+    location = /api/v1/state {{ default_type application/json; alias {tmp}/state.json; }}
+    location = /metrics {{
+      default_type text/plain;
+      add_header Content-Encoding gzip;
+      alias {tmp}/metrics.gz;
+    }}
+  }}
+}}
+"""
+
+
+def fetch(port: int, path: str, gzip: bool = False) -> bytes:
+    """One GET's body (gzip as sent, if asked for)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request("GET", path, headers={"Accept-Encoding": "gzip"} if gzip else {})
+        resp = conn.getresponse()
+        body = resp.read()
+        if resp.status != 200:
+            raise RuntimeError(f"GET {path}: {resp.status}")
+        return body
+    finally:
+        conn.close()
+
+
+@contextlib.contextmanager
+def nginx_peer(state: bytes, metrics_gz: bytes) -> Iterator[int]:
+    """nginx serving ``state`` and ``metrics_gz`` (sent as gzip) on a free port."""
+    if shutil.which("nginx") is None:
+        raise SystemExit("--peer nginx needs nginx: apt-get install nginx-light (or --peer none)")
+    tmp = tempfile.mkdtemp(prefix="nswK-nginx-")
+    # nginx's workers run as an unprivileged user: they must be able to read.
+    os.chmod(tmp, 0o755)
+    proc = None
+    try:
+        os.mkdir(os.path.join(tmp, "temp"))
+        Path(tmp, "state.json").write_bytes(state)
+        Path(tmp, "metrics.gz").write_bytes(metrics_gz)
+        port = free_port()
+        conf = Path(tmp, "nginx.conf")
+        conf.write_text(NGINX_CONF.format(workers=os.cpu_count() or 1, tmp=tmp, port=port))
+        proc = subprocess.Popen(["nginx", "-c", str(conf)], stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(OSError):
+                if fetch(port, "/api/v1/state") == state:
+                    break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"nginx did not start (see {tmp}/error.log)")
+            time.sleep(0.05)
+        yield port
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(10)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class Readers:
+    """The looping readers' process and the probe's, against one port (module docstring)."""
+
+    def __init__(self, port: int, args: argparse.Namespace) -> None:
+        self.out = tempfile.mktemp(prefix="nswK-readers-", suffix=".json")
+        self.probe_out = tempfile.mktemp(prefix="nswK-probe-", suffix=".json")
+        me = [sys.executable, "-m", "tests.bench.bench_readers", "--child", str(port)]
+        self.child = subprocess.Popen(
+            [*me, self.out, "--state-clients", str(args.state_clients)]
+            + ["--metrics-clients", str(args.metrics_clients)]
+            + (["--state-gzip"] if args.state_gzip else []),
+            cwd=ROOT,
+        )
+        # One more client in a process of its own, a GET every 0.2 s: how
+        # long the server takes to answer, without 20 client threads
+        # sharing one interpreter's lock on the reading side.
+        self.probe = subprocess.Popen(
+            [*me, self.probe_out, "--state-clients", "1", "--metrics-clients", "0"]
+            + ["--pause", "0.2"]
+            + (["--state-gzip"] if args.probe_gzip else []),
+            cwd=ROOT,
+        )
+
+    def stop(self) -> dict[str, Any]:
+        """Stop both; each path's GET figures, and the probe's."""
+        for c in (self.child, self.probe):
+            c.send_signal(signal.SIGTERM)
+        self.child.wait(120)
+        self.probe.wait(120)
+        with open(self.out) as f:
+            got = json.load(f)
+        with open(self.probe_out) as f:
+            probe_got = json.load(f)
+        os.unlink(self.out)
+        os.unlink(self.probe_out)
+        probed = probe_got["times"]["/api/v1/state"]
+        probe_heads = probe_got["heads"]["/api/v1/state"]
+        res: dict[str, Any] = {
+            "probe /api/v1/state": {
+                "requests": len(probed),
+                "p50_ms": pct(probed, 50),
+                "p99_ms": pct(probed, 99),
+                "max_ms": max(probed, default=float("nan")),
+                "head_p50_ms": pct(probe_heads, 50),
+                "head_p99_ms": pct(probe_heads, 99),
+            }
+        }
+        for path, xs in got["times"].items():
+            res[f"get {path}"] = {
+                "requests": len(xs),
+                "p50_ms": pct(xs, 50),
+                "p99_ms": pct(xs, 99),
+                "max_ms": max(xs, default=float("nan")),
+                "head_p99_ms": pct(got["heads"][path], 99),
+                "bytes": got["sizes"].get(path),
+            }
+        res["reader_errors"] = got["errors"]
+        return res
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     res: dict[str, Any] = {"n": args.n, "src": args.nswatch_src, "load_before": os.getloadavg()}
     res["options"] = {"state_gzip": args.state_gzip, "probe_gzip": args.probe_gzip}
@@ -369,48 +512,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         idle, _ = flips(nsw, args.n, args.changes // 2, args.gap)
         res["idle_latency_ms"] = {"p50": pct(idle, 50), "p99": pct(idle, 99), "max": max(idle)}
         log(f"  idle {res['idle_latency_ms']}; readers start")
-        out = tempfile.mktemp(prefix="nswK-readers-", suffix=".json")
-        probe_out = tempfile.mktemp(prefix="nswK-probe-", suffix=".json")
-        me = [sys.executable, "-m", "tests.bench.bench_readers", "--child", str(nsw.port)]
-        child = subprocess.Popen(
-            [*me, out, "--state-clients", str(args.state_clients)]
-            + ["--metrics-clients", str(args.metrics_clients)]
-            + (["--state-gzip"] if args.state_gzip else []),
-            cwd=ROOT,
-        )
-        # One more client in a process of its own, a GET every 0.2 s: how
-        # long the server takes to answer, without 20 client threads
-        # sharing one interpreter's lock on the reading side.
-        probe = subprocess.Popen(
-            [*me, probe_out, "--state-clients", "1", "--metrics-clients", "0", "--pause", "0.2"]
-            + (["--state-gzip"] if args.probe_gzip else []),
-            cwd=ROOT,
-        )
+        readers = Readers(nsw.port, args)
         sampler = RssSampler(nsw.pid)
         time.sleep(2)
+        t_loaded = time.monotonic()
         loaded, loaded_read = flips(nsw, args.n, args.changes, args.gap)
         res["load_during"] = os.getloadavg()
-        for c in (child, probe):
-            c.send_signal(signal.SIGTERM)
-        child.wait(120)
-        probe.wait(120)
+        res.update(readers.stop())
+        loaded_s = time.monotonic() - t_loaded + 2
         rss = sampler.stop()
-        with open(out) as f:
-            got = json.load(f)
-        with open(probe_out) as f:
-            probe_got = json.load(f)
-        probed = probe_got["times"]["/api/v1/state"]
-        probe_heads = probe_got["heads"]["/api/v1/state"]
-        os.unlink(out)
-        os.unlink(probe_out)
-        res["probe /api/v1/state"] = {
-            "requests": len(probed),
-            "p50_ms": pct(probed, 50),
-            "p99_ms": pct(probed, 99),
-            "max_ms": max(probed, default=float("nan")),
-            "head_p50_ms": pct(probe_heads, 50),
-            "head_p99_ms": pct(probe_heads, 99),
-        }
         res["loaded_latency_ms"] = {
             "p50": pct(loaded, 50),
             "p99": pct(loaded, 99),
@@ -422,25 +532,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "p99": pct(loaded_read, 99),
             "max": max(loaded_read),
         }
-        for path, xs in got["times"].items():
-            res[f"get {path}"] = {
-                "requests": len(xs),
-                "p50_ms": pct(xs, 50),
-                "p99_ms": pct(xs, 99),
-                "max_ms": max(xs, default=float("nan")),
-                "head_p99_ms": pct(got["heads"][path], 99),
-                "bytes": got["sizes"].get(path),
-            }
-        res["reader_errors"] = got["errors"]
         res["rss_max_mb"] = max(rss, default=float("nan"))
         res["vmhwm_mb"] = rss_mb(nsw.pid, "VmHWM")
         # nswatch drops its cached documents after 10 s without a reader.
         time.sleep(20)
         res["rss_after_mb"] = rss_mb(nsw.pid)
+        docs = (fetch(nsw.port, "/api/v1/state"), fetch(nsw.port, "/metrics", gzip=True))
         res["stop_s"] = nsw.stop()
     finally:
         if nsw.proc.poll() is None:
             nsw.stop()
+    if args.peer == "nginx":
+        log(f"the floor: nginx serving the same documents for {loaded_s:.0f} s")
+        with nginx_peer(*docs) as port:
+            readers = Readers(port, args)
+            time.sleep(loaded_s)
+            res["load_during_peer"] = os.getloadavg()
+            res["peer nginx"] = readers.stop()
     return res
 
 
@@ -458,6 +566,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metrics-clients", type=int, default=4)
     p.add_argument("--state-gzip", action="store_true", help="state readers accept gzip too")
     p.add_argument("--probe-gzip", action="store_true", help="the probe accepts gzip")
+    p.add_argument(
+        "--peer",
+        choices=("nginx", "none"),
+        default="nginx",
+        help="the floor: the same readers, for as long, against nginx serving the same documents",
+    )
     p.add_argument("--nswatch-arg", action="append", help="extra argument to nswatch run")
     p.add_argument(
         "--nswatch-src",
@@ -499,6 +613,14 @@ def main(argv: list[str] | None = None) -> int:
         f"sampled max {res['rss_max_mb']:.0f}), "
         f"idle {res['rss_idle_mb']:.0f}, after {res['rss_after_mb']:.0f} MB"
     )
+    peer = res.get("peer nginx")
+    if peer is not None:
+        ours, floor = res["probe /api/v1/state"], peer["probe /api/v1/state"]
+        print(
+            f"floor (nginx, the same documents and readers): probe p50 {floor['p50_ms']:.1f} ms, "
+            f"p99 {floor['p99_ms']:.1f} ms; nswatch / nginx: p50 "
+            f"{ours['p50_ms'] / floor['p50_ms']:.2f}x, p99 {ours['p99_ms'] / floor['p99_ms']:.2f}x"
+        )
     return 0
 
 
