@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import email.utils
 import ipaddress
+import os
 import re
 import socket
 import ssl
@@ -115,6 +116,10 @@ class Limits:
     # /metrics is made at most once per this many seconds per Accept header
     # (counters and process figures move without the model; see render_cache).
     metrics_max_age: float = 1.0
+    # ... and reused long enough that its renders run at most this share of
+    # the time (render_cache.AgeCache): scrapers in a loop cannot keep one
+    # running, however slow the machine.
+    metrics_busy_share: float = 0.2
     # Cached documents are dropped (and the heap trimmed) after this long
     # without a reader: a burst of readers must not leave the daemon fat.
     cache_idle: float = 10.0
@@ -199,7 +204,7 @@ class Router:
 
     HEAVY = ("/api/v1/state", "/metrics", TOPOLOGY_PATH)
 
-    def __init__(self, api: Api, metrics_max_age: float = 1.0) -> None:
+    def __init__(self, api: Api, limits: Limits | None = None) -> None:
         self.api = api
         self._assets: dict[str, bytes] = {}
         # State and namespace documents are made once per model version,
@@ -207,7 +212,8 @@ class Router:
         self.state_cache = VersionCache()
         self.state_renderer = StateRenderer()
         self.namespace_cache = VersionCache()
-        self.metrics_cache = AgeCache(metrics_max_age)
+        limits = limits or Limits()
+        self.metrics_cache = AgeCache(limits.metrics_max_age, busy_share=limits.metrics_busy_share)
         self.last_read = time.monotonic()
         self._held = False  # whether the caches may hold anything
 
@@ -456,14 +462,16 @@ IDLE, HANDSHAKE, HEAD, BODY, WRITE, BUSY = "idle", "handshake", "head", "body", 
 # An event stream gives way like a slow reader: it resumes where it left off.
 STREAM = "stream"
 _SHED_ORDER = ((IDLE,), (HANDSHAKE, HEAD, BODY), (WRITE, STREAM))
-# A body goes to the transport this much at a time, each reader in turn.
-# Each piece costs the HTTP thread a trip through the GIL, which the
-# renders and the event loop also want: with 16 readers of a 6.7 MB state,
-# 1 MiB pieces served 1.6 times the GETs of 256 KiB ones and the probe's
-# median GET fell from 94-133 to 75-88 ms (tests/bench/bench_readers.py,
-# three interleaved runs each, 2026-12-05). A piece the socket does not
+# Under TLS a body goes to the transport this much at a time, each reader
+# in turn. Each piece costs the HTTP thread a trip through the GIL, which
+# the renders and the event loop also want: with 16 readers of a 6.7 MB
+# state, 1 MiB pieces served 1.6 times the GETs of 256 KiB ones
+# (tests/bench/bench_readers.py, 2026-12-05). A piece the socket does not
 # take at once is copied into the transport: at most this much per reader.
 _WRITE_PIECE = 1024 * 1024
+# A plain-TCP body at least this big is sent straight from the document to
+# the socket (Connection.raw_socket).
+_DIRECT_MIN = 64 * 1024
 
 
 class Connection:
@@ -475,9 +483,10 @@ class Connection:
         self.phase = HANDSHAKE
         self.since = now
         self.shed = False
-        # The body being handed to the transport: it stays in memory until
-        # sent, but once for all the readers that share it (a cached document).
+        # The body being sent: it stays in memory until sent, but once for
+        # all the readers that share it (a cached document).
         self.sending: bytes | None = None
+        self._socket: socket.socket | None = None
 
     def enter(self, phase: str, now: float) -> None:
         """Move to ``phase`` (the clock restarts only when the phase changes)."""
@@ -489,9 +498,43 @@ class Connection:
         """Bytes handed to the transport that the client has not taken yet."""
         return self.writer.transport.get_write_buffer_size()
 
+    def raw_socket(self) -> socket.socket | None:
+        """The connection's socket, to send big bodies on directly; None under TLS.
+
+        A transport's write() copies whatever the socket does not take at
+        once into its own buffer, holding the GIL, and sends it from there
+        later: at 16 readers of a 6.7 MB state that was most of each body,
+        and the HTTP thread's largest cost. ``loop.sock_sendall`` on a
+        duplicate of the socket sends from the document itself, as much as
+        the socket takes each time it has room, with no copy. It is a
+        duplicate because the transport owns the socket (asyncio hands out
+        no sending handle to it); it is used only while the transport has
+        nothing queued, and closed with the connection (:meth:`close`): the
+        client sees the connection end only once both are closed.
+        """
+        if self._socket is None:
+            if self.writer.get_extra_info("ssl_object") is not None:
+                return None
+            own = self.writer.get_extra_info("socket")
+            if own is None:
+                return None
+            sock = socket.socket(own.family, own.type, own.proto, os.dup(own.fileno()))
+            sock.setblocking(False)
+            self._socket = sock
+        return self._socket
+
+    def close(self) -> None:
+        """Let go of the duplicate socket, if any (the transport is closed apart)."""
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+
     def drop(self) -> None:
         """Close at once, whatever is under way."""
         self.shed = True
+        # The duplicate socket closes when the task ends: closed now, while
+        # a send still waits on it, its descriptor could be reused by the
+        # next connection before the loop stopped watching it.
         self.writer.transport.abort()
         if self.task is not None:
             self.task.cancel()
@@ -620,7 +663,7 @@ class HttpServer:
         limits: Limits | None = None,
     ) -> None:
         self.limits = limits or Limits()
-        self.router = Router(api, self.limits.metrics_max_age)
+        self.router = Router(api, self.limits)
         self.table = ConnectionTable(self.limits.max_connections, self.limits.output_budget)
         self._guard = _Guard.of(web or WebConfig())
         self._pending_auth = 0
@@ -770,6 +813,7 @@ class HttpServer:
                 raise
         finally:
             self.table.remove(conn)
+            conn.close()
             if clean:
                 writer.close()
             else:
@@ -952,7 +996,11 @@ class HttpServer:
                 # 6 MB state: 100 MB that the heap then keeps).
                 conn.sending = r.body
                 try:
-                    await self._write_body(h, writer, r.body)
+                    sock = conn.raw_socket() if len(r.body) >= _DIRECT_MIN else None
+                    if sock is None:
+                        await self._write_body(h, writer, r.body)
+                    else:
+                        await self._send_body(h, writer, sock, r.body)
                 finally:
                     conn.sending = None
             writer.write(h.send(h11.EndOfMessage()) or b"")
@@ -961,6 +1009,25 @@ class HttpServer:
                 # close() would keep the rest queued for as long as it dawdles.
                 writer.transport.set_write_buffer_limits(high=0)
             await writer.drain()
+
+    @staticmethod
+    async def _send_body(
+        h: h11.Connection, writer: asyncio.StreamWriter, sock: socket.socket, body: bytes
+    ) -> None:
+        """Send ``body`` on ``sock`` once the transport holds nothing (Connection.raw_socket)."""
+        transport = writer.transport
+        if transport.get_write_buffer_size():
+            high_low = transport.get_write_buffer_limits()
+            transport.set_write_buffer_limits(high=0)
+            try:
+                await writer.drain()
+            finally:
+                transport.set_write_buffer_limits(*high_low)
+        loop = asyncio.get_running_loop()
+        # h11 passes a memoryview through (it only takes len()); typed as bytes.
+        data = h11.Data(data=memoryview(body))  # type: ignore[arg-type]
+        for chunk in h.send_with_data_passthrough(data) or ():
+            await loop.sock_sendall(sock, chunk)
 
     @staticmethod
     async def _write_body(h: h11.Connection, writer: asyncio.StreamWriter, body: bytes) -> None:

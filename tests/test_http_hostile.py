@@ -290,6 +290,35 @@ def test_readers_of_one_shared_document_are_not_shed() -> None:
         srv.stop()
 
 
+def test_a_big_body_is_sent_from_the_document_not_copied_into_the_transport() -> None:
+    """A 4 MB body waiting on a slow reader sits in no transport buffer (it was copied there
+    up to a 1 MiB piece at a time, under the GIL), and the reader still gets all of it, then
+    the next response on the same connection."""
+    body = b"z" * (4 << 20)
+    srv = _server(metrics=lambda accept: (body, "text/plain; version=0.0.4"))
+    s = _slow_reader(srv)
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not any(c.phase == "write" for c in srv.table.conns):
+            time.sleep(0.02)
+        time.sleep(0.3)  # long enough for the socket to fill and a copy to be made
+        (conn,) = srv.table.conns
+        assert conn.phase == "write" and conn.queued() == 0
+        s.settimeout(10)
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        got = b""
+        while b'{"status":"ok"}' not in got[-64:]:
+            chunk = s.recv(1 << 20)
+            assert chunk, f"closed after {len(got)} bytes"
+            got += chunk
+        head, _, rest = got.partition(b"\r\n\r\n")
+        assert b"Content-Length: %d" % len(body) in head
+        assert rest[: len(body)] == body and b"HTTP/1.1 200" in rest[len(body) :]
+    finally:
+        s.close()
+        srv.stop()
+
+
 def test_a_reader_that_stops_is_dropped_after_write_timeout() -> None:
     """A client that stops reading mid-response is disconnected after write_timeout."""
     body = b"x" * (32 << 20)

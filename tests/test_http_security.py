@@ -7,9 +7,11 @@ and `basic_auth` sees.
 
 from __future__ import annotations
 
+import http.client
 import json
 import shutil
 import socket
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -106,12 +108,14 @@ def write_web_config(path: Path, doc: dict[str, Any]) -> Path:
     return path
 
 
-def _server(web: WebConfig, limits: Limits | None = None) -> HttpServer:
+def _server(
+    web: WebConfig, limits: Limits | None = None, metrics: bytes = b"nswatch_test_value 1\n"
+) -> HttpServer:
     api = Api(
         view=_model().copy,
         alive=lambda: True,
         ready=lambda: True,
-        metrics=lambda accept: (b"nswatch_test_value 1\n", "text/plain; version=0.0.4"),
+        metrics=lambda accept: (metrics, "text/plain; version=0.0.4"),
     )
     srv = HttpServer(("127.0.0.1", 0), api, web, limits)
     srv.start()
@@ -168,6 +172,25 @@ def test_curl_tls_and_basic_auth(tls_auth_server: HttpServer, certs: Certs) -> N
     # Plain HTTP to the TLS port gets nothing, and the server serves on.
     assert curl(f"http://{host}:{port}/healthz")[0] in (0, 400)
     assert curl(url, *ca, "-u", f"alice:{PASSWORD}")[0] == 200
+
+
+def test_a_big_body_arrives_whole_over_tls(certs: Certs, tmp_path: Path) -> None:
+    """Under TLS a big body goes through the TLS transport (never straight to the socket,
+    as plain HTTP's do), and arrives whole, twice on one connection."""
+    tls = {"cert_file": str(certs.server_cert), "key_file": str(certs.server_key)}
+    web = load_web_config(str(write_web_config(tmp_path / "web.yml", {"tls_server_config": tls})))
+    body = bytes(range(256)) * (12 << 12)  # 3 MiB
+    srv = _server(web, metrics=body)
+    try:
+        host, port = srv.address
+        ctx = ssl.create_default_context(cafile=str(certs.ca))
+        conn = http.client.HTTPSConnection(host, port, context=ctx, timeout=10)
+        for _ in range(2):
+            conn.request("GET", "/metrics")
+            assert conn.getresponse().read() == body
+        conn.close()
+    finally:
+        srv.stop()
 
 
 def test_401_names_the_scheme(tls_auth_server: HttpServer, certs: Certs) -> None:

@@ -7,7 +7,7 @@ import http.client
 import json
 import threading
 import tracemalloc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, cast
 
@@ -290,6 +290,32 @@ def test_age_cache_expires_and_is_bounded() -> None:
         assert len(cache._docs) <= 2
 
 
+def test_age_cache_reuses_a_slow_document_longer() -> None:
+    """A document whose render took 2 s is reused for 8 s (renders at most 20 % of the time); a quick one for max_age."""
+    now = [0.0]
+
+    def make(took: float, body: bytes) -> Callable[[], Document]:
+        def slow() -> Document:
+            now[0] += took
+            return Document(body, "t")
+
+        return slow
+
+    cache = AgeCache(1.0, clock=lambda: now[0], busy_share=0.2)
+    first = cache.get("a", make(2.0, b"1"))
+    now[0] = 2.0 + 7.9
+    assert cache.get("a", make(2.0, b"2")) is first
+    now[0] = 2.0 + 8.0
+    second = cache.get("a", make(0.01, b"3"))
+    assert second.body == b"3"
+    now[0] += 0.99
+    assert cache.get("a", make(0.01, b"4")) is second
+    now[0] += 0.01
+    assert cache.get("a", make(0.01, b"5")).body == b"5"
+    with pytest.raises(ValueError):
+        AgeCache(1.0, busy_share=0)
+
+
 def _pair_model() -> Model:
     """Two namespaces joined by a veth pair, with addresses and a route on each end."""
     return synthetic(3)
@@ -515,7 +541,7 @@ def test_state_renderer_equals_the_plain_render_whatever_happens(data: st.DataOb
 def test_idle_caches_are_dropped(daemon: Counting) -> None:
     """With no reader for the idle time, every cached document goes; the next reader gets a fresh render."""
     api = Api(view=daemon.view, alive=lambda: True, ready=lambda: True, metrics=daemon.metrics)
-    router = Router(api, metrics_max_age=60)
+    router = Router(api, Limits(metrics_max_age=60))
     for path in ("/api/v1/state", "/api/v1/namespaces/lab-1", "/metrics"):
         assert router.route("GET", path, None).status == 200
     assert not router.release_idle(60)  # read just now
