@@ -207,8 +207,9 @@ class Router:
     def __init__(self, api: Api, limits: Limits | None = None) -> None:
         self.api = api
         self._assets: dict[str, bytes] = {}
-        # State and namespace documents are made once per model version,
-        # /metrics once per max age: many readers cost one render.
+        # State and namespace documents are made once per model version
+        # (the shown one: they show no counters), /metrics once per max age:
+        # many readers cost one render.
         self.state_cache = VersionCache()
         self.state_renderer = StateRenderer()
         self.namespace_cache = VersionCache()
@@ -297,7 +298,7 @@ class Router:
             model = api.view()
             return document_response(
                 self.state_cache.get(
-                    model.version,
+                    model.shown_version,
                     None,
                     lambda: Document(self.state_renderer.render(model), "application/json"),
                 )
@@ -310,7 +311,7 @@ class Router:
                 return json_response(404, {"error": "namespace not found", "netns": name})
             return document_response(
                 self.namespace_cache.get(
-                    model.version, name, lambda: _json_doc(namespace_json(model, ns))
+                    model.shown_version, name, lambda: _json_doc(namespace_json(model, ns))
                 )
             )
         if path == "/metrics" and api.metrics is not None:

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nswatch.http import Api, HttpServer, Limits, Router, accepts_gzip
+from nswatch.http import Api, HttpServer, Limits, Router, accepts_gzip, encoded
 from nswatch.model import (
     Address,
     AddressDel,
@@ -536,6 +536,25 @@ def test_state_renderer_equals_the_plain_render_whatever_happens(data: st.DataOb
         live.apply(data.draw(_events(live)))
         view = live.snapshot(view)
         _same_as_plain(renderer, view)
+
+
+def test_a_counter_refresh_makes_no_new_state_document(daemon: Counting) -> None:
+    """The state and namespace documents show no counters: a refresh round (a thousand
+    StatsUpdates every stats_interval at 1,000 namespaces) is served from the document
+    already made; a link set down makes a new one."""
+    api = Api(view=daemon.view, alive=lambda: True, ready=lambda: True)
+    router = Router(api)
+    paths = ("/api/v1/state", "/api/v1/namespaces/lab-1")
+    first = [encoded(router.route("GET", p, None), False).body for p in paths]
+    with daemon.lock:
+        ns = daemon.model.namespaces[2]
+        stats = tuple((i, LinkStats(rx_bytes=i + 1)) for i in ns.links)
+        daemon.model.apply(StatsUpdate(2, stats))
+    assert [encoded(router.route("GET", p, None), False).body for p in paths] == first
+    assert router.state_cache.made == 1 and router.namespace_cache.made == 1
+    daemon.change()
+    assert encoded(router.route("GET", paths[0], None), False).body != first[0]
+    assert router.state_cache.made == 2
 
 
 def test_idle_caches_are_dropped(daemon: Counting) -> None:
