@@ -519,7 +519,13 @@ class Connection:
             own = self.writer.get_extra_info("socket")
             if own is None:
                 return None
-            sock = socket.socket(own.family, own.type, own.proto, os.dup(own.fileno()))
+            try:
+                fd = os.dup(own.fileno())
+            except OSError:
+                # Out of descriptors (EMFILE): this body goes through the
+                # transport, as under TLS; the next one tries again.
+                return None
+            sock = socket.socket(own.family, own.type, own.proto, fd)
             sock.setblocking(False)
             self._socket = sock
         return self._socket

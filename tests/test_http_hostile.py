@@ -6,6 +6,7 @@ Whatever the clients do, a scraper and a health check get through.
 from __future__ import annotations
 
 import contextlib
+import errno
 import http.client
 import resource
 import socket
@@ -316,6 +317,29 @@ def test_a_big_body_is_sent_from_the_document_not_copied_into_the_transport() ->
         assert rest[: len(body)] == body and b"HTTP/1.1 200" in rest[len(body) :]
     finally:
         s.close()
+        srv.stop()
+
+
+def test_a_big_body_goes_through_the_transport_when_no_descriptor_is_left(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Out of file descriptors (EMFILE), the socket cannot be duplicated for the direct
+    send: the body goes through the transport instead and arrives whole."""
+
+    def no_fd(fd: int) -> int:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr("nswatch.http.os.dup", no_fd)
+    body = b"w" * (2 << 20)
+    srv = _server(metrics=lambda accept: (body, "text/plain; version=0.0.4"))
+    try:
+        host, port = srv.address
+        conn = http.client.HTTPConnection(host, port, timeout=10)
+        for _ in range(2):
+            conn.request("GET", "/metrics")
+            assert conn.getresponse().read() == body
+        conn.close()
+    finally:
         srv.stop()
 
 
