@@ -197,8 +197,8 @@ class AgeCache:
         self.max_entries = max_entries
         self._clock = clock
         self._stretch = 1 / busy_share - 1
-        # key -> (made at, reused until, document)
-        self._docs: dict[Hashable, tuple[float, float, Document]] = {}
+        # key -> (reused until, document)
+        self._docs: dict[Hashable, tuple[float, Document]] = {}
         self._lock = threading.Lock()
         self.made = 0
 
@@ -206,8 +206,8 @@ class AgeCache:
         """The document ``key`` while it may be reused (see the class), else a new one."""
         with self._lock:
             hit = self._docs.get(key)
-            if hit is not None and self._clock() < hit[1]:
-                return hit[2]
+            if hit is not None and self._clock() < hit[0]:
+                return hit[1]
             began = self._clock()
             doc = make()
             self.made += 1
@@ -218,7 +218,7 @@ class AgeCache:
                     self._docs = {}
                 now = self._clock()
                 reuse = max(self.max_age, (now - began) * self._stretch)
-                self._docs[key] = (now, now + reuse, doc)
+                self._docs[key] = (now + reuse, doc)
             return doc
 
     def drop(self) -> bool:
