@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import http.client
+import os
 import resource
 import socket
 import threading
@@ -16,8 +17,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
-from nswatch.http import Api, HttpServer, Limits
+from nswatch.http import SERVING_NICE, Api, HttpServer, Limits
 from tests.test_http import _model
 
 FLOOD = 2000
@@ -452,3 +454,58 @@ def test_health_checks_get_in_when_every_slot_waits_for_a_render() -> None:
         for s in socks:
             s.close()
         srv.stop()
+
+
+def _serving_threads() -> dict[str, int]:
+    """The nice value of every live thread the HTTP server started, by name."""
+    return {
+        t.name: os.getpriority(os.PRIO_PROCESS, t.native_id)
+        for t in threading.enumerate()
+        if t.name.startswith("nswatch-http") and t.native_id is not None
+    }
+
+
+def test_serving_threads_run_nicer_than_the_event_loop() -> None:
+    """The HTTP loop and the render threads run SERVING_NICE nicer than the thread that
+    made the server (the event loop's peer), which keeps its own priority."""
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
+    srv = _server()
+    try:
+        host, port = srv.address
+        conn = http.client.HTTPConnection(host, port, timeout=10)
+        for path in ("/metrics", "/api/v1/state"):
+            conn.request("GET", path)
+            assert conn.getresponse().read()
+        conn.close()
+        nice = _serving_threads()
+        assert {"nswatch-http", "nswatch-http-metrics_0", "nswatch-http-render_0"} <= set(nice)
+        assert set(nice.values()) == {min(19, mine + SERVING_NICE)}, nice
+        assert os.getpriority(os.PRIO_PROCESS, 0) == mine
+    finally:
+        srv.stop()
+
+
+def test_a_refused_priority_change_is_said_once_and_serving_goes_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under a seccomp filter without setpriority (EPERM), the server serves as before and
+    says so once, not once per thread."""
+
+    def refused(which: int, who: int, prio: int) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr("nswatch.http.os.setpriority", refused)
+    with capture_logs() as logs:
+        srv = _server()
+        try:
+            host, port = srv.address
+            conn = http.client.HTTPConnection(host, port, timeout=10)
+            for path in ("/metrics", "/api/v1/state", "/healthz"):
+                conn.request("GET", path)
+                resp = conn.getresponse()
+                assert resp.status == 200 and resp.read()
+            conn.close()
+        finally:
+            srv.stop()
+    said = [e for e in logs if e["event"] == "serving_priority_unchanged"]
+    assert len(said) == 1 and said[0]["errno"] == "EPERM"

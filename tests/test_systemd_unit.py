@@ -527,6 +527,12 @@ def test_start_active_only_after_ready(box: Container) -> None:
     assert int(fields["CapBnd"], 16) == caps
     assert fields["NoNewPrivs"] == "1"
     assert fields["Seccomp"] == "2"
+    # The filter lets setpriority through: the HTTP thread (it answered the
+    # polls) runs at nice 10, the event loop and the main thread at 0.
+    tasks = box.run("sh", "-c", f"cat /proc/{props['MainPID']}/task/*/stat").stdout
+    # Field 19 of stat is the nice value; fields after the ")" that ends the name start at 3.
+    nice = {int(line.rsplit(")", 1)[1].split()[16]) for line in tasks.splitlines()}
+    assert nice == {0, 10}, nice
     # Its view of the file system: read-only but for /proc/sys/net.
     mounts = box.run("cat", f"/proc/{props['MainPID']}/mountinfo").stdout
     flags = {}
