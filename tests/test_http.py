@@ -27,6 +27,16 @@ def _model() -> Model:
     return m
 
 
+def assert_served_twice(conn: http.client.HTTPConnection, path: str, body: bytes) -> None:
+    """``GET path`` twice on ``conn`` (kept alive), each time answered with ``body`` whole."""
+    try:
+        for _ in range(2):
+            conn.request("GET", path)
+            assert conn.getresponse().read() == body
+    finally:
+        conn.close()
+
+
 @pytest.fixture
 def server() -> Iterator[HttpServer]:
     model = _model()

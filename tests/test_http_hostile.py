@@ -20,7 +20,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from nswatch.http import SERVING_NICE, Api, HttpServer, Limits
-from tests.test_http import _model
+from tests.test_http import _model, assert_served_twice
 
 FLOOD = 2000
 
@@ -336,11 +336,7 @@ def test_a_big_body_goes_through_the_transport_when_no_descriptor_is_left(
     srv = _server(metrics=lambda accept: (body, "text/plain; version=0.0.4"))
     try:
         host, port = srv.address
-        conn = http.client.HTTPConnection(host, port, timeout=10)
-        for _ in range(2):
-            conn.request("GET", "/metrics")
-            assert conn.getresponse().read() == body
-        conn.close()
+        assert_served_twice(http.client.HTTPConnection(host, port, timeout=10), "/metrics", body)
     finally:
         srv.stop()
 

@@ -31,7 +31,7 @@ from nswatch import cli, webconfig
 from nswatch.config import ConfigError
 from nswatch.http import Api, HttpServer, Limits
 from nswatch.webconfig import WebConfig, load_web_config
-from tests.test_http import _model
+from tests.test_http import _model, assert_served_twice
 
 PASSWORD = "s3cret pass:word"  # a space and a colon: only the first ':' splits user from password
 
@@ -185,10 +185,7 @@ def test_a_big_body_arrives_whole_over_tls(certs: Certs, tmp_path: Path) -> None
         host, port = srv.address
         ctx = ssl.create_default_context(cafile=str(certs.ca))
         conn = http.client.HTTPSConnection(host, port, context=ctx, timeout=10)
-        for _ in range(2):
-            conn.request("GET", "/metrics")
-            assert conn.getresponse().read() == body
-        conn.close()
+        assert_served_twice(conn, "/metrics", body)
     finally:
         srv.stop()
 
