@@ -80,8 +80,8 @@ log = structlog.get_logger("nswatch.http")
 # run this much nicer than the event loop, which follows the kernel: at
 # 1,000 namespaces, 16 + 4 readers pulling documents as fast as they can
 # kept the machine's two cores busy, and a link change waited for a core
-# (tests/bench/bench_readers.py, 2026-12-05: link change p99 15.9 ms at
-# nice 10 against 19.0-24.6 ms without, the state GET alike).
+# (tests/bench/bench_readers.py, 2026-12-05: link change p99 15.9 and
+# 15.7 ms at nice 10 against 19.0-24.6 ms without, the state GET alike).
 SERVING_NICE = 10
 
 
