@@ -210,9 +210,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         metrics=sink.render_parts,
         unwatched=daemon.unwatched,
         events=hub,
-        # An int read on another thread, without the lock: the model's as of
-        # that moment, as fresh as a view taken under the lock would be.
-        shown_version=lambda: daemon.model.shown_version,
     )
     listen = config.settings.listen
     server = HttpServer(listen, api, web)

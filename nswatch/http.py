@@ -120,7 +120,6 @@ class Api:
         metrics: MetricsRenderer | None = None,
         unwatched: Callable[[], dict[str, str]] = dict,
         events: StreamHub | None = None,
-        shown_version: Callable[[], int] | None = None,
     ) -> None:
         self.view = view
         self.alive = alive
@@ -130,9 +129,6 @@ class Api:
         # there are any, the picture is incomplete and /readyz says so.
         self.unwatched = unwatched
         self.events = events
-        # The live model's Model.shown_version, read without the daemon's
-        # lock: a state document already made for it is served as it is.
-        self.shown_version = shown_version
 
 
 @dataclass(frozen=True)
@@ -301,23 +297,6 @@ class Router:
     def heavy(self, path: str) -> bool:
         """Whether answering may take long enough to hold up other clients."""
         return path in self.HEAVY or path.startswith(_NS_PREFIX)
-
-    def made(self, path: str, gzip: bool) -> Response | None:
-        """The state document, if already made for the model as it is now; else None.
-
-        Most state GETs find their document made: answered here, on the
-        HTTP loop, they need no trip through a render thread (two thread
-        hand-offs, each waiting for the GIL) or the daemon's lock.
-        """
-        shown = self.api.shown_version
-        if path != "/api/v1/state" or shown is None:
-            return None
-        doc = self.state_cache.peek(shown(), None)
-        if doc is None or not doc.made(gzip):
-            return None
-        self.last_read = time.monotonic()
-        self._held = True
-        return encoded(document_response(doc), gzip)
 
     def route(self, method: str, path: str, accept: str | None, gzip: bool = False) -> Response:
         """The answer to ``method path``; a handler's bug becomes a 500, never a dead server.
@@ -1012,9 +991,6 @@ class HttpServer:
         if refused is not None:
             return refused
         if req.method in ("GET", "HEAD") and self.router.heavy(req.path):
-            made = self.router.made(req.path, req.gzip)
-            if made is not None:
-                return made
             return await self._render.render(req.path, req.accept, req.gzip)
         return encoded(self.router.route(req.method, req.path, req.accept), req.gzip)
 

@@ -95,11 +95,6 @@ class Document:
                     self._body = zlib.decompress(self._gz, 31)
             return self._body
 
-    def made(self, gzip: bool) -> bool:
-        """Whether the form asked for is at hand (taking it costs no join, inflate or deflate)."""
-        # Each form is set once and never unset: read without the lock.
-        return (self._gz if gzip else self._body) is not None
-
     def gzipped(self) -> bytes:
         """The body gzip-compressed (the same body always compresses to the same bytes)."""
         with self._lock:
@@ -162,15 +157,6 @@ class VersionCache:
                     self._docs = {}
                 self._docs[key] = doc
             return doc
-
-    def peek(self, version: int, key: Hashable) -> Document | None:
-        """The document ``key`` of ``version`` if made; None if not, or while a render runs."""
-        if not self._lock.acquire(blocking=False):
-            return None
-        try:
-            return self._docs.get(key) if self._version == version else None
-        finally:
-            self._lock.release()
 
     def drop(self, then: Callable[[], None] | None = None) -> bool:
         """Forget every document and run ``then`` under the lock; False while a render runs."""

@@ -557,67 +557,6 @@ def test_a_counter_refresh_makes_no_new_state_document(daemon: Counting) -> None
     assert router.state_cache.made == 2
 
 
-def test_a_made_state_document_is_found_without_a_render(daemon: Counting) -> None:
-    """Router.made answers with the state document made for the live model's shown version:
-    still after a counter refresh, not after a change, and in gzip only once that form exists."""
-    api = Api(
-        view=daemon.view,
-        alive=lambda: True,
-        ready=lambda: True,
-        shown_version=lambda: daemon.model.shown_version,
-    )
-    router = Router(api)
-    assert router.made("/api/v1/state", False) is None  # nothing made yet
-    body = encoded(router.route("GET", "/api/v1/state", None), False).body
-    made = router.made("/api/v1/state", False)
-    assert made is not None and made.body == body
-    assert router.made("/api/v1/state", True) is None  # no gzip form yet
-    encoded(router.route("GET", "/api/v1/state", None, gzip=True), True)
-    made = router.made("/api/v1/state", True)
-    assert made is not None and gzip.decompress(made.body) == body
-    with daemon.lock:
-        daemon.model.apply(StatsUpdate(2, ((2, LinkStats(rx_bytes=1)),)))
-    assert router.made("/api/v1/state", False) is not None
-    daemon.change()
-    assert router.made("/api/v1/state", False) is None
-    assert router.made("/api/v1/namespaces/lab-1", False) is None  # the state only
-    assert (
-        Router(Api(view=daemon.view, alive=lambda: True, ready=lambda: True)).made(
-            "/api/v1/state", False
-        )
-        is None
-    )  # no live version to compare with
-
-
-def test_a_made_state_document_is_served_while_the_render_threads_are_busy(
-    daemon: Counting,
-) -> None:
-    """A reader of a state document already made is answered on the HTTP loop: it does not
-    queue behind renders (here both render threads are held up)."""
-    api = Api(
-        view=daemon.view,
-        alive=lambda: True,
-        ready=lambda: True,
-        shown_version=lambda: daemon.model.shown_version,
-    )
-    srv = HttpServer(("127.0.0.1", 0), api)
-    srv.start()
-    release = threading.Event()
-    try:
-        first = fetch(srv, "/api/v1/state")
-        lane = srv._render._lanes["state"]
-        held = [lane.submit(release.wait, 10) for _ in range(srv.limits.render_workers)]
-        conn = http.client.HTTPConnection(*srv.address, timeout=3)
-        conn.request("GET", "/api/v1/state")
-        resp = conn.getresponse()
-        assert (resp.status, resp.read()) == (200, first[2])
-        conn.close()
-        assert not any(f.done() for f in held)
-    finally:
-        release.set()
-        srv.stop()
-
-
 def test_idle_caches_are_dropped(daemon: Counting) -> None:
     """With no reader for the idle time, every cached document goes; the next reader gets a fresh render."""
     api = Api(view=daemon.view, alive=lambda: True, ready=lambda: True, metrics=daemon.metrics)
