@@ -1065,12 +1065,12 @@ class HttpServer:
         """Send ``body`` on ``sock`` once the transport holds nothing (Connection.raw_socket)."""
         transport = writer.transport
         if transport.get_write_buffer_size():
-            high_low = transport.get_write_buffer_limits()
+            low, high = transport.get_write_buffer_limits()
             transport.set_write_buffer_limits(high=0)
             try:
                 await writer.drain()
             finally:
-                transport.set_write_buffer_limits(*high_low)
+                transport.set_write_buffer_limits(high=high, low=low)
         loop = asyncio.get_running_loop()
         # h11 passes a memoryview through (it only takes len()); typed as bytes.
         data = h11.Data(data=memoryview(body))  # type: ignore[arg-type]

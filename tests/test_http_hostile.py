@@ -5,6 +5,7 @@ Whatever the clients do, a scraper and a health check get through.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import http.client
@@ -16,6 +17,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import h11
 import pytest
 from structlog.testing import capture_logs
 
@@ -320,6 +322,88 @@ def test_a_big_body_is_sent_from_the_document_not_copied_into_the_transport() ->
     finally:
         s.close()
         srv.stop()
+
+
+def test_pipelined_big_bodies_to_a_slow_reader_arrive_whole() -> None:
+    """A slow reader's two pipelined requests for a body bigger than the socket's buffers
+    get both responses whole and in order: the second head goes through the transport, its
+    body straight to the socket, on the same connection."""
+    body = bytes(range(256)) * (24 << 12)  # 6 MiB: more than the socket's buffers take
+    srv = _server(metrics=lambda accept: (body, "text/plain; version=0.0.4"))
+    s = _slow_reader(srv)  # its first GET /metrics is under way
+    try:
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(0.5)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)  # now read fast
+        s.settimeout(10)
+        got = b""
+        while got.count(body) < 2:
+            chunk = s.recv(1 << 20)
+            assert chunk, f"closed after {len(got)} bytes"
+            got += chunk
+        assert got.count(b"HTTP/1.1 200") == 2
+    finally:
+        s.close()
+        srv.stop()
+
+
+class _QueuedTransport:
+    """A transport still holding bytes of an earlier write: it sends them on drain()."""
+
+    def __init__(self) -> None:
+        self.queued = 100
+        self.limits = (16384, 65536)  # (low, high), as asyncio reports them
+        self.set_calls: list[tuple[int | None, int | None]] = []
+
+    def get_write_buffer_size(self) -> int:
+        return self.queued
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self.limits
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self.set_calls.append((high, low))
+        if high is not None:
+            self.limits = (low if low is not None else min(high, self.limits[0]), high)
+
+
+class _QueuedWriter:
+    def __init__(self) -> None:
+        self.transport = _QueuedTransport()
+
+    async def drain(self) -> None:
+        self.transport.queued = 0
+
+
+def test_a_direct_send_waits_for_the_transport_and_puts_its_limits_back() -> None:
+    """A body sent straight to the socket starts only once the transport has sent what it
+    held, and the transport's write limits are then as they were (they were put back swapped:
+    high and low exchanged, which a real transport refuses with ValueError)."""
+    h = h11.Connection(h11.SERVER)
+    h.receive_data(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert isinstance(h.next_event(), h11.Request)
+    body = b"v" * 100_000
+    h.send(h11.Response(status_code=200, headers=[("Content-Length", str(len(body)))]))
+    writer = _QueuedWriter()
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    try:
+        got = bytearray()
+
+        def read() -> None:
+            while len(got) < len(body):
+                got.extend(theirs.recv(1 << 16))
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        asyncio.run(HttpServer._send_body(h, writer, ours, body))  # type: ignore[arg-type]
+        reader.join(10)
+        assert bytes(got) == body
+        assert writer.transport.queued == 0
+        assert writer.transport.limits == (16384, 65536)
+    finally:
+        ours.close()
+        theirs.close()
 
 
 def test_a_big_body_goes_through_the_transport_when_no_descriptor_is_left(
