@@ -92,15 +92,7 @@ def own() -> tuple[list[str], list[str]]:
 
 def sweep() -> None:
     """Remove every namespace and host link named nswK…"""
-    names, _ = own()
-    if names:
-        scene.batch((f"netns del {n}" for n in names), force=True)
-    deadline = time.monotonic() + 30
-    while own()[1] and time.monotonic() < deadline:
-        time.sleep(0.2)
-    _, links = own()
-    if links:
-        scene.batch((f"link del {n}" for n in links), force=True)
+    scene.sweep(prefix=PREFIX)
 
 
 def build(n: int) -> float:

@@ -171,19 +171,19 @@ def exclusive(prefix: str = PREFIX) -> Iterator[None]:
         yield
 
 
-def sweep(wait: float = 30.0) -> None:
-    """Remove every namespace and host link with our prefix (leftovers too).
+def sweep(wait: float = 30.0, prefix: str = PREFIX) -> None:
+    """Remove every namespace and host link named with ``prefix`` (leftovers too).
 
     Deleting a namespace destroys its veths once the kernel frees it, which
     happens asynchronously; host ends still present after that are deleted.
     """
-    names = own_namespaces()
+    names = own_namespaces(prefix)
     if names:
         batch((f"netns del {n}" for n in names), force=True)
     deadline = time.monotonic() + wait
-    while own_host_links() and time.monotonic() < deadline:
+    while own_host_links(prefix) and time.monotonic() < deadline:
         time.sleep(0.2)
-    links = own_host_links()
+    links = own_host_links(prefix)
     if links:
         batch((f"link del {n}" for n in links), force=True)
 
