@@ -19,17 +19,19 @@ TLS and basic auth come from the web config (:mod:`nswatch.webconfig`).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import email.utils
 import errno
 import ipaddress
+import itertools
 import os
 import re
 import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from http import HTTPStatus
@@ -42,7 +44,15 @@ import structlog
 
 from nswatch import heap
 from nswatch.model import Model
-from nswatch.render_cache import AgeCache, Document, StateRenderer, VersionCache, json_bytes
+from nswatch.render_cache import (
+    AgeCache,
+    Body,
+    Chunks,
+    Document,
+    StateRenderer,
+    VersionCache,
+    json_bytes,
+)
 from nswatch.state import namespace_json
 from nswatch.stream import StreamHub
 from nswatch.topology import build as build_topology
@@ -163,7 +173,7 @@ class Response:
     """A complete response; JSON unless said otherwise."""
 
     status: int
-    body: bytes
+    body: Body
     content_type: str = "application/json"
     headers: tuple[tuple[str, str], ...] = ()
     close: bool = False
@@ -333,7 +343,7 @@ class Router:
                 self.state_cache.get(
                     model.shown_version,
                     None,
-                    lambda: Document(self.state_renderer.render(model), "application/json"),
+                    lambda: Document(self.state_renderer.render_chunks(model), "application/json"),
                 )
             )
         if path.startswith(_NS_PREFIX):
@@ -509,8 +519,8 @@ _SHED_ORDER = ((IDLE,), (HANDSHAKE, HEAD, BODY), (WRITE, STREAM))
 # (tests/bench/bench_readers.py, 2026-12-05). A piece the socket does not
 # take at once is copied into the transport: at most this much per reader.
 _WRITE_PIECE = 1024 * 1024
-# A plain-TCP body at least this big is sent straight from the document to
-# the socket (Connection.raw_socket).
+# A plain-TCP body at least this big is sent straight from the document (or
+# its parts: render_cache.Chunks) to the socket (Connection.raw_socket).
 _DIRECT_MIN = 64 * 1024
 
 
@@ -525,7 +535,7 @@ class Connection:
         self.shed = False
         # The body being sent: it stays in memory until sent, but once for
         # all the readers that share it (a cached document).
-        self.sending: bytes | None = None
+        self.sending: Body | None = None
         self._socket: socket.socket | None = None
 
     def enter(self, phase: str, now: float) -> None:
@@ -544,7 +554,7 @@ class Connection:
         A transport's write() copies whatever the socket does not take at
         once into its own buffer, holding the GIL, and sends it from there
         later: at 16 readers of a 6.7 MB state that was most of each body,
-        and the HTTP thread's largest cost. ``loop.sock_sendall`` on a
+        and the HTTP thread's largest cost. :func:`send_parts` on a
         duplicate of the socket sends from the document itself, as much as
         the socket takes each time it has room, with no copy. It is a
         duplicate because the transport owns the socket (asyncio hands out
@@ -616,7 +626,7 @@ class ConnectionTable:
         busy = [c for c in self.conns if c.phase == BUSY and c is not exclude]
         return max(busy, key=lambda c: c.since) if busy else None
 
-    def held(self, also: bytes | None = None) -> int:
+    def held(self, also: Body | None = None) -> int:
         """Bytes the responses under way hold: every transport's buffer, and each body
         still being sent once, however many readers share it (plus ``also``)."""
         bodies = {id(also): len(also)} if also is not None else {}
@@ -627,7 +637,7 @@ class ConnectionTable:
                 bodies[id(c.sending)] = len(c.sending)
         return total + sum(bodies.values())
 
-    def make_room(self, body: bytes, exclude: Connection) -> None:
+    def make_room(self, body: Body, exclude: Connection) -> None:
         """Shed the slowest readers until ``body`` fits the budget too.
 
         Sixteen readers of one cached 6 MB state hold 6 MB, not 96: counting
@@ -1060,7 +1070,7 @@ class HttpServer:
 
     @staticmethod
     async def _send_body(
-        h: h11.Connection, writer: asyncio.StreamWriter, sock: socket.socket, body: bytes
+        h: h11.Connection, writer: asyncio.StreamWriter, sock: socket.socket, body: Body
     ) -> None:
         """Send ``body`` on ``sock`` once the transport holds nothing (Connection.raw_socket)."""
         transport = writer.transport
@@ -1071,23 +1081,30 @@ class HttpServer:
                 await writer.drain()
             finally:
                 transport.set_write_buffer_limits(high=high, low=low)
-        loop = asyncio.get_running_loop()
-        # h11 passes a memoryview through (it only takes len()); typed as bytes.
-        data = h11.Data(data=memoryview(body))  # type: ignore[arg-type]
-        for chunk in h.send_with_data_passthrough(data) or ():
-            await loop.sock_sendall(sock, chunk)
+        # h11 only counts the body against Content-Length (it takes len());
+        # with that framing it hands the body back as it came, unframed.
+        data = h11.Data(data=body)  # type: ignore[arg-type]
+        passed: list[object] = list(h.send_with_data_passthrough(data) or ())
+        if len(passed) != 1 or passed[0] is not body:
+            raise AssertionError("a body sent whole must go out unframed (Content-Length)")
+        await send_parts(sock, body.parts if isinstance(body, Chunks) else (body,))
 
     @staticmethod
-    async def _write_body(h: h11.Connection, writer: asyncio.StreamWriter, body: bytes) -> None:
+    async def _write_body(h: h11.Connection, writer: asyncio.StreamWriter, body: Body) -> None:
         """Hand ``body`` to the transport a piece at a time, giving other clients a turn."""
-        view = memoryview(body)
-        for start in range(0, len(view), _WRITE_PIECE):
-            piece = view[start : start + _WRITE_PIECE]
+        if isinstance(body, Chunks):
+            pieces: Iterable[bytes | memoryview] = body.pieces(_WRITE_PIECE)
+        else:
+            view = memoryview(body)
+            pieces = (view[at : at + _WRITE_PIECE] for at in range(0, len(view), _WRITE_PIECE))
+        left = len(body)
+        for piece in pieces:
+            left -= len(piece)
             # h11 passes a memoryview through (it only takes len()); typed as bytes.
             data = h11.Data(data=piece)  # type: ignore[arg-type]
             for chunk in h.send_with_data_passthrough(data) or ():
                 writer.write(chunk)
-            if start + len(piece) < len(view):
+            if left:
                 await writer.drain()
                 # drain() returns at once while the socket takes everything:
                 # without a turn for others here, each reader's whole
@@ -1145,6 +1162,54 @@ class HttpServer:
         finally:
             hub.unsubscribe(sub)
             gone.cancel()
+
+
+# sendmsg() takes at most this many buffers at once (Linux: 1024).
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 16
+
+
+async def send_parts(sock: socket.socket, parts: Sequence[bytes]) -> None:
+    """Send ``parts`` in order on the non-blocking ``sock``, as much as it takes each turn.
+
+    One sendmsg() copies straight from the parts into the kernel (no join,
+    no copy into a buffer of ours); when the socket is full, the loop goes
+    on with other clients until it has room again. Like ``loop.sock_sendall``
+    for a list of buffers, which asyncio lacks. The state is ~2,000 parts:
+    where a send stopped is found by bisection and each batch is a slice,
+    so a send costs the same few Python steps however many parts it took.
+    """
+    loop = asyncio.get_running_loop()
+    parts = [p for p in parts if p]
+    ends = list(itertools.accumulate(map(len, parts)))
+    total = ends[-1] if ends else 0
+    at = 0  # bytes sent
+    while at < total:
+        i = bisect.bisect_right(ends, at)
+        stop = min(i + _IOV_MAX, len(parts))
+        first = memoryview(parts[i])[at - (ends[i] - len(parts[i])) :]
+        with contextlib.suppress(BlockingIOError, InterruptedError):
+            at += sock.sendmsg([first, *parts[i + 1 : stop]])
+        if at < ends[stop - 1]:
+            await _writable(loop, sock)
+        elif at < total:
+            # The socket took a whole batch: others get a turn before the next.
+            await asyncio.sleep(0)
+
+
+async def _writable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    """Until ``sock`` has room to send (or is closed, which the next send reports)."""
+    ready = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    fd = sock.fileno()
+    loop.add_writer(fd, wake)
+    try:
+        await ready
+    finally:
+        loop.remove_writer(fd)
 
 
 async def _until_eof(reader: asyncio.StreamReader) -> None:

@@ -20,7 +20,7 @@ import operator
 import threading
 import time
 import zlib
-from collections.abc import Callable, Hashable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,10 +54,62 @@ def json_bytes(obj: Any) -> bytes:
     return orjson.dumps(obj, option=orjson.OPT_APPEND_NEWLINE)
 
 
+class Chunks:
+    """A body kept as the parts it was made of, sent part by part and never joined.
+
+    The state at 1,000 namespaces is 6.7 MB, nearly all of it namespaces'
+    JSON that :class:`StateRenderer` keeps anyway: joined, each model version
+    cost a 6.7 MB copy in fresh pages (about a fifth of a core at ten
+    versions a second under 16 readers, most of it page faults and copying)
+    and held 6.7 MB more for as long as a reader was still being sent it.
+    """
+
+    __slots__ = ("parts", "size")
+
+    def __init__(self, parts: Iterable[bytes]) -> None:
+        self.parts = tuple(p for p in parts if p)
+        self.size = sum(map(len, self.parts))
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __bytes__(self) -> bytes:
+        return b"".join(self.parts)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Chunks):
+            return self.size == other.size and bytes(self) == bytes(other)
+        if isinstance(other, bytes | bytearray | memoryview):
+            return self.size == len(other) and bytes(self) == other
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def pieces(self, size: int) -> Iterator[bytes]:
+        """The body in pieces of about ``size`` bytes (parts joined, or cut, to that size)."""
+        group: list[memoryview] = []
+        held = 0
+        for part in self.parts:
+            view = memoryview(part)
+            for start in range(0, len(view), size):
+                piece = view[start : start + size]
+                group.append(piece)
+                held += len(piece)
+                if held >= size:
+                    yield b"".join(group)
+                    group, held = [], 0
+        if group:
+            yield b"".join(group)
+
+
+Body = bytes | Chunks
+
+
 class Document:
     """A rendered body and its content type; its gzip form is made once, on first demand.
 
-    The body may come in parts (``/metrics``: one per family). Then the
+    A body given as :class:`Chunks` is kept and served as such. The body
+    may also come in parts to be let go (``/metrics``: one per family). Then the
     gzip form is compressed part by part, the parts are let go, and the
     whole body is made only when a client that does not take gzip asks:
     Prometheus always takes gzip, and 11 MB held for nobody is held for nothing.
@@ -68,23 +120,24 @@ class Document:
     __slots__ = ("_body", "_gz", "_lock", "_parts", "content_type")
 
     def __init__(
-        self, body: bytes | Iterable[bytes], content_type: str, *, compress: bool = False
+        self, body: Body | Iterable[bytes], content_type: str, *, compress: bool = False
     ) -> None:
-        self._body: bytes | None = body if isinstance(body, bytes) else None
+        self._body: Body | None = body if isinstance(body, Body) else None
         self._parts: tuple[bytes, ...] | None = None
         self.content_type = content_type
         self._gz: bytes | None = None
         self._lock = threading.Lock()
         if self._body is None:
-            assert not isinstance(body, bytes)
+            assert not isinstance(body, Body)
             if compress:
                 self._gz = _gzip(body)
             else:
                 self._parts = tuple(body)
 
     @property
-    def body(self) -> bytes:
-        """The whole body (joined from its parts, or inflated, on first demand)."""
+    def body(self) -> Body:
+        """The whole body: its :class:`Chunks` as given, else bytes (joined from its
+        parts, or inflated, on first demand)."""
         with self._lock:
             if self._body is None:
                 if self._parts is not None:
@@ -99,12 +152,17 @@ class Document:
         """The body gzip-compressed (the same body always compresses to the same bytes)."""
         with self._lock:
             if self._gz is None:
-                self._gz = _gzip((self._body,) if self._body is not None else self._parts or ())
+                body = self._body
+                self._gz = _gzip(_parts_of(body) if body is not None else self._parts or ())
                 # The parts (11 MB for a 1,000-namespace scrape) are not kept
                 # beside their gzip form (0.6 MB): a client without gzip, rare
                 # for /metrics, costs an inflate (~20 ms) instead.
                 self._parts = None
             return self._gz
+
+
+def _parts_of(body: Body) -> tuple[bytes, ...]:
+    return body.parts if isinstance(body, Chunks) else (body,)
 
 
 def _gzip(parts: Iterable[bytes]) -> bytes:
@@ -263,28 +321,45 @@ class StateRenderer:
         # of the list); more, and the list is sorted again.
         self.insert_max = insert_max
         self._memo: dict[int, _NsMemo] = {}  # by inode
-        self._pairs: tuple[int, Any] | None = None  # (refs_version, veth_pairs fragment)
+        self._pairs: tuple[int, bytes] | None = None  # (refs_version, veth_pairs JSON)
         self.serialised = 0  # namespaces and records serialised afresh, for tests
         self.inspected = 0  # namespaces whose peers were looked up again, for tests
 
     def render(self, model: Model) -> bytes:
         """The bytes of ``json_bytes(state_json(model))``."""
+        return bytes(self.render_chunks(model))
+
+    def render_chunks(self, model: Model) -> Chunks:
+        """``json_bytes(state_json(model))`` as the kept JSON of each namespace, between
+        the document's own few bytes (keys, commas, braces): nothing is copied."""
         used: dict[int, _NsMemo] = {}
+        kept: list[bytes] = []
 
         def namespace(ns: Namespace) -> Any:
             memo = self._namespace(model, ns, self._memo.get(ns.inode))
             used[ns.inode] = memo
-            return memo.fragment
+            kept.append(memo.json)
+            return _SLOT
 
         refs_version = model.refs_version
         # The pairs show namespace and link names and who is whose peer:
         # all of it moves only with refs_version.
         if self._pairs is None or self._pairs[0] != refs_version:
-            self._pairs = (refs_version, _fragment(veth_pairs_json(model)))
-        body = json_bytes(state_json(model, namespace, self._pairs[1]))
+            self._pairs = (refs_version, _json(veth_pairs_json(model)))
+        # The document's frame comes from state_json itself, each kept JSON
+        # standing in as a NUL byte: orjson writes a NUL inside a string as
+        # \u0000, so every raw NUL in its output is a slot, in document order.
+        frame = json_bytes(state_json(model, namespace, _SLOT)).split(b"\0")
+        kept.append(self._pairs[1])
+        if len(frame) != len(kept) + 1:
+            raise AssertionError(f"{len(frame) - 1} slots in the state frame for {len(kept)}")
+        parts = [frame[0]]
+        for json, after in zip(kept, frame[1:], strict=True):
+            parts.append(json)
+            parts.append(after)
         # Only what this model holds is kept: namespaces and records gone are let go.
         self._memo = used
-        return body
+        return Chunks(parts)
 
     def _namespace(self, model: Model, ns: Namespace, old: _NsMemo | None) -> _NsMemo:
         """``ns``'s memo: ``old`` if it still holds, else one with what changed made again."""
@@ -309,8 +384,8 @@ class StateRenderer:
         )
         head = namespace_head(ns)
 
-        def memo(sections: tuple[tuple[Any, list[_Entry]], ...] | None, fragment: Any) -> _NsMemo:
-            return _NsMemo(ns, head, names, refs, refs_version, lists, sections, fragment)
+        def memo(sections: tuple[tuple[Any, list[_Entry]], ...] | None, json: bytes) -> _NsMemo:
+            return _NsMemo(ns, head, names, refs, refs_version, lists, sections, json)
 
         if old is not None:
             same = (
@@ -318,14 +393,14 @@ class StateRenderer:
                 *(_same_records(a, b) for a, b in zip(old.lists[1:], lists[1:], strict=True)),
             )
             if all(same) and old.head == head:
-                return memo(old.sections, old.fragment)
+                return memo(old.sections, old.json)
         else:
             same = (False,) * len(_SECTIONS)
         if _records(ns) < self.record_memo_min:
             # Small: made afresh in well under a millisecond, and a memo of
             # its lists and records would cost more memory than its JSON.
             self.serialised += 1
-            return memo(None, _fragment(namespace_json(model, ns)))
+            return memo(None, _json(namespace_json(model, ns)))
         by_index = dict(zip(ns.links, refs, strict=True))
         kinds = (
             _Kind(link_order, lambda r: link_json(model, ns, r), by_index),
@@ -343,7 +418,7 @@ class StateRenderer:
             sections.append((_fragment([e[3] for e in entries]), entries))
         self.serialised += 1
         body = {**head, **{name: sec[0] for name, sec in zip(_SECTIONS, sections, strict=True)}}
-        return memo(tuple(sections), _fragment(body))
+        return memo(tuple(sections), _json(body))
 
     def _entries(
         self, records: tuple[Any, ...], prior: list[_Entry] | None, kind: _Kind
@@ -412,7 +487,7 @@ def _links_alike(a: tuple[object, ...], b: tuple[Link, ...]) -> bool:
 _COPY_MAX = 64 * 1024
 
 
-def _fragment(obj: Any) -> Any:
+def _json(obj: Any) -> bytes:
     # orjson leaves its output in a buffer of at least 4 KiB whatever the
     # length; kept for long, a few hundred bytes of JSON would hold 4 KiB
     # each (150 MB at 1,000 namespaces). A copy holds only the bytes. A big
@@ -420,7 +495,15 @@ def _fragment(obj: Any) -> Any:
     # 1.07 MB resident for 1.06 MB), and copying it cost fresh pages: each
     # render at 1,000 namespaces took 2,800 page faults, 5 ms of system time.
     out = orjson.dumps(obj)
-    return orjson.Fragment(out if len(out) >= _COPY_MAX else bytes(memoryview(out)))
+    return out if len(out) >= _COPY_MAX else bytes(memoryview(out))
+
+
+def _fragment(obj: Any) -> Any:
+    return orjson.Fragment(_json(obj))
+
+
+# Where a namespace's kept JSON (or the pairs') goes in the state's frame.
+_SLOT = orjson.Fragment(b"\0")
 
 
 # (place in its list, record, what of other links it shows, its JSON)
@@ -462,4 +545,4 @@ class _NsMemo:
     lists: tuple[tuple[object, ...], ...]  # the records of each of _SECTIONS, as held
     # Each list's JSON and its entries in order (big namespaces only).
     sections: tuple[tuple[Any, list[_Entry]], ...] | None
-    fragment: Any
+    json: bytes  # the namespace's JSON

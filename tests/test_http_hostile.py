@@ -10,6 +10,7 @@ import contextlib
 import errno
 import http.client
 import os
+import random
 import resource
 import socket
 import threading
@@ -21,7 +22,10 @@ import h11
 import pytest
 from structlog.testing import capture_logs
 
-from nswatch.http import SERVING_NICE, Api, HttpServer, Limits
+from nswatch.http import SERVING_NICE, Api, HttpServer, Limits, send_parts
+from nswatch.render_cache import json_bytes
+from nswatch.state import state_json
+from tests.bench.bench_metrics import synthetic
 from tests.test_http import _model, assert_served_twice
 
 FLOOD = 2000
@@ -373,6 +377,66 @@ class _QueuedWriter:
 
     async def drain(self) -> None:
         self.transport.queued = 0
+
+
+def test_send_parts_sends_every_part_in_order_through_a_full_socket() -> None:
+    """Three times more parts than one sendmsg() takes, empty ones among them, through a
+    socket that fills hundreds of times: the reader gets exactly their concatenation
+    (a send cut inside a part resumes there, not at the part's start or the next one)."""
+    rng = random.Random(7)
+    sizes = (0, 1, 7, 300, 5000, 70_000)
+    parts = [bytes([i % 251]) * rng.choice(sizes) for i in range(3 * 1024)]
+    want = b"".join(parts)
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    got = bytearray()
+
+    def read() -> None:
+        while len(got) < len(want):
+            chunk = theirs.recv(rng.choice((1, 100, 65536)))
+            if not chunk:
+                return
+            got.extend(chunk)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        asyncio.run(send_parts(ours, parts))
+        reader.join(30)
+        assert bytes(got) == want
+    finally:
+        ours.close()
+        theirs.close()
+        reader.join(5)
+
+
+def test_a_big_state_is_served_as_its_plain_render() -> None:
+    """A state document above the direct-send size, sent part by part from the renderer's
+    kept JSON, arrives byte for byte as the plain render, twice on one connection, and to
+    a slow reader too."""
+    model = synthetic(100)
+    body = json_bytes(state_json(model))
+    assert len(body) > 4 * 65536
+    srv = HttpServer(("127.0.0.1", 0), Api(view=model.copy, alive=lambda: True, ready=lambda: True))
+    srv.start()
+    try:
+        host, port = srv.address
+        assert_served_twice(
+            http.client.HTTPConnection(host, port, timeout=10), "/api/v1/state", body
+        )
+        s = socket.create_connection((host, port))
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.settimeout(10)
+        s.sendall(b"GET /api/v1/state HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        time.sleep(0.3)  # the server's sends meet a full socket
+        got = b""
+        while chunk := s.recv(1 << 16):
+            got += chunk
+        s.close()
+        assert got.partition(b"\r\n\r\n")[2] == body
+    finally:
+        srv.stop()
 
 
 def test_a_direct_send_waits_for_the_transport_and_puts_its_limits_back() -> None:

@@ -30,7 +30,11 @@ from structlog.testing import capture_logs
 from nswatch import cli, webconfig
 from nswatch.config import ConfigError
 from nswatch.http import Api, HttpServer, Limits
+from nswatch.model import Model
+from nswatch.render_cache import json_bytes
+from nswatch.state import state_json
 from nswatch.webconfig import WebConfig, load_web_config
+from tests.bench.bench_metrics import synthetic
 from tests.test_http import _model, assert_served_twice
 
 PASSWORD = "s3cret pass:word"  # a space and a colon: only the first ':' splits user from password
@@ -109,10 +113,13 @@ def write_web_config(path: Path, doc: dict[str, Any]) -> Path:
 
 
 def _server(
-    web: WebConfig, limits: Limits | None = None, metrics: bytes = b"nswatch_test_value 1\n"
+    web: WebConfig,
+    limits: Limits | None = None,
+    metrics: bytes = b"nswatch_test_value 1\n",
+    model: Model | None = None,
 ) -> HttpServer:
     api = Api(
-        view=_model().copy,
+        view=(model or _model()).copy,
         alive=lambda: True,
         ready=lambda: True,
         metrics=lambda accept: (metrics, "text/plain; version=0.0.4"),
@@ -186,6 +193,25 @@ def test_a_big_body_arrives_whole_over_tls(certs: Certs, tmp_path: Path) -> None
         ctx = ssl.create_default_context(cafile=str(certs.ca))
         conn = http.client.HTTPSConnection(host, port, context=ctx, timeout=10)
         assert_served_twice(conn, "/metrics", body)
+    finally:
+        srv.stop()
+
+
+def test_a_big_state_arrives_whole_over_tls(certs: Certs, tmp_path: Path) -> None:
+    """Under TLS the state document, kept as its namespaces' JSON and never joined, goes
+    through the TLS transport a piece at a time and arrives byte for byte as the plain
+    render, twice on one connection."""
+    tls = {"cert_file": str(certs.server_cert), "key_file": str(certs.server_key)}
+    web = load_web_config(str(write_web_config(tmp_path / "web.yml", {"tls_server_config": tls})))
+    model = synthetic(400)
+    body = json_bytes(state_json(model))
+    assert len(body) > 1 << 20  # more than one piece
+    srv = _server(web, model=model)
+    try:
+        host, port = srv.address
+        ctx = ssl.create_default_context(cafile=str(certs.ca))
+        conn = http.client.HTTPSConnection(host, port, context=ctx, timeout=10)
+        assert_served_twice(conn, "/api/v1/state", body)
     finally:
         srv.stop()
 

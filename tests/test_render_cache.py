@@ -39,7 +39,14 @@ from nswatch.model import (
     StatsUpdate,
     Synced,
 )
-from nswatch.render_cache import AgeCache, Document, StateRenderer, VersionCache, json_bytes
+from nswatch.render_cache import (
+    AgeCache,
+    Chunks,
+    Document,
+    StateRenderer,
+    VersionCache,
+    json_bytes,
+)
 from nswatch.state import LINK_SHOWN, link_json, state_json
 from tests.bench.bench_metrics import HOST, synthetic
 
@@ -348,6 +355,43 @@ def test_state_renderer_matches_state_json_through_changes(record_memo_min: int)
         _same_as_plain(renderer, view)
     peer = orjson.loads(renderer.render(view))["namespaces"]["nswB0"]["links"][1]["peer"]
     assert peer["name"] == "renamed"
+
+
+def test_a_new_state_version_copies_no_namespace_json() -> None:
+    """The state after one namespace changed holds every other namespace's JSON as the very
+    bytes the previous one held, and making it allocates a small part of its size (it was
+    serialised whole for every version: 6.7 MB copied at 1,000 namespaces, ten times a
+    second while links flap)."""
+    live = synthetic(300)
+    renderer = StateRenderer()
+    view = live.snapshot()
+    first = renderer.render_chunks(view)
+    live.apply(AddressNew(1007, Address(2, "inet", "198.18.201.2", 24)))
+    view = live.snapshot(view)
+    tracemalloc.start()
+    try:
+        second = renderer.render_chunks(view)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert bytes(second) == json_bytes(state_json(view))
+    assert peak < len(second) / 4
+    before = {id(p) for p in first.parts if len(p) > 500}
+    kept = [p for p in second.parts if id(p) in before]
+    assert len(kept) == len(before) - 1  # all but the changed namespace's
+
+
+def test_chunks_cut_into_pieces_of_about_the_size_asked() -> None:
+    """A kept body handed out in pieces (the TLS path) is the whole body in order, each piece
+    at least the size asked but the last, and under twice it."""
+    parts = [b"a" * 3, b"", b"b" * 10, b"c", b"d" * 25]
+    chunks = Chunks(parts)
+    assert len(chunks) == 39 and chunks == b"".join(parts) and b"".join(parts) == chunks
+    for size in (1, 4, 8, 100):
+        pieces = list(chunks.pieces(size))
+        assert b"".join(pieces) == bytes(chunks)
+        assert all(size <= len(p) < 2 * size for p in pieces[:-1])
+        assert 0 < len(pieces[-1]) < 2 * size
 
 
 @pytest.mark.parametrize(("record_memo_min", "afresh"), [(0, 2), (10_000, 1)])
