@@ -181,39 +181,37 @@ def test_curl_tls_and_basic_auth(tls_auth_server: HttpServer, certs: Certs) -> N
     assert curl(url, *ca, "-u", f"alice:{PASSWORD}")[0] == 200
 
 
-def test_a_big_body_arrives_whole_over_tls(certs: Certs, tmp_path: Path) -> None:
-    """Under TLS a big body goes through the TLS transport (never straight to the socket,
-    as plain HTTP's do), and arrives whole, twice on one connection."""
+def _assert_served_twice_over_tls(
+    certs: Certs, tmp_path: Path, path: str, body: bytes, **server: Any
+) -> None:
+    """``GET path`` twice on one TLS connection to a fresh server, each time ``body`` whole."""
     tls = {"cert_file": str(certs.server_cert), "key_file": str(certs.server_key)}
     web = load_web_config(str(write_web_config(tmp_path / "web.yml", {"tls_server_config": tls})))
-    body = bytes(range(256)) * (12 << 12)  # 3 MiB
-    srv = _server(web, metrics=body)
+    srv = _server(web, **server)
     try:
         host, port = srv.address
         ctx = ssl.create_default_context(cafile=str(certs.ca))
         conn = http.client.HTTPSConnection(host, port, context=ctx, timeout=10)
-        assert_served_twice(conn, "/metrics", body)
+        assert_served_twice(conn, path, body)
     finally:
         srv.stop()
+
+
+def test_a_big_body_arrives_whole_over_tls(certs: Certs, tmp_path: Path) -> None:
+    """Under TLS a big body goes through the TLS transport (never straight to the socket,
+    as plain HTTP's do), and arrives whole, twice on one connection."""
+    body = bytes(range(256)) * (12 << 12)  # 3 MiB
+    _assert_served_twice_over_tls(certs, tmp_path, "/metrics", body, metrics=body)
 
 
 def test_a_big_state_arrives_whole_over_tls(certs: Certs, tmp_path: Path) -> None:
     """Under TLS the state document, kept as its namespaces' JSON and never joined, goes
     through the TLS transport a piece at a time and arrives byte for byte as the plain
     render, twice on one connection."""
-    tls = {"cert_file": str(certs.server_cert), "key_file": str(certs.server_key)}
-    web = load_web_config(str(write_web_config(tmp_path / "web.yml", {"tls_server_config": tls})))
     model = synthetic(400)
     body = json_bytes(state_json(model))
     assert len(body) > 1 << 20  # more than one piece
-    srv = _server(web, model=model)
-    try:
-        host, port = srv.address
-        ctx = ssl.create_default_context(cafile=str(certs.ca))
-        conn = http.client.HTTPSConnection(host, port, context=ctx, timeout=10)
-        assert_served_twice(conn, "/api/v1/state", body)
-    finally:
-        srv.stop()
+    _assert_served_twice_over_tls(certs, tmp_path, "/api/v1/state", body, model=model)
 
 
 def test_401_names_the_scheme(tls_auth_server: HttpServer, certs: Certs) -> None:
