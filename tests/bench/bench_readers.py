@@ -334,6 +334,26 @@ def flips(nsw: Nswatch, n: int, changes: int, gap: float) -> tuple[list[float], 
     return out, read
 
 
+def machine_cpu() -> tuple[int, int]:
+    """(idle, all) CPU ticks of the whole machine so far (/proc/stat; iowait counts as idle)."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:9]]
+    return ticks[3] + ticks[4], sum(ticks)
+
+
+def idle_pct(since: tuple[int, int]) -> float:
+    """Percent of the machine's CPU time idle since ``since`` (a :func:`machine_cpu`)."""
+    idle, total = machine_cpu()
+    return 100 * (idle - since[0]) / max(1, total - since[1])
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds ``pid`` has used, all its threads."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class RssSampler:
     def __init__(self, pid: int) -> None:
         self.pid = pid
@@ -505,12 +525,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         res["idle_latency_ms"] = {"p50": pct(idle, 50), "p99": pct(idle, 99), "max": max(idle)}
         log(f"  idle {res['idle_latency_ms']}; readers start")
         readers = Readers(nsw.port, args)
+        # Whether serving more would need more CPU than the machine has
+        # (nginx leaves it ~4 % idle) or the server is what holds back.
+        cpu0, nsw_cpu0 = machine_cpu(), process_cpu_s(nsw.pid)
         sampler = RssSampler(nsw.pid)
         time.sleep(2)
         t_loaded = time.monotonic()
         loaded, loaded_read = flips(nsw, args.n, args.changes, args.gap)
         res["load_during"] = os.getloadavg()
         res.update(readers.stop())
+        res["machine_idle_pct"] = idle_pct(cpu0)
+        res["nswatch_cpu_s"] = process_cpu_s(nsw.pid) - nsw_cpu0
         loaded_s = time.monotonic() - t_loaded + 2
         rss = sampler.stop()
         res["loaded_latency_ms"] = {
@@ -538,9 +563,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         log(f"the floor: nginx serving the same documents for {loaded_s:.0f} s")
         with nginx_peer(*docs) as port:
             readers = Readers(port, args)
+            cpu0 = machine_cpu()
             time.sleep(loaded_s)
             res["load_during_peer"] = os.getloadavg()
             res["peer nginx"] = readers.stop()
+            res["peer nginx"]["machine_idle_pct"] = idle_pct(cpu0)
     return res
 
 
@@ -603,7 +630,9 @@ def main(argv: list[str] | None = None) -> int:
         # VmHWM: the true peak, which 0.1 s samples can miss.
         f"peak RSS {res['vmhwm_mb']:.0f} MB ({ok(res['vmhwm_mb'], TARGETS['rss_mb'])}; "
         f"sampled max {res['rss_max_mb']:.0f}), "
-        f"idle {res['rss_idle_mb']:.0f}, after {res['rss_after_mb']:.0f} MB"
+        f"idle {res['rss_idle_mb']:.0f}, after {res['rss_after_mb']:.0f} MB; "
+        f"machine idle {res['machine_idle_pct']:.0f} % while loaded, nswatch used "
+        f"{res['nswatch_cpu_s']:.0f} CPU s"
     )
     peer = res.get("peer nginx")
     if peer is not None:
@@ -611,7 +640,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"floor (nginx, the same documents and readers): probe p50 {floor['p50_ms']:.1f} ms, "
             f"p99 {floor['p99_ms']:.1f} ms; nswatch / nginx: p50 "
-            f"{ours['p50_ms'] / floor['p50_ms']:.2f}x, p99 {ours['p99_ms'] / floor['p99_ms']:.2f}x"
+            f"{ours['p50_ms'] / floor['p50_ms']:.2f}x, p99 {ours['p99_ms'] / floor['p99_ms']:.2f}x; "
+            f"machine idle {peer['machine_idle_pct']:.0f} %"
         )
     return 0
 
