@@ -59,9 +59,10 @@ class Chunks:
 
     The state at 1,000 namespaces is 6.7 MB, nearly all of it namespaces'
     JSON that :class:`StateRenderer` keeps anyway: joined, each model version
-    cost a 6.7 MB copy in fresh pages (about a fifth of a core at ten
-    versions a second under 16 readers, most of it page faults and copying)
-    and held 6.7 MB more for as long as a reader was still being sent it.
+    cost a 6.7 MB copy in fresh pages (at ten versions a second under 16
+    readers, the render threads took about a fifth of a core, page faults,
+    page clearing and memmove among their top symbols in ``perf``) and held
+    6.7 MB more for as long as a reader was still being sent it.
     """
 
     __slots__ = ("parts", "size")
