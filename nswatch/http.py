@@ -24,14 +24,13 @@ import contextlib
 import email.utils
 import errno
 import ipaddress
-import itertools
 import os
 import re
 import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from http import HTTPStatus
@@ -51,6 +50,7 @@ from nswatch.render_cache import (
     Document,
     StateRenderer,
     VersionCache,
+    as_chunks,
     json_bytes,
 )
 from nswatch.state import namespace_json
@@ -1048,10 +1048,11 @@ class HttpServer:
         async with asyncio.timeout_at(self._loop_time(now + self.limits.write_timeout)):
             writer.write(h.send(status) or b"")
             if not head:
-                # A piece at a time: the transport copies what the socket
-                # does not take at once, so a whole shared document handed
-                # over would be copied once per reader (16 readers of a
-                # 6 MB state: 100 MB that the heap then keeps).
+                # Never handed to the transport whole: it copies what the
+                # socket does not take at once, so a shared document would
+                # be copied once per reader (16 readers of a 6 MB state:
+                # 100 MB that the heap then keeps). Big plain-TCP bodies go
+                # straight to the socket, the rest a piece at a time.
                 conn.sending = r.body
                 try:
                     sock = conn.raw_socket() if len(r.body) >= _DIRECT_MIN else None
@@ -1087,7 +1088,7 @@ class HttpServer:
         passed: list[object] = list(h.send_with_data_passthrough(data) or ())
         if len(passed) != 1 or passed[0] is not body:
             raise AssertionError("a body sent whole must go out unframed (Content-Length)")
-        await send_parts(sock, body.parts if isinstance(body, Chunks) else (body,))
+        await send_parts(sock, as_chunks(body))
 
     @staticmethod
     async def _write_body(h: h11.Connection, writer: asyncio.StreamWriter, body: Body) -> None:
@@ -1168,8 +1169,8 @@ class HttpServer:
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 16
 
 
-async def send_parts(sock: socket.socket, parts: Sequence[bytes]) -> None:
-    """Send ``parts`` in order on the non-blocking ``sock``, as much as it takes each turn.
+async def send_parts(sock: socket.socket, body: Chunks) -> None:
+    """Send ``body``'s parts in order on the non-blocking ``sock``, as much as it takes each turn.
 
     One sendmsg() copies straight from the parts into the kernel (no join,
     no copy into a buffer of ours); when the socket is full, the loop goes
@@ -1179,9 +1180,7 @@ async def send_parts(sock: socket.socket, parts: Sequence[bytes]) -> None:
     so a send costs the same few Python steps however many parts it took.
     """
     loop = asyncio.get_running_loop()
-    parts = [p for p in parts if p]
-    ends = list(itertools.accumulate(map(len, parts)))
-    total = ends[-1] if ends else 0
+    parts, ends, total = body.parts, body.ends, body.size
     at = 0  # bytes sent
     while at < total:
         i = bisect.bisect_right(ends, at)

@@ -16,6 +16,7 @@ or less often when making it is slow (see :class:`AgeCache`).
 from __future__ import annotations
 
 import bisect
+import itertools
 import operator
 import threading
 import time
@@ -65,11 +66,14 @@ class Chunks:
     6.7 MB more for as long as a reader was still being sent it.
     """
 
-    __slots__ = ("parts", "size")
+    __slots__ = ("ends", "parts", "size")
 
     def __init__(self, parts: Iterable[bytes]) -> None:
         self.parts = tuple(p for p in parts if p)
-        self.size = sum(map(len, self.parts))
+        # Where each part ends in the body: made once per document, not per
+        # reader, for senders that look up where a send stopped.
+        self.ends = tuple(itertools.accumulate(map(len, self.parts)))
+        self.size = self.ends[-1] if self.ends else 0
 
     def __len__(self) -> int:
         return self.size
@@ -104,6 +108,11 @@ class Chunks:
 
 
 Body = bytes | Chunks
+
+
+def as_chunks(body: Body) -> Chunks:
+    """``body`` as :class:`Chunks` (bytes: in one part)."""
+    return body if isinstance(body, Chunks) else Chunks((body,))
 
 
 class Document:
@@ -154,16 +163,12 @@ class Document:
         with self._lock:
             if self._gz is None:
                 body = self._body
-                self._gz = _gzip(_parts_of(body) if body is not None else self._parts or ())
+                self._gz = _gzip(as_chunks(body).parts if body is not None else self._parts or ())
                 # The parts (11 MB for a 1,000-namespace scrape) are not kept
                 # beside their gzip form (0.6 MB): a client without gzip, rare
                 # for /metrics, costs an inflate (~20 ms) instead.
                 self._parts = None
             return self._gz
-
-
-def _parts_of(body: Body) -> tuple[bytes, ...]:
-    return body.parts if isinstance(body, Chunks) else (body,)
 
 
 def _gzip(parts: Iterable[bytes]) -> bytes:

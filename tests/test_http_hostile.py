@@ -23,7 +23,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from nswatch.http import SERVING_NICE, Api, HttpServer, Limits, send_parts
-from nswatch.render_cache import json_bytes
+from nswatch.render_cache import Chunks, json_bytes
 from nswatch.state import state_json
 from tests.bench.bench_metrics import synthetic
 from tests.test_http import _model, assert_served_twice
@@ -402,7 +402,7 @@ def test_send_parts_sends_every_part_in_order_through_a_full_socket() -> None:
     reader = threading.Thread(target=read)
     reader.start()
     try:
-        asyncio.run(send_parts(ours, parts))
+        asyncio.run(send_parts(ours, Chunks(parts)))
         reader.join(30)
         assert bytes(got) == want
     finally:
