@@ -210,6 +210,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         metrics=sink.render_parts,
         unwatched=daemon.unwatched,
         events=hub,
+        shown_version=daemon.shown_version,
     )
     listen = config.settings.listen
     server = HttpServer(listen, api, web)

@@ -150,6 +150,15 @@ class Daemon:
                 view = self._view = self.model.snapshot(view)
             return view
 
+    def shown_version(self) -> int:
+        """The live model's shown version, without the lock (for a cached document's check).
+
+        One attribute read, atomic under the GIL. Mid-batch it is a version
+        no view was made for, so no document matches it and the reader goes
+        the slow way, to :meth:`view`.
+        """
+        return self.model.shown_version
+
     # -- lifecycle --
 
     def start(self) -> threading.Thread:

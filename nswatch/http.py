@@ -53,6 +53,7 @@ from nswatch.render_cache import (
     as_chunks,
     json_bytes,
 )
+from nswatch.sender import BodySender, SharedBody
 from nswatch.state import namespace_json
 from nswatch.stream import StreamHub
 from nswatch.topology import build as build_topology
@@ -130,8 +131,12 @@ class Api:
         metrics: MetricsRenderer | None = None,
         unwatched: Callable[[], dict[str, str]] = dict,
         events: StreamHub | None = None,
+        shown_version: Callable[[], int] | None = None,
     ) -> None:
         self.view = view
+        # The live model's shown version, read without its lock: a document
+        # cached for that version is answered on the HTTP loop at once.
+        self.shown_version = shown_version
         self.alive = alive
         self.ready = ready
         self.metrics = metrics
@@ -180,6 +185,8 @@ class Response:
     # A cached document (``body`` is its identity form): sent gzipped to
     # clients that accept it, see :func:`encoded`.
     document: Document | None = None
+    # ``body`` in shared memory, for the sender's child (:mod:`nswatch.sender`).
+    shared: SharedBody | None = None
 
 
 def json_response(status: int, obj: Any, **kw: Any) -> Response:
@@ -223,16 +230,42 @@ def accepts_gzip(header: str | None) -> bool:
     return bool(star)
 
 
-def encoded(r: Response, gzip: bool) -> Response:
-    """``r`` as sent to a client that does (or does not) accept gzip."""
-    if r.document is None:
+Share = Callable[[Body], SharedBody | None]
+"""Puts a body in shared memory for the sender's child, or says None (then it is sent here)."""
+
+
+def encoded(r: Response, gzip: bool, share: Share | None = None) -> Response:
+    """``r`` as sent to a client that does (or does not) accept gzip.
+
+    With ``share``, a document's body big enough to be sent straight to the
+    socket is also put in shared memory, once per document and form.
+    """
+    doc = r.document
+    if doc is None:
         return r
     # Caches must keep the two forms apart, and HEAD gets the same headers.
     headers = (*r.headers, ("Vary", "Accept-Encoding"))
     if gzip:
         headers = (*headers, ("Content-Encoding", "gzip"))
-        return replace(r, body=r.document.gzipped(), headers=headers, document=None)
-    return replace(r, body=r.document.body, headers=headers, document=None)
+        body: Body = doc.gzipped()
+    else:
+        body = doc.body
+    shared = None
+    if share is not None and len(body) >= _DIRECT_MIN:
+        shared = doc.derived(("shared", gzip), lambda: share(body))
+    return replace(r, body=body, headers=headers, document=None, shared=shared)
+
+
+def encoded_if_made(r: Response, gzip: bool, share: Share | None = None) -> Response | None:
+    """:func:`encoded`, if that costs nothing more: the form asked for, and its shared copy,
+    already made. Else None."""
+    doc = r.document
+    if doc is None or not doc.made(gzip):
+        return None
+    body = doc.gzipped() if gzip else doc.body
+    if share is not None and len(body) >= _DIRECT_MIN and not doc.derived_made(("shared", gzip)):
+        return None
+    return encoded(r, gzip, share)
 
 
 def _phrase(status: int) -> str:
@@ -265,15 +298,21 @@ class Router:
         """Drop every cached document if none was asked for in ``idle`` seconds; True if done."""
         if not self._held or time.monotonic() - self.last_read < idle:
             return False
+        if not self.forget():
+            return False  # a render started meanwhile: next time
+        heap.trim()
+        return True
+
+    def forget(self) -> bool:
+        """Drop every cached document (and its shared memory); False while a render runs."""
         renderer = self.state_renderer
         if not (
             self.state_cache.drop(renderer.forget)
             and self.namespace_cache.drop()
             and self.metrics_cache.drop()
         ):
-            return False  # a render started meanwhile: next time
+            return False
         self._held = False
-        heap.trim()
         return True
 
     def asset(self, path: str, accept: str | None) -> Response | None:
@@ -373,6 +412,26 @@ class Router:
             return json_response(200, {"endpoints": self.endpoints()})
         return json_response(404, {"error": "not found", "path": path})
 
+    def cached(self, path: str, accept: str | None) -> Response | None:
+        """A heavy GET's answer if a document for it is made and current, else None.
+
+        Cheap enough for the HTTP loop itself: at 16 readers looping on the
+        state, sending each request to a render thread and back for a
+        document already made cost the daemon more CPU than anything else.
+        """
+        api = self.api
+        doc = None
+        if path == "/metrics" and api.metrics is not None:
+            doc = self.metrics_cache.peek(accept)
+        elif api.shown_version is not None and path == "/api/v1/state":
+            doc = self.state_cache.peek(api.shown_version(), None)
+        elif api.shown_version is not None and path.startswith(_NS_PREFIX):
+            doc = self.namespace_cache.peek(api.shown_version(), unquote(path[len(_NS_PREFIX) :]))
+        if doc is None:
+            return None
+        self.last_read = time.monotonic()
+        return document_response(doc)
+
     def _not_allowed(self, path: str) -> Response:
         if path in self.endpoints() or path.startswith(_NS_PREFIX) or path in _PAGE:
             return Response(
@@ -447,9 +506,11 @@ class Renderer:
         workers: int,
         max_pending: int,
         nicer: Callable[[], None] = lambda: None,
+        share: Share | None = None,
     ) -> None:
         self.router = router
         self.max_pending = max_pending
+        self._share = share
         self._lanes = {
             "metrics": ThreadPoolExecutor(1, "nswatch-http-metrics", initializer=nicer),
             "state": ThreadPoolExecutor(workers, "nswatch-http-render", initializer=nicer),
@@ -459,10 +520,15 @@ class Renderer:
         self._pending = dict.fromkeys(self._lanes, 0)
 
     def _answer(self, path: str, accept: str | None, gzip: bool) -> Response:
-        return encoded(self.router.route("GET", path, accept, gzip), gzip)
+        return encoded(self.router.route("GET", path, accept, gzip), gzip, self._share)
 
     async def render(self, path: str, accept: str | None, gzip: bool = False) -> Response:
         """The answer to a GET (HEAD alike), made (and compressed) on a worker thread."""
+        cached = self.router.cached(path, accept)
+        if cached is not None:
+            quick = encoded_if_made(cached, gzip, self._share)
+            if quick is not None:
+                return quick
         key = (path, accept, gzip)
         future = self._inflight.get(key)
         if future is None:
@@ -725,8 +791,15 @@ class HttpServer:
         self._pending_auth = 0
         self._sock = self._bind(listen)
         self._nicer = _Nicer()
+        # Started on the first big body (most servers, tests among them, never send one).
+        self.sender = BodySender(idle=self.limits.cache_idle)
+        self._share_refused = False
         self._render = Renderer(
-            self.router, self.limits.render_workers, self.limits.max_pending_renders, self._nicer
+            self.router,
+            self.limits.render_workers,
+            self.limits.max_pending_renders,
+            self._nicer,
+            self._share,
         )
         # Password checks get their own thread: a storm of wrong passwords
         # then slows only other password checks, never a render.
@@ -751,6 +824,19 @@ class HttpServer:
         self.warn_if_exposed(*self.address, web)
         # One reference, replaced whole: each handler reads it once.
         self._guard = guard
+
+    def _share(self, body: Body) -> SharedBody | None:
+        """``body`` in shared memory for the sender's child; None under TLS or without memfds."""
+        if self._guard.tls is not None or self._share_refused:
+            return None
+        try:
+            return SharedBody.of(body)
+        except OSError as e:
+            # No memfd_create (a seccomp filter, ENOMEM): said once; bodies
+            # are then sent by the HTTP thread.
+            self._share_refused = e.errno not in (errno.ENOMEM, errno.EMFILE, errno.ENFILE)
+            log.warning("http_body_not_shared", error=str(e), again=not self._share_refused)
+            return None
 
     @staticmethod
     def _bind(listen: tuple[str, int]) -> socket.socket:
@@ -793,6 +879,7 @@ class HttpServer:
             self._thread = None
         self._sock.close()
         self._render.shutdown()
+        self.router.forget()
         self._bcrypt.shutdown(wait=True, cancel_futures=True)
 
     @staticmethod
@@ -837,6 +924,7 @@ class HttpServer:
                 events.detach()
             release.cancel()
             server.close()
+            self.sender.close()
             for c in list(self.table.conns):
                 c.drop()
             # Also connections accepted but not yet admitted to the table.
@@ -1046,20 +1134,13 @@ class HttpServer:
             headers.append(("Connection", "close"))
         status = h11.Response(status_code=r.status, headers=headers, reason=_phrase(r.status))
         async with asyncio.timeout_at(self._loop_time(now + self.limits.write_timeout)):
-            writer.write(h.send(status) or b"")
-            if not head:
-                # Never handed to the transport whole: it copies what the
-                # socket does not take at once, so a shared document would
-                # be copied once per reader (16 readers of a 6 MB state:
-                # 100 MB that the heap then keeps). Big plain-TCP bodies go
-                # straight to the socket, the rest a piece at a time.
+            head_bytes = h.send(status) or b""
+            if head:
+                writer.write(head_bytes)
+            else:
                 conn.sending = r.body
                 try:
-                    sock = conn.raw_socket() if len(r.body) >= _DIRECT_MIN else None
-                    if sock is None:
-                        await self._write_body(h, writer, r.body)
-                    else:
-                        await self._send_body(h, writer, sock, r.body)
+                    await self._send_response(conn, h, writer, head_bytes, r)
                 finally:
                     conn.sending = None
             writer.write(h.send(h11.EndOfMessage()) or b"")
@@ -1069,11 +1150,41 @@ class HttpServer:
                 writer.transport.set_write_buffer_limits(high=0)
             await writer.drain()
 
+    async def _send_response(
+        self,
+        conn: Connection,
+        h: h11.Connection,
+        writer: asyncio.StreamWriter,
+        head: bytes,
+        r: Response,
+    ) -> None:
+        """Send ``head`` and ``r``'s body: by the sender's child, straight to the socket, or
+        through the transport, in that order of preference.
+
+        Never handed to the transport whole: it copies what the socket does
+        not take at once, so a shared document would be copied once per
+        reader (16 readers of a 6 MB state: 100 MB that the heap then keeps).
+        """
+        sock = conn.raw_socket() if len(r.body) >= _DIRECT_MIN else None
+        if sock is None:
+            writer.write(head)
+            await self._write_body(h, writer, r.body)
+            return
+        sender = self.sender if r.shared is not None and self.sender.ready() else None
+        await self._send_body(h, writer, sock, head, r.body, sender, r.shared)
+
     @staticmethod
     async def _send_body(
-        h: h11.Connection, writer: asyncio.StreamWriter, sock: socket.socket, body: Body
+        h: h11.Connection,
+        writer: asyncio.StreamWriter,
+        sock: socket.socket,
+        head: bytes,
+        body: Body,
+        sender: BodySender | None = None,
+        shared: SharedBody | None = None,
     ) -> None:
-        """Send ``body`` on ``sock`` once the transport holds nothing (Connection.raw_socket)."""
+        """Send ``head`` and ``body`` on ``sock`` once the transport holds nothing
+        (Connection.raw_socket): by ``sender`` if it takes ``shared``, else from here."""
         transport = writer.transport
         if transport.get_write_buffer_size():
             low, high = transport.get_write_buffer_limits()
@@ -1088,7 +1199,9 @@ class HttpServer:
         passed: list[object] = list(h.send_with_data_passthrough(data) or ())
         if len(passed) != 1 or passed[0] is not body:
             raise AssertionError("a body sent whole must go out unframed (Content-Length)")
-        await send_parts(sock, as_chunks(body))
+        if sender is not None and shared is not None and await sender.send(sock, head, shared):
+            return
+        await send_parts(sock, Chunks((head, *as_chunks(body).parts)))
 
     @staticmethod
     async def _write_body(h: h11.Connection, writer: asyncio.StreamWriter, body: Body) -> None:

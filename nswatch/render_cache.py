@@ -23,7 +23,7 @@ import time
 import zlib
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import orjson
 
@@ -48,6 +48,8 @@ from nswatch.state import (
 # Level 6 (zlib's default) shrinks a 1,000-namespace /metrics about as well
 # as 9 in a third of the time; it runs once per document, not per reader.
 GZIP_LEVEL = 6
+
+T = TypeVar("T")
 
 
 def json_bytes(obj: Any) -> bytes:
@@ -127,7 +129,7 @@ class Document:
     ``body`` (which may make them as it goes) and never kept.
     """
 
-    __slots__ = ("_body", "_gz", "_lock", "_parts", "content_type")
+    __slots__ = ("_body", "_derived", "_derived_lock", "_gz", "_lock", "_parts", "content_type")
 
     def __init__(
         self, body: Body | Iterable[bytes], content_type: str, *, compress: bool = False
@@ -136,6 +138,9 @@ class Document:
         self._parts: tuple[bytes, ...] | None = None
         self.content_type = content_type
         self._gz: bytes | None = None
+        self._derived: dict[Hashable, Any] = {}
+        # Apart from _lock: ``make`` may well read the body.
+        self._derived_lock = threading.Lock()
         self._lock = threading.Lock()
         if self._body is None:
             assert not isinstance(body, Body)
@@ -169,6 +174,22 @@ class Document:
                 # for /metrics, costs an inflate (~20 ms) instead.
                 self._parts = None
             return self._gz
+
+    def made(self, gzip: bool) -> bool:
+        """Whether the form asked for is already made (serving it costs nothing more)."""
+        return (self._gz if gzip else self._body) is not None
+
+    def derived_made(self, key: Hashable) -> bool:
+        """Whether :meth:`derived` has made ``key``."""
+        return key in self._derived
+
+    def derived(self, key: Hashable, make: Callable[[], T]) -> T:
+        """What ``make`` makes of this document, made once per ``key`` and kept as long as it is
+        (its body in shared memory, for :mod:`nswatch.sender`)."""
+        with self._derived_lock:
+            if key not in self._derived:
+                self._derived[key] = make()
+            return cast(T, self._derived[key])
 
 
 def _gzip(parts: Iterable[bytes]) -> bytes:
@@ -221,6 +242,16 @@ class VersionCache:
                     self._docs = {}
                 self._docs[key] = doc
             return doc
+
+    def peek(self, version: int, key: Hashable) -> Document | None:
+        """The document ``key`` of ``version`` if already made; None also while one is made
+        (the caller then goes the slow way, :meth:`get`, off its thread)."""
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            return self._docs.get(key) if version == self._version else None
+        finally:
+            self._lock.release()
 
     def drop(self, then: Callable[[], None] | None = None) -> bool:
         """Forget every document and run ``then`` under the lock; False while a render runs."""
@@ -284,6 +315,16 @@ class AgeCache:
                 reuse = max(self.max_age, (now - began) * self._stretch)
                 self._docs[key] = (now + reuse, doc)
             return doc
+
+    def peek(self, key: Hashable) -> Document | None:
+        """The document ``key`` while it may still be reused; None also while one is made."""
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            hit = self._docs.get(key)
+            return hit[1] if hit is not None and self._clock() < hit[0] else None
+        finally:
+            self._lock.release()
 
     def drop(self) -> bool:
         """Forget every document; False while a render runs."""

@@ -460,7 +460,7 @@ def test_a_direct_send_waits_for_the_transport_and_puts_its_limits_back() -> Non
 
         reader = threading.Thread(target=read)
         reader.start()
-        asyncio.run(HttpServer._send_body(h, writer, ours, body))  # type: ignore[arg-type]
+        asyncio.run(HttpServer._send_body(h, writer, ours, b"", body))  # type: ignore[arg-type]
         reader.join(10)
         assert bytes(got) == body
         assert writer.transport.queued == 0

@@ -347,6 +347,16 @@ def idle_pct(since: tuple[int, int]) -> float:
     return 100 * (idle - since[0]) / max(1, total - since[1])
 
 
+def children(pid: int) -> list[int]:
+    """``pid``'s child processes (nswatch's body sender, once it has sent a big body)."""
+    kids: list[int] = []
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                kids.extend(int(k) for k in f.read().split())
+    return kids
+
+
 def process_cpu_s(pid: int) -> float:
     """User + system CPU seconds ``pid`` has used, all its threads."""
     with open(f"/proc/{pid}/stat") as f:
@@ -536,6 +546,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         res.update(readers.stop())
         res["machine_idle_pct"] = idle_pct(cpu0)
         res["nswatch_cpu_s"] = process_cpu_s(nsw.pid) - nsw_cpu0
+        # The body sender's child starts on the first big GET, so all its
+        # CPU is the loaded phase's; its peak counts toward the memory target.
+        kids = children(nsw.pid)
+        res["children"] = len(kids)
+        res["children_cpu_s"] = sum(process_cpu_s(k) for k in kids)
+        res["children_vmhwm_mb"] = sum(rss_mb(k, "VmHWM") for k in kids)
         loaded_s = time.monotonic() - t_loaded + 2
         rss = sampler.stop()
         res["loaded_latency_ms"] = {
@@ -554,6 +570,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # nswatch drops its cached documents after 10 s without a reader.
         time.sleep(20)
         res["rss_after_mb"] = rss_mb(nsw.pid)
+        res["children_rss_after_mb"] = sum(rss_mb(k) for k in children(nsw.pid))
         docs = (fetch(nsw.port, "/api/v1/state"), fetch(nsw.port, "/metrics", gzip=True))
         res["stop_s"] = nsw.stop()
     finally:
@@ -620,6 +637,7 @@ def main(argv: list[str] | None = None) -> int:
             if names or links:
                 log(f"WARNING: left behind {names[:5]} {links[:5]}")
     print(json.dumps(res, indent=2))
+    peak = res["vmhwm_mb"] + res["children_vmhwm_mb"]
     ok: Callable[[float, float], str] = lambda v, t: "ok" if v < t else "MISSED"  # noqa: E731
     print(
         f"latency p99 {res['loaded_latency_ms']['p99']:.1f} ms "
@@ -628,11 +646,14 @@ def main(argv: list[str] | None = None) -> int:
         f"({ok(res['probe /api/v1/state']['p99_ms'], TARGETS['state_get_p99_ms'])}); "
         f"state GET (probe) p50 {res['probe /api/v1/state']['p50_ms']:.1f} ms; "
         # VmHWM: the true peak, which 0.1 s samples can miss.
-        f"peak RSS {res['vmhwm_mb']:.0f} MB ({ok(res['vmhwm_mb'], TARGETS['rss_mb'])}; "
+        # The daemon and its sender's peaks added, as if they came at once.
+        f"peak RSS {peak:.0f} MB ({ok(peak, TARGETS['rss_mb'])}; daemon "
+        f"{res['vmhwm_mb']:.0f} + sender {res['children_vmhwm_mb']:.0f}; "
         f"sampled max {res['rss_max_mb']:.0f}), "
-        f"idle {res['rss_idle_mb']:.0f}, after {res['rss_after_mb']:.0f} MB; "
+        f"idle {res['rss_idle_mb']:.0f}, after {res['rss_after_mb']:.0f} "
+        f"+ {res['children_rss_after_mb']:.0f} MB; "
         f"machine idle {res['machine_idle_pct']:.0f} % while loaded, nswatch used "
-        f"{res['nswatch_cpu_s']:.0f} CPU s"
+        f"{res['nswatch_cpu_s']:.0f} + {res['children_cpu_s']:.0f} CPU s"
     )
     peer = res.get("peer nginx")
     if peer is not None:

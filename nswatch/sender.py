@@ -1,0 +1,283 @@
+"""The daemon's side of the body sender: big bodies go to a child process to send.
+
+Why a child at all, and what it does: :mod:`nswatch.sender_child`. Here:
+:class:`SharedBody` puts a document's body in a sealed memfd once per
+document (the render threads do it, with the GIL let go while the kernel
+copies), and :class:`BodySender`, on the HTTP loop, starts the child, hands
+it a connection and a body, and wakes the request's task when the child
+answers. The connection stays the daemon's: the child sends on a copy of
+its descriptor, closes that copy, then answers, so keep-alive, the write
+deadline and shedding work as for any other response.
+
+When the child cannot start or has died, :meth:`BodySender.ready` says
+so and the HTTP thread sends the bodies itself, as it did before the
+child existed, until a restart (after 1 s, doubling up to a minute while
+children keep dying young).
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import errno
+import fcntl
+import itertools
+import os
+import socket
+import subprocess
+import sys
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import structlog
+
+from nswatch import sender_child
+from nswatch.render_cache import Body, as_chunks
+from nswatch.sender_child import DONE, JOB, MAX_HEAD, SEALS
+
+log = structlog.get_logger("nswatch.http")
+
+CHILD = Path(sender_child.__file__)
+# writev() takes at most this many buffers at once (Linux: 1024).
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 16
+_FIRST_BACKOFF = 1.0
+_MAX_BACKOFF = 60.0
+# A child that lived this long was not dying young: the backoff starts over.
+_YOUNG = 60.0
+
+
+class SharedBody:
+    """A body in a sealed memfd the child can map; the descriptor closes when this is dropped."""
+
+    __slots__ = ("__weakref__", "_closer", "fd", "size")
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.fd = fd
+        self.size = size
+        self._closer = weakref.finalize(self, os.close, fd)
+
+    @classmethod
+    def of(cls, body: Body) -> SharedBody:
+        """``body`` copied into a new sealed memfd (OSError: no memfd, e.g. under seccomp)."""
+        fd = os.memfd_create("nswatch-body", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            _write_all(fd, as_chunks(body).parts)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(fd, len(body))
+
+    def close(self) -> None:
+        """Close the descriptor now (a job already handed over keeps its own)."""
+        self._closer()
+
+
+def _write_all(fd: int, parts: Sequence[bytes]) -> None:
+    for start in range(0, len(parts), _IOV_MAX):
+        batch = parts[start : start + _IOV_MAX]
+        done = os.writev(fd, batch)
+        # A memfd takes a whole writev unless out of memory or interrupted;
+        # whatever it did not take goes part by part.
+        for part in batch:
+            if done >= len(part):
+                done -= len(part)
+                continue
+            view = memoryview(part)[done:]
+            done = 0
+            while view:
+                view = view[os.write(fd, view) :]
+
+
+class SendFailed(ConnectionError):
+    """The child could not send a body: the client left, or the child itself ended."""
+
+
+class Spawn(Protocol):
+    """Starts the child with the control socket's descriptor (tests count or break starts)."""
+
+    def __call__(self, fd: int, idle: float) -> subprocess.Popen[bytes]: ...
+
+
+def spawn_child(fd: int, idle: float) -> subprocess.Popen[bytes]:
+    """``python -I sender_child.py FD IDLE``: no site, no environment, no script directory
+    on the path (the child needs the standard library only)."""
+    return subprocess.Popen(
+        [sys.executable, "-I", str(CHILD), str(fd), repr(idle)],
+        pass_fds=(fd,),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+    )
+
+
+class BodySender:
+    """Starts the sender's child, hands it jobs and wakes their tasks; one per HTTP loop.
+
+    The child inherits the HTTP thread's nice value (it serves readers,
+    who must not crowd out the event loop that follows the kernel).
+    """
+
+    def __init__(
+        self,
+        idle: float,
+        spawn: Spawn = spawn_child,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.idle = idle
+        self._spawn = spawn
+        self._clock = clock
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._control: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._jobs: dict[int, asyncio.Future[None]] = {}
+        self._numbers = itertools.count(1)
+        self._retry_at = 0.0
+        self._backoff = _FIRST_BACKOFF
+        self._started_at = 0.0
+        self._told = False
+        self.starts = 0
+        self.sent = 0
+        self.failed = 0
+
+    @property
+    def pid(self) -> int | None:
+        """The child's pid while it runs."""
+        return self._proc.pid if self._proc is not None else None
+
+    def ready(self) -> bool:
+        """Whether jobs can be handed over now; starts the child if it is time to."""
+        if self._proc is not None:
+            return True
+        now = self._clock()
+        if now < self._retry_at:
+            return False
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self._proc = self._spawn(theirs.fileno(), self.idle)
+        except OSError as e:
+            ours.close()
+            self._retry_at = now + self._backoff
+            self._backoff = min(_MAX_BACKOFF, self._backoff * 2)
+            self._say("http_sender_unavailable", error=str(e))
+            return False
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        self._control = ours
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(ours.fileno(), self._answers)
+        self._started_at = now
+        self.starts += 1
+        return True
+
+    async def send(self, sock: socket.socket, head: bytes, body: SharedBody) -> bool:
+        """Have the child send ``head`` then ``body`` on ``sock``; False if it took no job.
+
+        Raises :class:`SendFailed` when the job failed part-way: the
+        connection must then be closed. Cancelled (the write deadline, a
+        shed, shutdown), the connection is shut down, so the child's next
+        send fails at once instead of holding on to a reader that stalls.
+        """
+        control, loop = self._control, self._loop
+        if control is None or loop is None or len(head) > MAX_HEAD:
+            return False
+        number = next(self._numbers)
+        fds = array.array("i", (sock.fileno(), body.fd))
+        try:
+            control.sendmsg(
+                [JOB.pack(number, body.size), head], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)]
+            )
+        except (BlockingIOError, InterruptedError):
+            return False  # a backlog of jobs: this one is sent here
+        except OSError as e:
+            self._lost(f"handing over a job: {e}")
+            return False
+        done = self._jobs[number] = loop.create_future()
+        try:
+            await done
+        except asyncio.CancelledError:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            raise
+        finally:
+            self._jobs.pop(number, None)
+        return True
+
+    def _answers(self) -> None:
+        control = self._control
+        assert control is not None
+        while True:
+            try:
+                data = control.recv(DONE.size)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                self._lost(f"reading answers: {e}")
+                return
+            if len(data) != DONE.size:
+                self._lost("ended" if not data else f"a garbled answer of {len(data)} bytes")
+                return
+            number, err = DONE.unpack(data)
+            done = self._jobs.pop(number, None)
+            if err:
+                self.failed += 1
+            else:
+                self.sent += 1
+            if done is None or done.done():
+                continue  # its task was cancelled
+            if err:
+                done.set_exception(SendFailed(err, os.strerror(err)))
+            else:
+                done.set_result(None)
+
+    def _lost(self, why: str) -> None:
+        """The child is gone (or must go): fail its jobs; restart later."""
+        code = self._stop_child(kill=True)
+        now = self._clock()
+        if now - self._started_at >= _YOUNG:
+            self._backoff = _FIRST_BACKOFF
+        self._retry_at = now + self._backoff
+        self._backoff = min(_MAX_BACKOFF, self._backoff * 2)
+        log.warning("http_sender_exited", why=why, returncode=code, retry_in=self._retry_at - now)
+        jobs, self._jobs = self._jobs, {}
+        for done in jobs.values():
+            if not done.done():
+                done.set_exception(SendFailed(errno.ECONNABORTED, "the sender's child ended"))
+
+    def _stop_child(self, kill: bool = False) -> int | None:
+        control, proc = self._control, self._proc
+        self._control = self._proc = None
+        if control is not None:
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_reader(control.fileno())
+            control.close()
+        if proc is None:
+            return None
+        if kill:
+            proc.kill()  # gone already, or not to be trusted: either way not waited for
+        # Else it ends by itself once its end of the pair reads end-of-file.
+        try:
+            return proc.wait(1)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait()
+
+    def close(self) -> None:
+        """Stop the child (jobs under way end with their connections)."""
+        self._stop_child()
+        jobs, self._jobs = self._jobs, {}
+        for done in jobs.values():
+            if not done.done():
+                done.cancel()
+
+    def _say(self, event: str, **fields: object) -> None:
+        # Said once at warning; each later retry only at debug.
+        if self._told:
+            log.debug(event, **fields)
+        else:
+            self._told = True
+            log.warning(event, **fields, hint="bodies are sent by the HTTP thread meanwhile")
