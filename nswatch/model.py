@@ -840,11 +840,15 @@ class Model:
         self._copy_indexes(m)
         return m
 
-    def _copy_indexes(self, m: Model) -> None:
+    def _copy_indexes(self, m: Model, for_readers: bool = False) -> None:
         m.by_name = dict(self.by_name)
         m.by_label = dict(self.by_label)
-        m._holders = {k: list(v) for k, v in self._holders.items()}
-        m.veths = self.veths.copy()
+        # Who holds each name matters only to applying events (which of two
+        # namespaces keeps a shared name when one goes): a reader's view,
+        # made per model version, goes without.
+        if not for_readers:
+            m._holders = {k: list(v) for k, v in self._holders.items()}
+        m.veths = self.veths.copy(for_readers)
         m.version = self.version
         m.shown_version = self.shown_version
         m.refs_version = self.refs_version
@@ -857,6 +861,7 @@ class Model:
         must never mutate it; making one costs the namespaces that changed,
         not the whole model. Call it under the owner's lock, always with the
         snapshot it returned last time (the dirty set is relative to that).
+        It holds what readers use, not the indexes only applying events needs.
         """
         reuse = previous.namespaces if previous is not None else {}
         m = Model()
@@ -868,7 +873,7 @@ class Model:
                 else _copy_namespace(ns, index=False)
             )
         self._dirty.clear()
-        self._copy_indexes(m)
+        self._copy_indexes(m, for_readers=True)
         return m
 
     # -- applying events --

@@ -48,6 +48,10 @@ _ANCILLARY = socket.CMSG_SPACE(_FDS * struct.calcsize("i"))
 # A sealed memfd cannot shrink under a mapping (which would make reading it SIGBUS).
 SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
 _NOBODY = 65534
+# At most this much per send: with 16 readers each socket took up to 4 MB
+# at once, so a round of sends, and a new job's wait for its first byte,
+# lasted tens of milliseconds.
+MAX_SEND = 1 << 20
 
 
 class _Map:
@@ -145,9 +149,13 @@ class Child:
             events = self.sel.select(timeout)
             if not events and not self.jobs:
                 self.maps.idle()
+            # New jobs first: their first bytes go out in this round, not the next.
+            events.sort(key=lambda e: e[0].fileobj is not self.control)
             for key, mask in events:
                 if key.fileobj is not self.control:
-                    self._send(key.data)
+                    # (A job that ended earlier in this round is not sent to.)
+                    if self.jobs.get(key.fd) is key.data:
+                        self._send(key.data)
                     continue
                 if mask & selectors.EVENT_WRITE:
                     self._flush()
@@ -207,9 +215,10 @@ class Child:
         try:
             head = len(job.head)
             if job.at < head:
-                job.at += job.sock.sendmsg([job.head[job.at :], job.body])
+                job.at += job.sock.sendmsg([job.head[job.at :], job.body[:MAX_SEND]])
             else:
-                job.at += job.sock.send(job.body[job.at - head :])
+                at = job.at - head
+                job.at += job.sock.send(job.body[at : at + MAX_SEND])
         except (BlockingIOError, InterruptedError):
             pass
         except OSError as e:

@@ -13,6 +13,7 @@ import os
 import random
 import resource
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from structlog.testing import capture_logs
 
 from nswatch.http import SERVING_NICE, Api, HttpServer, Limits, send_parts
 from nswatch.render_cache import Chunks, json_bytes
+from nswatch.sender import BodySender
 from nswatch.state import state_json
 from tests.bench.bench_metrics import synthetic
 from tests.test_http import _model, assert_served_twice
@@ -411,14 +413,22 @@ def test_send_parts_sends_every_part_in_order_through_a_full_socket() -> None:
         reader.join(5)
 
 
-def test_a_big_state_is_served_as_its_plain_render() -> None:
-    """A state document above the direct-send size, sent part by part from the renderer's
-    kept JSON, arrives byte for byte as the plain render, twice on one connection, and to
-    a slow reader too."""
+@pytest.mark.parametrize("child", [True, False], ids=["by-the-child", "child-cannot-start"])
+def test_a_big_state_is_served_as_its_plain_render(child: bool) -> None:
+    """A state document above the direct-send size arrives byte for byte as the plain
+    render, twice on one connection and to a slow reader too: sent by the sender's child
+    from shared memory, or, when the child cannot start, by the HTTP thread part by part
+    from the renderer's kept JSON."""
+
+    def cannot(fd: int, idle: float) -> subprocess.Popen[bytes]:
+        raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+
     model = synthetic(100)
     body = json_bytes(state_json(model))
     assert len(body) > 4 * 65536
     srv = HttpServer(("127.0.0.1", 0), Api(view=model.copy, alive=lambda: True, ready=lambda: True))
+    if not child:
+        srv.sender = BodySender(idle=10, spawn=cannot)
     srv.start()
     try:
         host, port = srv.address
@@ -435,6 +445,7 @@ def test_a_big_state_is_served_as_its_plain_render() -> None:
             got += chunk
         s.close()
         assert got.partition(b"\r\n\r\n")[2] == body
+        assert (srv.sender.sent, srv.sender.starts) == ((3, 1) if child else (0, 0))
     finally:
         srv.stop()
 

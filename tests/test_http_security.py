@@ -193,6 +193,8 @@ def _assert_served_twice_over_tls(
         ctx = ssl.create_default_context(cafile=str(certs.ca))
         conn = http.client.HTTPSConnection(host, port, context=ctx, timeout=10)
         assert_served_twice(conn, path, body)
+        # The sender's child sends plain bytes: under TLS it is never started.
+        assert srv.sender.starts == 0
     finally:
         srv.stop()
 

@@ -16,7 +16,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nswatch.http import Api, HttpServer, Limits, Router, accepts_gzip, encoded
+from nswatch.http import (
+    Api,
+    HttpServer,
+    Limits,
+    Renderer,
+    Response,
+    Router,
+    accepts_gzip,
+    encoded,
+)
 from nswatch.model import (
     Address,
     AddressDel,
@@ -128,6 +137,46 @@ def test_state_is_rendered_once_per_model_version(server: HttpServer, daemon: Co
     for _ in range(5):
         fetch(server, "/api/v1/state")
     assert server.router.state_cache.made == 2
+
+
+def test_a_current_document_is_answered_without_a_render_thread(
+    daemon: Counting, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once a version's state, namespace and /metrics documents are made, their readers are
+    answered on the HTTP loop, not sent to a render thread and back; after a change the
+    next reader gets the new document, never the one made before it."""
+    renders: list[str] = []
+    real = Renderer._answer
+
+    def counted(self: Renderer, path: str, accept: str | None, gzip: bool) -> Response:
+        renders.append(path)
+        return real(self, path, accept, gzip)
+
+    monkeypatch.setattr(Renderer, "_answer", counted)
+    api = Api(
+        view=daemon.view,
+        alive=lambda: True,
+        ready=lambda: True,
+        metrics=daemon.metrics,
+        shown_version=lambda: daemon.model.shown_version,
+    )
+    srv = HttpServer(("127.0.0.1", 0), api, limits=Limits(metrics_max_age=60))
+    srv.start()
+    paths = ("/api/v1/state", "/api/v1/namespaces/lab-1", "/metrics")
+    try:
+        first = {p: fetch(srv, p)[2] for p in paths}
+        for _ in range(5):
+            for p in paths:
+                assert fetch(srv, p)[2] == first[p]
+        assert renders == list(paths)
+        daemon.change()
+        _, _, body = fetch(srv, "/api/v1/state")
+        assert json.loads(body)["namespaces"]["lab-1"]["links"][4]["mtu"] == 9000
+        _, _, body = fetch(srv, "/api/v1/namespaces/lab-1")
+        assert json.loads(body)["links"][4]["mtu"] == 9000
+        assert renders == [*paths, *paths[:2]]
+    finally:
+        srv.stop()
 
 
 def test_namespace_documents_are_cached_per_version(server: HttpServer, daemon: Counting) -> None:
