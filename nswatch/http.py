@@ -791,7 +791,8 @@ class HttpServer:
         self._pending_auth = 0
         self._sock = self._bind(listen)
         self._nicer = _Nicer()
-        # Started on the first big body (most servers, tests among them, never send one).
+        # Started with the server unless under TLS (then on the first big
+        # plain body, after a reload turned TLS off).
         self.sender = BodySender(idle=self.limits.cache_idle)
         self._share_refused = False
         self._render = Renderer(
@@ -864,6 +865,8 @@ class HttpServer:
     def start(self) -> None:
         """Serve on a background thread (returns once it accepts connections)."""
         self.warn_if_exposed(*self.address, self.web)
+        if self._guard.tls is None:
+            self.sender.start()
         self._thread = threading.Thread(target=self._run, name="nswatch-http", daemon=True)
         self._thread.start()
         self._started.wait(5)
@@ -878,6 +881,7 @@ class HttpServer:
             self._thread.join(5)
             self._thread = None
         self._sock.close()
+        self.sender.close()  # the loop closed it, unless it never ran
         self._render.shutdown()
         self.router.forget()
         self._bcrypt.shutdown(wait=True, cancel_futures=True)

@@ -148,8 +148,15 @@ class BodySender:
         """The child's pid while it runs."""
         return self._proc.pid if self._proc is not None else None
 
-    def ready(self) -> bool:
-        """Whether jobs can be handed over now; starts the child if it is time to."""
+    def start(self) -> bool:
+        """Start the child unless it runs or a restart is not due yet; whether it runs.
+
+        Any thread may call this before the HTTP loop runs. The child takes
+        the caller's nice value: started by the HTTP server's starter it
+        has the daemon's, like nginx's workers beside their readers (at nice
+        10, with 16 readers looping, it waited for a core behind them).
+        A restart after a death comes from the HTTP loop, at its nice value.
+        """
         if self._proc is not None:
             return True
         now = self._clock()
@@ -168,10 +175,18 @@ class BodySender:
             theirs.close()
         ours.setblocking(False)
         self._control = ours
-        self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(ours.fileno(), self._answers)
         self._started_at = now
         self.starts += 1
+        return True
+
+    def ready(self) -> bool:
+        """Whether jobs can be handed over now (on the HTTP loop); starts the child if due."""
+        if not self.start():
+            return False
+        if self._loop is None:
+            assert self._control is not None
+            self._loop = asyncio.get_running_loop()
+            self._loop.add_reader(self._control.fileno(), self._answers)
         return True
 
     async def send(self, sock: socket.socket, head: bytes, body: SharedBody) -> bool:
@@ -249,11 +264,11 @@ class BodySender:
                 done.set_exception(SendFailed(errno.ECONNABORTED, "the sender's child ended"))
 
     def _stop_child(self, kill: bool = False) -> int | None:
-        control, proc = self._control, self._proc
-        self._control = self._proc = None
+        control, proc, loop = self._control, self._proc, self._loop
+        self._control = self._proc = self._loop = None
         if control is not None:
-            if self._loop is not None and not self._loop.is_closed():
-                self._loop.remove_reader(control.fileno())
+            if loop is not None and not loop.is_closed():
+                loop.remove_reader(control.fileno())
             control.close()
         if proc is None:
             return None

@@ -154,8 +154,9 @@ class Child:
             for key, mask in events:
                 if key.fileobj is not self.control:
                     # (A job that ended earlier in this round is not sent to.)
-                    if self.jobs.get(key.fd) is key.data:
-                        self._send(key.data)
+                    job = self.jobs.get(key.fd)
+                    if job is not None and job is key.data:
+                        self._send(job)
                     continue
                 if mask & selectors.EVENT_WRITE:
                     self._flush()
