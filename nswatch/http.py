@@ -845,7 +845,11 @@ class HttpServer:
         family, _, _, _, addr = socket.getaddrinfo(
             host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )[0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # IPPROTO_TCP said outright: asyncio turns Nagle off (TCP_NODELAY)
+        # only on sockets whose proto says TCP, and accepted sockets take
+        # the listener's. With proto 0 every small keep-alive response (a
+        # head, then its body) waited 40 ms for the client's delayed ACK.
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(addr)

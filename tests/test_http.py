@@ -233,6 +233,25 @@ def test_keep_alive_and_pipelining(server: HttpServer) -> None:
     assert json.loads(raw.rpartition(b"\r\n\r\n")[2])["synced"] is True
 
 
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_connections_send_without_nagle(host: str) -> None:
+    """Every accepted connection has TCP_NODELAY: with Nagle on, each small keep-alive
+    response (head, then body) waited ~40 ms for the client's delayed ACK (python's
+    http.client: 44 ms per /healthz on one connection)."""
+    srv = HttpServer((host, 0), Api(view=_model, alive=lambda: True, ready=lambda: True))
+    srv.start()
+    try:
+        conn = http.client.HTTPConnection(*srv.address, timeout=10)
+        conn.request("GET", "/healthz")
+        assert conn.getresponse().read()
+        (served,) = srv.table.conns
+        sock = served.writer.get_extra_info("socket")
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        conn.close()
+    finally:
+        srv.stop()
+
+
 class FakeClock:
     def __init__(self) -> None:
         self.now = 1000.0
