@@ -100,14 +100,14 @@ class SendFailed(ConnectionError):
 class Spawn(Protocol):
     """Starts the child with the control socket's descriptor (tests count or break starts)."""
 
-    def __call__(self, fd: int, idle: float) -> subprocess.Popen[bytes]: ...
+    def __call__(self, fd: int, idle: float, nice: int) -> subprocess.Popen[bytes]: ...
 
 
-def spawn_child(fd: int, idle: float) -> subprocess.Popen[bytes]:
-    """``python -I sender_child.py FD IDLE``: no site, no environment, no script directory
-    on the path (the child needs the standard library only)."""
+def spawn_child(fd: int, idle: float, nice: int) -> subprocess.Popen[bytes]:
+    """``python -I sender_child.py FD IDLE NICE``: no site, no environment, no script
+    directory on the path (the child needs the standard library only)."""
     return subprocess.Popen(
-        [sys.executable, "-I", str(CHILD), str(fd), repr(idle)],
+        [sys.executable, "-I", str(CHILD), str(fd), repr(idle), str(nice)],
         pass_fds=(fd,),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
@@ -117,17 +117,22 @@ def spawn_child(fd: int, idle: float) -> subprocess.Popen[bytes]:
 class BodySender:
     """Starts the sender's child, hands it jobs and wakes their tasks; one per HTTP loop.
 
-    The child inherits the HTTP thread's nice value (it serves readers,
-    who must not crowd out the event loop that follows the kernel).
+    The child runs at ``nice`` (the serving threads' value): it serves
+    readers, who must not crowd out the event loop that follows the kernel.
+    At the daemon's own nice value the link-change p99 under 16 + 4 readers
+    was 18.3 and 28.3 ms in two runs, against 13.5 ms at nice 10
+    (tests/bench/bench_readers.py, 2026-12-05).
     """
 
     def __init__(
         self,
         idle: float,
+        nice: int = 0,
         spawn: Spawn = spawn_child,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.idle = idle
+        self.nice = nice
         self._spawn = spawn
         self._clock = clock
         self._proc: subprocess.Popen[bytes] | None = None
@@ -151,11 +156,7 @@ class BodySender:
     def start(self) -> bool:
         """Start the child unless it runs or a restart is not due yet; whether it runs.
 
-        Any thread may call this before the HTTP loop runs. The child takes
-        the caller's nice value: started by the HTTP server's starter it
-        has the daemon's, like nginx's workers beside their readers (at nice
-        10, with 16 readers looping, it waited for a core behind them).
-        A restart after a death comes from the HTTP loop, at its nice value.
+        Any thread may call this, before the HTTP loop runs too.
         """
         if self._proc is not None:
             return True
@@ -164,7 +165,7 @@ class BodySender:
             return False
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            self._proc = self._spawn(theirs.fileno(), self.idle)
+            self._proc = self._spawn(theirs.fileno(), self.idle, self.nice)
         except OSError as e:
             ours.close()
             self._retry_at = now + self._backoff

@@ -280,9 +280,13 @@ def drop_privileges() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``FD IDLE``: the control socket's descriptor and seconds idle before unmapping."""
+    """``FD IDLE NICE``: the control socket's descriptor, seconds idle before unmapping,
+    and the nice value to run at (raised to it if lower; never lowered)."""
     args = sys.argv[1:] if argv is None else argv
     control = socket.socket(fileno=int(args[0]))
+    with contextlib.suppress(OSError):
+        if int(args[2]) > os.getpriority(os.PRIO_PROCESS, 0):
+            os.setpriority(os.PRIO_PROCESS, 0, int(args[2]))
     drop_privileges()
     try:
         return Child(control, float(args[1])).run()

@@ -420,7 +420,7 @@ def test_a_big_state_is_served_as_its_plain_render(child: bool) -> None:
     from shared memory, or, when the child cannot start, by the HTTP thread part by part
     from the renderer's kept JSON."""
 
-    def cannot(fd: int, idle: float) -> subprocess.Popen[bytes]:
+    def cannot(fd: int, idle: float, nice: int) -> subprocess.Popen[bytes]:
         raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
 
     model = synthetic(100)

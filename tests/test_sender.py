@@ -283,7 +283,7 @@ def test_a_child_that_cannot_start_is_retried_later_with_a_growing_backoff() -> 
     clock = Clock()
     calls: list[float] = []
 
-    def broken(fd: int, idle: float) -> subprocess.Popen[bytes]:
+    def broken(fd: int, idle: float, nice: int) -> subprocess.Popen[bytes]:
         calls.append(clock.now)
         raise OSError(errno.EAGAIN, "no processes left")
 
@@ -376,17 +376,18 @@ def test_the_child_refuses_an_unsealed_body_and_stays_up() -> None:
     good.close()
 
 
-def test_the_child_gives_up_root_and_ends_when_the_sender_closes() -> None:
-    """Started by root, the child runs as nobody (it needs no privilege); closing the
-    sender ends it."""
+def test_the_child_gives_up_root_runs_nicer_and_ends_when_the_sender_closes() -> None:
+    """Started by root, the child runs as nobody (it needs no privilege), at the nice value
+    asked for (the serving threads'); closing the sender ends it."""
     pids: list[int] = []
 
-    def spawn(fd: int, idle: float) -> subprocess.Popen[bytes]:
-        proc = spawn_child(fd, idle)
+    def spawn(fd: int, idle: float, nice: int) -> subprocess.Popen[bytes]:
+        proc = spawn_child(fd, idle, nice)
         pids.append(proc.pid)
         return proc
 
-    sender = BodySender(idle=5, spawn=spawn)
+    nice = min(19, os.getpriority(os.PRIO_PROCESS, 0) + 3)
+    sender = BodySender(idle=5, nice=nice, spawn=spawn)
     shared = SharedBody.of(b"q" * 70_000)
     with pairs(1) as (p,):
 
@@ -398,15 +399,19 @@ def test_the_child_gives_up_root_and_ends_when_the_sender_closes() -> None:
             await asyncio.get_running_loop().run_in_executor(None, reader.join, 10)
 
         uid = None
+        child_nice = None
 
         async def go_and_look() -> None:
-            nonlocal uid
+            nonlocal uid, child_nice
             await go()
             with open(f"/proc/{pids[0]}/status") as f:
                 uid = next(line.split()[1:] for line in f if line.startswith("Uid:"))
+            with open(f"/proc/{pids[0]}/stat") as f:
+                child_nice = int(f.read().rpartition(")")[2].split()[16])
 
         run(sender, go_and_look)
     expected = "65534" if os.geteuid() == 0 else str(os.geteuid())
     assert uid == [expected] * 4
+    assert child_nice == nice
     assert not os.path.exists(f"/proc/{pids[0]}")
     shared.close()
