@@ -167,7 +167,7 @@ class Limits:
     # ... and reused long enough that its renders run at most this share of
     # the time (render_cache.AgeCache): scrapers in a loop cannot keep one
     # running, however slow the machine.
-    metrics_busy_share: float = 0.1
+    metrics_busy_share: float = 0.2
     # Cached documents are dropped (and the heap trimmed) after this long
     # without a reader: a burst of readers must not leave the daemon fat.
     cache_idle: float = 10.0

@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -415,3 +416,41 @@ def test_the_child_gives_up_root_runs_nicer_and_ends_when_the_sender_closes() ->
     assert child_nice == nice
     assert not os.path.exists(f"/proc/{pids[0]}")
     shared.close()
+
+
+def test_the_child_ends_when_the_daemon_is_killed() -> None:
+    """A daemon killed with SIGKILL leaves no sender behind: the child reads end-of-file on
+    its control socket and exits by itself."""
+    script = (
+        "import asyncio, sys\n"
+        "from nswatch.sender import BodySender\n"
+        "s = BodySender(idle=5)\n"
+        "assert s.start()\n"
+        "print(s.pid, flush=True)\n"
+        "import time; time.sleep(60)\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    daemon = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, cwd=root, text=True
+    )
+    try:
+        assert daemon.stdout is not None
+        child = int(daemon.stdout.readline())
+        assert os.path.exists(f"/proc/{child}")
+        daemon.kill()
+        daemon.wait(10)
+
+        def gone() -> bool:
+            try:
+                with open(f"/proc/{child}/stat") as f:
+                    return f.read().rpartition(")")[2].split()[0] == "Z"
+            except FileNotFoundError:
+                return True
+
+        assert wait_for(gone, timeout=5)
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait(10)
+        if daemon.stdout is not None:
+            daemon.stdout.close()
