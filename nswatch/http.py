@@ -13,7 +13,9 @@ never touch the live model: they take :meth:`Daemon.view`, a copy made
 under the lock. A long-lived streaming response fits the same shape: a
 connection in the ``write`` phase whose task feeds h11 ``Data`` events.
 
-TLS and basic auth come from the web config (:mod:`nswatch.webconfig`).
+Big bodies over plain TCP are sent by a child process with a GIL of its
+own (:mod:`nswatch.sender`); TLS and basic auth come from the web config
+(:mod:`nswatch.webconfig`).
 """
 
 from __future__ import annotations
@@ -795,6 +797,7 @@ class HttpServer:
         # plain body, after a reload turned TLS off).
         self.sender = BodySender(idle=self.limits.cache_idle, nice=self._nicer.nice)
         self._share_refused = False
+        self._share_told: set[int | None] = set()
         self._render = Renderer(
             self.router,
             self.limits.render_workers,
@@ -833,10 +836,15 @@ class HttpServer:
         try:
             return SharedBody.of(body)
         except OSError as e:
-            # No memfd_create (a seccomp filter, ENOMEM): said once; bodies
-            # are then sent by the HTTP thread.
-            self._share_refused = e.errno not in (errno.ENOMEM, errno.EMFILE, errno.ENFILE)
-            log.warning("http_body_not_shared", error=str(e), again=not self._share_refused)
+            # The body is then sent by the HTTP thread. Out of memory or
+            # descriptors, the next document tries again; refused outright
+            # (a seccomp filter without memfd_create), none does. Said once
+            # per errno either way.
+            transient = e.errno in (errno.ENOMEM, errno.EMFILE, errno.ENFILE)
+            self._share_refused = not transient
+            if e.errno not in self._share_told:
+                self._share_told.add(e.errno)
+                log.warning("http_body_not_shared", error=str(e), again=transient)
             return None
 
     @staticmethod

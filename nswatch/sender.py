@@ -119,9 +119,10 @@ class BodySender:
 
     The child runs at ``nice`` (the serving threads' value): it serves
     readers, who must not crowd out the event loop that follows the kernel.
-    At the daemon's own nice value the link-change p99 under 16 + 4 readers
-    was 18.3 and 28.3 ms in two runs, against 13.5 ms at nice 10
-    (tests/bench/bench_readers.py, 2026-12-05).
+    Measured, the choice is within the noise: link-change p99 under 16 + 4
+    readers 18.3 and 28.3 ms with the child at the daemon's own nice value,
+    13.5, 22.8 and 19.3 ms at nice 10 (tests/bench/bench_readers.py,
+    2026-12-05, one run each).
     """
 
     def __init__(

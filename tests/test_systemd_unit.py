@@ -737,6 +737,49 @@ def test_read_only_dropin_syncs_and_serves(box: Container) -> None:
 
 
 @pytest.mark.kernel
+def test_the_sender_child_sends_big_bodies_under_the_unit(box: Container) -> None:
+    """Under the hardened unit the sender's child starts with the service (its one child
+    process, at nice 10), maps and sends a state of over 64 KiB that arrives whole, and the
+    journal says nothing of the sender failing or of bodies not shared."""
+    box.ensure_running()
+    pid = box.show("MainPID")["MainPID"]
+    names = [f"{box.prefix}s{i}" for i in range(100)]
+    add = "".join(
+        f"netns add {n}\nlink add {n}h type veth peer name eth0 netns {n}\n" for n in names
+    )
+    box.run("sh", "-c", f"printf '{add}' | ip -batch -")
+    try:
+        got: dict[str, object] = {}
+
+        def big() -> bool:
+            status, body = box.http("/api/v1/state")
+            got.update(status=status, size=len(body))
+            return (
+                status == 200 and len(body) > 65536 and names[-1] in json.loads(body)["namespaces"]
+            )
+
+        try:
+            wait(big, 30)
+        except AssertionError:
+            raise AssertionError(f"{got}; journal: {box.journal()[-3000:]}") from None
+        kids = box.run("ps", "-o", "pid=,ni=,args=", "--ppid", str(pid)).stdout.splitlines()
+        assert len(kids) == 1, kids
+        child, nice, _ = kids[0].split(None, 2)
+        args = box.run("cat", f"/proc/{child}/cmdline").stdout
+        assert "sender_child.py" in args and nice == "10", (kids, args)
+        # The newest document stays mapped for a while after it was sent.
+        assert "memfd:nswatch-body" in box.run("cat", f"/proc/{child}/maps").stdout
+        journal = box.run(
+            "journalctl", "-u", "nswatch", "--no-pager", "-o", "cat", f"_PID={pid}"
+        ).stdout
+        for said in ("http_sender_exited", "http_sender_unavailable", "http_body_not_shared"):
+            assert said not in journal, journal[-2000:]
+    finally:
+        delete = "".join(f"netns del {n}\n" for n in names)
+        box.run("sh", "-c", f"printf '{delete}' | ip -force -batch -", check=False)
+
+
+@pytest.mark.kernel
 def test_stops_cleanly(box: Container) -> None:
     """`systemctl stop`: SIGTERM, a clean exit 0 within a second or two."""
     box.ensure_running()
