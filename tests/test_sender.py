@@ -21,16 +21,9 @@ import pytest
 from nswatch.render_cache import Chunks
 from nswatch.sender import BodySender, SendFailed, SharedBody, spawn_child
 from nswatch.sender_child import SEALS
+from tests.test_daemon_fake import FakeClock
 
 T = TypeVar("T")
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Pair:
@@ -245,7 +238,7 @@ def test_a_cancelled_job_shuts_its_connection_and_the_child_lets_go_at_once() ->
 def test_a_dead_child_fails_its_jobs_and_a_new_one_starts_after_the_backoff() -> None:
     """Killed mid-job, the child's job fails; no job is handed over until the backoff
     (1 s) has passed, then a new child sends."""
-    clock = Clock()
+    clock = FakeClock()
     sender = BodySender(idle=5, clock=clock)
     body = body_of(4 << 20, 10, seed=9)
     shared = SharedBody.of(body)
@@ -281,7 +274,7 @@ def test_a_dead_child_fails_its_jobs_and_a_new_one_starts_after_the_backoff() ->
 def test_a_child_that_cannot_start_is_retried_later_with_a_growing_backoff() -> None:
     """When the child cannot be started, ready() says so (bodies are then sent by the HTTP
     thread) and tries again after 1 s, then 2 s."""
-    clock = Clock()
+    clock = FakeClock()
     calls: list[float] = []
 
     def broken(fd: int, idle: float, nice: int) -> subprocess.Popen[bytes]:
