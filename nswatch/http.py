@@ -46,6 +46,7 @@ import structlog
 from nswatch import heap
 from nswatch.model import Model
 from nswatch.render_cache import (
+    IOV_MAX,
     AgeCache,
     Body,
     Chunks,
@@ -1219,7 +1220,9 @@ class HttpServer:
             raise AssertionError("a body sent whole must go out unframed (Content-Length)")
         if sender is not None and shared is not None and await sender.send(sock, head, shared):
             return
-        await send_parts(sock, Chunks((head, *as_chunks(body).parts)))
+        # Apart: the body's Chunks keep where each part ends, made once per document.
+        await send_parts(sock, Chunks((head,)))
+        await send_parts(sock, as_chunks(body))
 
     @staticmethod
     async def _write_body(h: h11.Connection, writer: asyncio.StreamWriter, body: Body) -> None:
@@ -1296,10 +1299,6 @@ class HttpServer:
             gone.cancel()
 
 
-# sendmsg() takes at most this many buffers at once (Linux: 1024).
-_IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 16
-
-
 async def send_parts(sock: socket.socket, body: Chunks) -> None:
     """Send ``body``'s parts in order on the non-blocking ``sock``, as much as it takes each turn.
 
@@ -1315,7 +1314,7 @@ async def send_parts(sock: socket.socket, body: Chunks) -> None:
     at = 0  # bytes sent
     while at < total:
         i = bisect.bisect_right(ends, at)
-        stop = min(i + _IOV_MAX, len(parts))
+        stop = min(i + IOV_MAX, len(parts))
         first = memoryview(parts[i])[at - (ends[i] - len(parts[i])) :]
         with contextlib.suppress(BlockingIOError, InterruptedError):
             at += sock.sendmsg([first, *parts[i + 1 : stop]])

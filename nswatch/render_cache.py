@@ -18,6 +18,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import operator
+import os
 import threading
 import time
 import zlib
@@ -110,6 +111,10 @@ class Chunks:
 
 
 Body = bytes | Chunks
+
+# sendmsg() and writev() take at most this many buffers at once (Linux:
+# 1024): whoever sends a Chunks' parts sends them in batches of this many.
+IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 16
 
 
 def as_chunks(body: Body) -> Chunks:

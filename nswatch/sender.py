@@ -36,14 +36,12 @@ from typing import Protocol
 import structlog
 
 from nswatch import sender_child
-from nswatch.render_cache import Body, as_chunks
+from nswatch.render_cache import IOV_MAX, Body, as_chunks
 from nswatch.sender_child import DONE, JOB, MAX_HEAD, SEALS
 
 log = structlog.get_logger("nswatch.http")
 
 CHILD = Path(sender_child.__file__)
-# writev() takes at most this many buffers at once (Linux: 1024).
-_IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 16
 _FIRST_BACKOFF = 1.0
 _MAX_BACKOFF = 60.0
 # A child that lived this long was not dying young: the backoff starts over.
@@ -78,8 +76,8 @@ class SharedBody:
 
 
 def _write_all(fd: int, parts: Sequence[bytes]) -> None:
-    for start in range(0, len(parts), _IOV_MAX):
-        batch = parts[start : start + _IOV_MAX]
+    for start in range(0, len(parts), IOV_MAX):
+        batch = parts[start : start + IOV_MAX]
         done = os.writev(fd, batch)
         # A memfd takes a whole writev unless out of memory or interrupted;
         # whatever it did not take goes part by part.
