@@ -179,6 +179,50 @@ def test_a_current_document_is_answered_without_a_render_thread(
         srv.stop()
 
 
+@pytest.mark.parametrize("max_lag", [60.0, 0.0])
+def test_a_reader_waits_for_a_slow_state_only_while_no_recent_one_is_made(
+    daemon: Counting, monkeypatch: pytest.MonkeyPatch, max_lag: float
+) -> None:
+    """While the live version's state is slow to make, a reader gets the newest state made
+    within state_max_lag after state_wait (and the render goes on for the next reader);
+    with none made that recently, it waits for the render."""
+    release = threading.Event()
+    release.set()
+    real = StateRenderer.render_chunks
+
+    def slow(self: StateRenderer, model: Model) -> Chunks:
+        release.wait(10)
+        return real(self, model)
+
+    monkeypatch.setattr(StateRenderer, "render_chunks", slow)
+    api = Api(view=daemon.view, alive=lambda: True, ready=lambda: True)
+    srv = HttpServer(("127.0.0.1", 0), api, limits=Limits(state_wait=0.05, state_max_lag=max_lag))
+    srv.start()
+    try:
+        before = fetch(srv, "/api/v1/state")[2]
+        release.clear()
+        daemon.change()
+        got: list[bytes] = []
+        reader = threading.Thread(target=lambda: got.append(fetch(srv, "/api/v1/state")[2]))
+        reader.start()
+        reader.join(2)
+        if max_lag:
+            assert got == [before] and srv._render.recent_served == 1
+        else:
+            assert reader.is_alive() and not got
+        release.set()
+        reader.join(10)
+        after = fetch(srv, "/api/v1/state")[2]
+        assert json.loads(after)["namespaces"]["lab-1"]["links"][4]["mtu"] == 9000
+        assert json.loads(after)["event_id"] > json.loads(before)["event_id"]
+        assert srv.router.state_cache.made == 2
+        if not max_lag:
+            assert got == [after] and srv._render.recent_served == 0
+    finally:
+        release.set()
+        srv.stop()
+
+
 def test_namespace_documents_are_cached_per_version(server: HttpServer, daemon: Counting) -> None:
     """A namespace document is made once per version and name; a change shows at once."""
     for _ in range(10):
