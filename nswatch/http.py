@@ -32,7 +32,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from http import HTTPStatus
@@ -174,15 +174,15 @@ class Limits:
     # Cached documents are dropped (and the heap trimmed) after this long
     # without a reader: a burst of readers must not leave the daemon fat.
     cache_idle: float = 10.0
-    # A state GET waits this long for the state of the live model version to
-    # be made; past that it gets the newest state made within state_max_lag
-    # seconds, if there is one (its event_id says how far it goes), and the
-    # render goes on for the readers after it. Alone, a 1,000-namespace
-    # state is made in ~3 ms: a client that changes something and then asks
-    # sees its change. Under 16 looping readers it took 22 / 83 ms (p50 /
-    # p99) on the render thread's turn for the CPU, and with link changes
-    # every ~0.1 s 90 % of the GETs waited for one (tests/bench/bench_readers.py).
-    state_wait: float = 0.01
+    # The reader who finds the live model version's state not made starts its
+    # render and waits for it: alone, a 1,000-namespace state is made in
+    # ~3 ms, and a client that changes something then asks sees its change.
+    # Readers who come while that render runs get the newest state made
+    # within this many seconds at once (its event_id says how far it goes),
+    # else wait too. Under 16 looping readers and a link change every ~0.1 s
+    # renders took 15 / 60 ms (wall, p50 / p99) on a nice-10 thread, and the
+    # HTTP loop's own 10 ms timers fired 15 / 46 ms late: a timed wait only
+    # made the readers' wait longer (tests/bench/bench_readers.py, 2026-12-05).
     state_max_lag: float = 1.0
 
 
@@ -200,6 +200,19 @@ class Response:
     document: Document | None = None
     # ``body`` in shared memory, for the sender's child (:mod:`nswatch.sender`).
     shared: SharedBody | None = None
+
+
+_date: tuple[int, str] = (0, "")
+
+
+def http_date() -> str:
+    """The Date header's value, made once a second (it shows whole seconds): made per
+    response it was 5 % of the HTTP thread's time under 20 looping readers (py-spy)."""
+    global _date
+    now = int(time.time())
+    if _date[0] != now:
+        _date = (now, email.utils.formatdate(now, usegmt=True))
+    return _date[1]
 
 
 def json_response(status: int, obj: Any, **kw: Any) -> Response:
@@ -304,10 +317,12 @@ class Router:
         self.namespace_cache = VersionCache()
         self.limits = limits = limits or Limits()
         self.metrics_cache = AgeCache(limits.metrics_max_age, busy_share=limits.metrics_busy_share)
-        # The newest state made: (its model version, when made, the document),
-        # for readers that would otherwise wait for the next (Limits.state_wait).
-        self._last_state: tuple[int, float, Document] | None = None
-        self._last_state_lock = threading.Lock()
+        # The newest states made, newest first: (model version, when made,
+        # document), for readers that would otherwise wait for the next
+        # (Limits.state_max_lag). Two: the newest may still be being put in
+        # shared memory when a reader looks.
+        self._recent: tuple[tuple[int, float, Document], ...] = ()
+        self._recent_lock = threading.Lock()
         self.last_read = time.monotonic()
         self._held = False  # whether the caches may hold anything
 
@@ -326,7 +341,7 @@ class Router:
 
         def forget_state() -> None:
             renderer.forget()
-            self._last_state = None
+            self._recent = ()
 
         if not (
             self.state_cache.drop(forget_state)
@@ -406,10 +421,9 @@ class Router:
                 None,
                 lambda: Document(self.state_renderer.render_chunks(model), "application/json"),
             )
-            with self._last_state_lock:
-                last = self._last_state
-                if last is None or last[0] < version:
-                    self._last_state = (version, time.monotonic(), doc)
+            with self._recent_lock:
+                if not self._recent or self._recent[0][0] < version:
+                    self._recent = ((version, time.monotonic(), doc), *self._recent[:1])
             return document_response(doc)
         if path.startswith(_NS_PREFIX):
             name = unquote(path[len(_NS_PREFIX) :])
@@ -460,12 +474,12 @@ class Router:
         self.last_read = time.monotonic()
         return document_response(doc)
 
-    def recent_state(self) -> Response | None:
-        """The newest state made, if made within ``state_max_lag`` seconds."""
-        last = self._last_state
-        if last is None or time.monotonic() - last[1] > self.limits.state_max_lag:
-            return None
-        return document_response(last[2])
+    def recent_states(self) -> Iterator[Response]:
+        """The newest states made within ``state_max_lag`` seconds, newest first."""
+        oldest = time.monotonic() - self.limits.state_max_lag
+        for _, made, doc in self._recent:
+            if made >= oldest:
+                yield document_response(doc)
 
     def _not_allowed(self, path: str) -> Response:
         if path in self.endpoints() or path.startswith(_NS_PREFIX) or path in _PAGE:
@@ -553,7 +567,7 @@ class Renderer:
         self._inflight: dict[tuple[str, str | None, bool], asyncio.Future[Response]] = {}
         self._waiters: dict[tuple[str, str | None, bool], int] = {}
         self._pending = dict.fromkeys(self._lanes, 0)
-        self.recent_served = 0  # state GETs answered with a recent state (Limits.state_wait)
+        self.recent_served = 0  # state GETs answered with a recent state (Limits.state_max_lag)
 
     def _answer(self, path: str, accept: str | None, gzip: bool) -> Response:
         return encoded(self.router.route("GET", path, accept, gzip), gzip, self._share)
@@ -567,7 +581,13 @@ class Renderer:
                 return quick
         key = (path, accept, gzip)
         future = self._inflight.get(key)
-        if future is None:
+        if future is not None:
+            # Its reader waits for it; the rest need not (Limits.state_max_lag).
+            recent = self._recent_state(path, gzip)
+            if recent is not None:
+                self.recent_served += 1
+                return recent
+        else:
             lane = "metrics" if path == "/metrics" else "state"
             if self._pending[lane] >= self.max_pending:
                 return error_response(503, "busy", headers=(("Retry-After", "1"),))
@@ -586,14 +606,7 @@ class Renderer:
             future.add_done_callback(done)
         self._waiters[key] += 1
         try:
-            recent = self._recent_state(path, gzip)
-            if recent is None:
-                return await asyncio.shield(future)
-            try:
-                return await asyncio.wait_for(asyncio.shield(future), self.router.limits.state_wait)
-            except TimeoutError:
-                self.recent_served += 1
-                return recent
+            return await asyncio.shield(future)
         except asyncio.CancelledError:
             # The last one waiting left (shed): a render still queued is dropped.
             if self._waiters.get(key) == 1:
@@ -604,12 +617,15 @@ class Renderer:
                 self._waiters[key] -= 1
 
     def _recent_state(self, path: str, gzip: bool) -> Response | None:
-        """For a state GET, the recent state (Router.recent_state) as sent, if that costs
-        nothing more to send."""
+        """For a state GET, the newest recent state (Router.recent_states) whose form asked
+        for is ready to send as it is."""
         if path != "/api/v1/state":
             return None
-        recent = self.router.recent_state()
-        return None if recent is None else encoded_if_made(recent, gzip, self._share)
+        for recent in self.router.recent_states():
+            ready = encoded_if_made(recent, gzip, self._share)
+            if ready is not None:
+                return ready
+        return None
 
     async def housekeeping(self, fn: Callable[[], object]) -> None:
         """Run ``fn`` on the state lane (its locks may wait for a render there)."""
@@ -1189,7 +1205,7 @@ class HttpServer:
             self.table.make_room(r.body, exclude=conn)
         headers = [
             ("Server", SERVER_NAME),
-            ("Date", email.utils.formatdate(usegmt=True)),
+            ("Date", http_date()),
             ("Content-Type", r.content_type),
             ("Content-Length", str(len(r.body))),
             *r.headers,
@@ -1313,7 +1329,7 @@ class HttpServer:
         conn.enter(STREAM, time.monotonic())
         headers = [
             ("Server", SERVER_NAME),
-            ("Date", email.utils.formatdate(usegmt=True)),
+            ("Date", http_date()),
             ("Content-Type", "text/event-stream; charset=utf-8"),
             ("Cache-Control", "no-cache"),
             ("X-Accel-Buffering", "no"),  # nginx: pass each event on at once

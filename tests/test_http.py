@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import email.utils
 import http.client
 import json
 import re
@@ -13,7 +14,7 @@ from typing import Any
 import pytest
 
 from nswatch import cli
-from nswatch.http import Api, HttpServer
+from nswatch.http import Api, HttpServer, http_date
 from nswatch.model import Link, LinkNew, Model, NamespaceSeen, Synced
 
 
@@ -319,3 +320,10 @@ def test_readyz_is_503_naming_what_cannot_be_watched() -> None:
         assert request(srv, "GET", "/readyz") == (200, {"ready": True})
     finally:
         srv.stop()
+
+
+def test_the_date_header_follows_the_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Date header, made once a second, always shows the current second."""
+    for now in (1_800_000_000.2, 1_800_000_000.9, 1_800_000_001.0, 1_800_000_061.5):
+        monkeypatch.setattr(time, "time", lambda now=now: now)
+        assert http_date() == email.utils.formatdate(int(now), usegmt=True)
