@@ -175,14 +175,18 @@ class Limits:
     # without a reader: a burst of readers must not leave the daemon fat.
     cache_idle: float = 10.0
     # The reader who finds the live model version's state not made starts its
-    # render and waits for it: alone, a 1,000-namespace state is made in
-    # ~3 ms, and a client that changes something then asks sees its change.
-    # Readers who come while that render runs get the newest state made
-    # within this many seconds at once (its event_id says how far it goes),
-    # else wait too. Under 16 looping readers and a link change every ~0.1 s
-    # renders took 15 / 60 ms (wall, p50 / p99) on a nice-10 thread, and the
-    # HTTP loop's own 10 ms timers fired 15 / 46 ms late: a timed wait only
-    # made the readers' wait longer (tests/bench/bench_readers.py, 2026-12-05).
+    # render and waits for it up to state_wait seconds: alone, a
+    # 1,000-namespace state is made in ~3 ms, and a client that changes
+    # something then asks sees its change. Past that, and at once for the
+    # readers who come while that render runs, the answer is the newest state
+    # made within state_max_lag seconds (its event_id says how far it goes);
+    # with none that recent, they all wait for the render. Under 16 looping
+    # readers and a link change every ~0.1 s renders took 15 / 60 ms (wall,
+    # p50 / p99) on a nice-10 thread, and the HTTP loop's 10 ms timers fired
+    # 15 / 46 ms late: with every reader waiting up to 10 ms the probe's GET
+    # waited 21 / 62 ms for its first byte; with none but the first waiting,
+    # for as long as the render took, 11 / 112 ms (tests/bench/bench_readers.py).
+    state_wait: float = 0.01
     state_max_lag: float = 1.0
 
 
@@ -581,13 +585,10 @@ class Renderer:
                 return quick
         key = (path, accept, gzip)
         future = self._inflight.get(key)
-        if future is not None:
-            # Its reader waits for it; the rest need not (Limits.state_max_lag).
-            recent = self._recent_state(path, gzip)
-            if recent is not None:
-                self.recent_served += 1
-                return recent
-        else:
+        # Who starts a render may wait for it a while; the rest need not
+        # (Limits.state_wait, state_max_lag).
+        wait = self.router.limits.state_wait if future is None else 0.0
+        if future is None:
             lane = "metrics" if path == "/metrics" else "state"
             if self._pending[lane] >= self.max_pending:
                 return error_response(503, "busy", headers=(("Retry-After", "1"),))
@@ -604,9 +605,19 @@ class Renderer:
                     del self._waiters[key]
 
             future.add_done_callback(done)
+        recent = None if future.done() else self._recent_state(path, gzip)
+        if recent is not None and not wait:
+            self.recent_served += 1
+            return recent
         self._waiters[key] += 1
         try:
-            return await asyncio.shield(future)
+            if recent is None:
+                return await asyncio.shield(future)
+            try:
+                return await asyncio.wait_for(asyncio.shield(future), wait)
+            except TimeoutError:
+                self.recent_served += 1
+                return recent
         except asyncio.CancelledError:
             # The last one waiting left (shed): a render still queued is dropped.
             if self._waiters.get(key) == 1:

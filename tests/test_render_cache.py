@@ -195,14 +195,15 @@ def _fetch_in_thread(srv: HttpServer, got: list[bytes]) -> threading.Thread:
 
 
 @pytest.mark.parametrize("stage", ["render", "share"])
-@pytest.mark.parametrize("max_lag", [60.0, 0.0])
+@pytest.mark.parametrize(("max_lag", "wait"), [(60.0, 30.0), (60.0, 0.05), (0.0, 0.05)])
 def test_only_the_reader_who_starts_a_slow_state_waits_for_it(
-    monkeypatch: pytest.MonkeyPatch, stage: str, max_lag: float
+    monkeypatch: pytest.MonkeyPatch, stage: str, max_lag: float, wait: float
 ) -> None:
     """The reader who finds the live version's state not made waits for its render (and its
-    copy into shared memory); readers who come meanwhile get the newest state made within
-    state_max_lag at once, or, with none that recent, wait too. (A defect: a state made but
-    still being copied into shared memory made every reader wait for the copy.)"""
+    copy into shared memory) up to state_wait; past that, and at once for readers who come
+    meanwhile, the answer is the newest state made within state_max_lag; with none that
+    recent, all wait. (A defect: a state made but still being copied into shared memory
+    made every reader wait for the copy.)"""
     daemon = _big_daemon()
     entered, release = threading.Event(), threading.Event()
     release.set()
@@ -225,7 +226,8 @@ def test_only_the_reader_who_starts_a_slow_state_waits_for_it(
 
         monkeypatch.setattr(HttpServer, "_share", slow_share)
     api = Api(view=daemon.view, alive=lambda: True, ready=lambda: True)
-    srv = HttpServer(("127.0.0.1", 0), api, limits=Limits(state_max_lag=max_lag))
+    limits = Limits(state_wait=wait, state_max_lag=max_lag)
+    srv = HttpServer(("127.0.0.1", 0), api, limits=limits)
     srv.start()
     try:
         before = fetch(srv, "/api/v1/state")[2]
@@ -238,13 +240,18 @@ def test_only_the_reader_who_starts_a_slow_state_waits_for_it(
         assert entered.wait(5)
         second: list[bytes] = []
         _fetch_in_thread(srv, second).join(2)
-        assert starter.is_alive() and not first
-        assert second == ([before] if max_lag else [])
-        assert srv._render.recent_served == (1 if max_lag else 0)
+        starter.join(0 if wait > 2 else 2)
+        if not max_lag:
+            assert starter.is_alive() and not first and not second
+        elif wait > 2:
+            assert starter.is_alive() and not first and second == [before]
+        else:
+            assert first == second == [before]
+        assert srv._render.recent_served == len(first) + len(second)
         release.set()
         starter.join(10)
         after = fetch(srv, "/api/v1/state")[2]
-        assert first == [after]
+        assert first in ([after], [before])
         assert json.loads(after)["namespaces"]["lab-1"]["links"][4]["mtu"] == 9000
         assert json.loads(after)["event_id"] > json.loads(before)["event_id"]
         assert srv.router.state_cache.made == 2
