@@ -32,7 +32,7 @@ from nswatch.daemon import Daemon
 from nswatch.dirwatch import DirWatcher
 from nswatch.gcschedule import CollectionSchedule
 from nswatch.heap import fix_mmap_threshold, limit_arenas
-from nswatch.http import Api, HttpServer, StateAhead
+from nswatch.http import Api, HttpServer
 from nswatch.limits import raise_fd_limit
 from nswatch.model import Model
 from nswatch.observer import Observer
@@ -214,7 +214,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     listen = config.settings.listen
     server = HttpServer(listen, api, web)
-    daemon.observers.append(StateAhead(server))
     if sys.stderr.isatty():
         # A person at a terminal first learns what is watched and where to look.
         tls = web.tls is not None

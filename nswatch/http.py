@@ -32,7 +32,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from http import HTTPStatus
@@ -44,8 +44,7 @@ import h11
 import structlog
 
 from nswatch import heap
-from nswatch.model import Change, Model
-from nswatch.observer import BaseObserver
+from nswatch.model import Model
 from nswatch.render_cache import (
     IOV_MAX,
     AgeCache,
@@ -59,7 +58,7 @@ from nswatch.render_cache import (
 )
 from nswatch.sender import BodySender, SharedBody
 from nswatch.state import namespace_json
-from nswatch.stream import STATE_PATH, StreamHub
+from nswatch.stream import StreamHub
 from nswatch.topology import build as build_topology
 from nswatch.webconfig import BasicAuth, TlsSettings, WebConfig
 
@@ -479,11 +478,6 @@ class Router:
         self.last_read = time.monotonic()
         return document_response(doc)
 
-    def state_due(self) -> bool:
-        """Whether the live model version is known and its state not made (nor being made)."""
-        shown = self.api.shown_version
-        return shown is not None and self.state_cache.peek(shown(), None) is None
-
     def recent_states(self) -> Iterator[Response]:
         """The newest states made within ``state_max_lag`` seconds, newest first."""
         oldest = time.monotonic() - self.limits.state_max_lag
@@ -578,33 +572,39 @@ class Renderer:
         self._waiters: dict[tuple[str, str | None, bool], int] = {}
         self._pending = dict.fromkeys(self._lanes, 0)
         self.recent_served = 0  # state GETs answered with a recent state (Limits.state_max_lag)
-        # State GETs so far, and how many there had been when a state render
-        # last began: a state is made ahead of its readers only while it is read.
-        self.state_reads = 0
-        self._reads_at_render = 0
-        self.prerendered = 0
 
     def _answer(self, path: str, accept: str | None, gzip: bool) -> Response:
         return encoded(self.router.route("GET", path, accept, gzip), gzip, self._share)
 
     async def render(self, path: str, accept: str | None, gzip: bool = False) -> Response:
         """The answer to a GET (HEAD alike), made (and compressed) on a worker thread."""
-        if path == STATE_PATH:
-            self.state_reads += 1
         cached = self.router.cached(path, accept)
         if cached is not None:
             quick = encoded_if_made(cached, gzip, self._share)
             if quick is not None:
                 return quick
-        key = self._key(path, accept, gzip)
+        key = (path, accept, gzip)
         future = self._inflight.get(key)
         # Who starts a render may wait for it a while; the rest need not
         # (Limits.state_wait, state_max_lag).
         wait = self.router.limits.state_wait if future is None else 0.0
         if future is None:
-            future = self._start(key)
-            if future is None:
+            lane = "metrics" if path == "/metrics" else "state"
+            if self._pending[lane] >= self.max_pending:
                 return error_response(503, "busy", headers=(("Retry-After", "1"),))
+            loop = asyncio.get_running_loop()
+            future = loop.run_in_executor(self._lanes[lane], self._answer, path, accept, gzip)
+            self._inflight[key] = future
+            self._waiters[key] = 0
+            self._pending[lane] += 1
+
+            def done(_: object, lane: str = lane, future: Any = future) -> None:
+                self._pending[lane] -= 1
+                if self._inflight.get(key) is future:
+                    del self._inflight[key]
+                    del self._waiters[key]
+
+            future.add_done_callback(done)
         recent = None if future.done() else self._recent_state(path, gzip)
         if recent is not None and not wait:
             self.recent_served += 1
@@ -627,66 +627,10 @@ class Renderer:
             if key in self._waiters and self._inflight.get(key) is future:
                 self._waiters[key] -= 1
 
-    @staticmethod
-    def _key(path: str, accept: str | None, gzip: bool) -> tuple[str, str | None, bool]:
-        # Only /metrics differs by Accept (its format): one render serves all
-        # the other documents' readers, whatever they accept.
-        return (path, accept if path == "/metrics" else None, gzip)
-
-    def _start(self, key: tuple[str, str | None, bool]) -> asyncio.Future[Response] | None:
-        """Start rendering ``key`` on its lane; None when too many wait there."""
-        path, accept, gzip = key
-        lane = "metrics" if path == "/metrics" else "state"
-        if self._pending[lane] >= self.max_pending:
-            return None
-        if path == STATE_PATH:
-            self._reads_at_render = self.state_reads
-        loop = asyncio.get_running_loop()
-        try:
-            future = loop.run_in_executor(self._lanes[lane], self._answer, path, accept, gzip)
-        except RuntimeError:  # shut down
-            return None
-        self._inflight[key] = future
-        self._waiters[key] = 0
-        self._pending[lane] += 1
-
-        def done(_: object) -> None:
-            self._pending[lane] -= 1
-            if self._inflight.get(key) is future:
-                del self._inflight[key]
-                del self._waiters[key]
-            if future.cancelled():
-                return
-            # Read, so that one no reader awaited (a prerender) never logs it as lost.
-            future.exception()
-            if path == STATE_PATH:
-                # The model may have moved on while this one was made.
-                self.prerender()
-
-        future.add_done_callback(done)
-        return future
-
-    def prerender(self) -> None:
-        """Start making the live model version's state now, before a reader asks, if it was
-        read since the last one began and is neither made nor being made.
-
-        Readers who then come while it is made get the newest state made
-        within Limits.state_max_lag at once, where the first of them would
-        otherwise start the render and wait up to Limits.state_wait (under
-        load, several times that: the HTTP loop's timers fire late).
-        """
-        key = self._key(STATE_PATH, None, False)
-        if self.state_reads == self._reads_at_render or key in self._inflight:
-            return
-        if not self.router.state_due():
-            return
-        if self._start(key) is not None:
-            self.prerendered += 1
-
     def _recent_state(self, path: str, gzip: bool) -> Response | None:
         """For a state GET, the newest recent state (Router.recent_states) whose form asked
         for is ready to send as it is."""
-        if path != STATE_PATH:
+        if path != "/api/v1/state":
             return None
         for recent in self.router.recent_states():
             ready = encoded_if_made(recent, gzip, self._share)
@@ -908,17 +852,6 @@ class _Guard:
         )
 
 
-class StateAhead(BaseObserver):
-    """Tells the HTTP server that the model moved, after each batch of changes (a sink)."""
-
-    def __init__(self, server: HttpServer) -> None:
-        self.server = server
-
-    def changes(self, changes: Sequence[Change], reason: str | None) -> None:
-        if changes:
-            self.server.model_moved()
-
-
 class HttpServer:
     """The HTTP API, served by an asyncio loop on its own thread."""
 
@@ -953,7 +886,6 @@ class HttpServer:
         self._bcrypt = ThreadPoolExecutor(1, "nswatch-http-auth", initializer=self._nicer)
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._prerender_due = False
         self._stopping: asyncio.Event | None = None
         self._started = threading.Event()
 
@@ -1060,20 +992,6 @@ class HttpServer:
                 listen=f"{host}:{port}",
                 hint="passwords cross the network in clear; add tls_server_config",
             )
-
-    def model_moved(self) -> None:
-        """The live model moved on (any thread may say so): its state is made ahead of its
-        readers while they read it (Renderer.prerender)."""
-        loop = self._loop
-        if loop is None or self._prerender_due:
-            return
-        self._prerender_due = True
-        with contextlib.suppress(RuntimeError):  # the loop has closed
-            loop.call_soon_threadsafe(self._prerender)
-
-    def _prerender(self) -> None:
-        self._prerender_due = False
-        self._render.prerender()
 
     def _run(self) -> None:
         self._nicer()
