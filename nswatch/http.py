@@ -583,7 +583,9 @@ class Renderer:
             quick = encoded_if_made(cached, gzip, self._share)
             if quick is not None:
                 return quick
-        key = (path, accept, gzip)
+        # Only /metrics differs by Accept (its format): one render serves all
+        # the other documents' readers, whatever they accept.
+        key = (path, accept if path == "/metrics" else None, gzip)
         future = self._inflight.get(key)
         # Who starts a render may wait for it a while; the rest need not
         # (Limits.state_wait, state_max_lag).

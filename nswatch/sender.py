@@ -102,10 +102,11 @@ class Spawn(Protocol):
 
 
 def spawn_child(fd: int, idle: float, nice: int) -> subprocess.Popen[bytes]:
-    """``python -I sender_child.py FD IDLE NICE``: no site, no environment, no script
-    directory on the path (the child needs the standard library only)."""
+    """``python -I -S sender_child.py FD IDLE NICE``: no environment, no script directory
+    on the path, no site (the child needs the standard library only; without site and
+    dataclasses it is 11.0 MB resident at start, not 13.4)."""
     return subprocess.Popen(
-        [sys.executable, "-I", str(CHILD), str(fd), repr(idle), str(nice)],
+        [sys.executable, "-I", "-S", str(CHILD), str(fd), repr(idle), str(nice)],
         pass_fds=(fd,),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,

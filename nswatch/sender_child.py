@@ -19,7 +19,8 @@ the job's number with 0 or the errno that ended it. The daemon keeps the
 connection and reads the next request once the answer arrives.
 
 It reads nothing from clients, imports only the standard library (this
-file is run by path in isolated mode: ``python -I sender_child.py FD IDLE``)
+file is run by path in isolated mode, without site: ``python -I -S
+sender_child.py FD IDLE NICE``)
 and ends when the daemon's end of the pair closes.
 """
 
@@ -34,7 +35,6 @@ import selectors
 import socket
 import struct
 import sys
-from dataclasses import dataclass
 
 # A job: its number and the body's length, then the response head; two
 # descriptors ride along (the connection, then the memfd).
@@ -118,14 +118,19 @@ class Maps:
             m.release()
 
 
-@dataclass
 class _Job:
-    number: int
-    sock: socket.socket
-    head: memoryview
-    body: memoryview
-    ino: int
-    at: int = 0  # bytes sent, head first
+    # A plain class: importing dataclasses would cost this process ~1 MB.
+    __slots__ = ("at", "body", "head", "ino", "number", "sock")
+
+    def __init__(
+        self, number: int, sock: socket.socket, head: memoryview, body: memoryview, ino: int
+    ) -> None:
+        self.number = number
+        self.sock = sock
+        self.head = head
+        self.body = body
+        self.ino = ino
+        self.at = 0  # bytes sent, head first
 
 
 class Child:

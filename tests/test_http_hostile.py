@@ -561,15 +561,21 @@ def _send_all(srv: HttpServer, n: int, payload: bytes) -> list[socket.socket]:
     return socks
 
 
-def test_identical_requests_share_one_render() -> None:
-    """Fifty clients asking for the state while it renders get one render's answer between them."""
+@pytest.mark.parametrize("accepts", [(b"",), (b"", b"Accept: */*\r\n", b"Accept: text/html\r\n")])
+def test_identical_requests_share_one_render(accepts: tuple[bytes, ...]) -> None:
+    """Fifty clients asking for the state while it renders get one render's answer between
+    them, whatever they accept (the state has one form; a defect: each Accept rendered it anew)."""
     view = BlockingView()
     srv = _blocking_server(view)
     socks: list[socket.socket] = []
     try:
-        socks = _send_all(
-            srv, 50, b"GET /api/v1/state HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
+        for i in range(50):
+            accept = accepts[i % len(accepts)]
+            socks += _send_all(
+                srv,
+                1,
+                b"GET /api/v1/state HTTP/1.1\r\nHost: x\r\n%sConnection: close\r\n\r\n" % accept,
+            )
         assert view.started.wait(5)
         t0 = time.monotonic()
         while sum(c.phase == "busy" for c in srv.table.conns) < 50 and time.monotonic() - t0 < 5:
