@@ -20,7 +20,7 @@ import pytest
 
 from nswatch.render_cache import Chunks
 from nswatch.sender import BodySender, SendFailed, SharedBody, spawn_child
-from nswatch.sender_child import SEALS
+from nswatch.sender_child import SEALS, Maps
 from tests.test_daemon_fake import FakeClock
 
 T = TypeVar("T")
@@ -320,6 +320,33 @@ def test_the_child_keeps_only_the_newest_body_mapped_and_none_when_idle() -> Non
         mapped, idle = run(sender, go)
     assert mapped == 1
     assert idle
+    for s in shared:
+        s.close()
+
+
+def test_a_body_no_job_sends_is_unmapped_at_once_while_another_is_sent() -> None:
+    """The body taken last stays mapped after its job only while nothing else is being sent;
+    while another body is, one that no job sends is unmapped at once (it held a whole state
+    in the peak RSS)."""
+    shared = [SharedBody.of(body_of(300_000, 3, seed=s)) for s in (5, 6)]
+    maps = Maps()
+
+    def take(s: SharedBody) -> int:
+        ino, view = maps.take(s.fd, s.size)
+        view.release()  # as a job does before it ends
+        return ino
+
+    a = take(shared[0])
+    b = take(shared[1])
+    maps.done(b)
+    assert len(maps) == 1  # only a, still being sent
+    b = take(shared[1])
+    maps.done(a)
+    assert len(maps) == 1  # only b
+    maps.done(b)
+    assert len(maps) == 1  # b, the last taken, kept for its next reader
+    maps.idle()
+    assert len(maps) == 0
     for s in shared:
         s.close()
 
