@@ -32,7 +32,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from http import HTTPStatus
@@ -174,20 +174,6 @@ class Limits:
     # Cached documents are dropped (and the heap trimmed) after this long
     # without a reader: a burst of readers must not leave the daemon fat.
     cache_idle: float = 10.0
-    # The reader who finds the live model version's state not made starts its
-    # render and waits for it up to state_wait seconds: alone, a
-    # 1,000-namespace state is made in ~3 ms, and a client that changes
-    # something then asks sees its change. Past that, and at once for the
-    # readers who come while that render runs, the answer is the newest state
-    # made within state_max_lag seconds (its event_id says how far it goes);
-    # with none that recent, they all wait for the render. Under 16 looping
-    # readers and a link change every ~0.1 s renders took 15 / 60 ms (wall,
-    # p50 / p99) on a nice-10 thread, and the HTTP loop's 10 ms timers fired
-    # 15 / 46 ms late: with every reader waiting up to 10 ms the probe's GET
-    # waited 21 / 62 ms for its first byte; with none but the first waiting,
-    # for as long as the render took, 11 / 112 ms (tests/bench/bench_readers.py).
-    state_wait: float = 0.01
-    state_max_lag: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -319,14 +305,8 @@ class Router:
         self.state_cache = VersionCache()
         self.state_renderer = StateRenderer()
         self.namespace_cache = VersionCache()
-        self.limits = limits = limits or Limits()
+        limits = limits or Limits()
         self.metrics_cache = AgeCache(limits.metrics_max_age, busy_share=limits.metrics_busy_share)
-        # The newest states made, newest first: (model version, when made,
-        # document), for readers that would otherwise wait for the next
-        # (Limits.state_max_lag). Two: the newest may still be being put in
-        # shared memory when a reader looks.
-        self._recent: tuple[tuple[int, float, Document], ...] = ()
-        self._recent_lock = threading.Lock()
         self.last_read = time.monotonic()
         self._held = False  # whether the caches may hold anything
 
@@ -342,13 +322,8 @@ class Router:
     def forget(self) -> bool:
         """Drop every cached document (and its shared memory); False while a render runs."""
         renderer = self.state_renderer
-
-        def forget_state() -> None:
-            renderer.forget()
-            self._recent = ()
-
         if not (
-            self.state_cache.drop(forget_state)
+            self.state_cache.drop(renderer.forget)
             and self.namespace_cache.drop()
             and self.metrics_cache.drop()
         ):
@@ -419,16 +394,13 @@ class Router:
             return json_response(200 if ok else 503, status)
         if path == "/api/v1/state":
             model = api.view()
-            version = model.shown_version
-            doc = self.state_cache.get(
-                version,
-                None,
-                lambda: Document(self.state_renderer.render_chunks(model), "application/json"),
+            return document_response(
+                self.state_cache.get(
+                    model.shown_version,
+                    None,
+                    lambda: Document(self.state_renderer.render_chunks(model), "application/json"),
+                )
             )
-            with self._recent_lock:
-                if not self._recent or self._recent[0][0] < version:
-                    self._recent = ((version, time.monotonic(), doc), *self._recent[:1])
-            return document_response(doc)
         if path.startswith(_NS_PREFIX):
             name = unquote(path[len(_NS_PREFIX) :])
             model = api.view()
@@ -477,13 +449,6 @@ class Router:
             return None
         self.last_read = time.monotonic()
         return document_response(doc)
-
-    def recent_states(self) -> Iterator[Response]:
-        """The newest states made within ``state_max_lag`` seconds, newest first."""
-        oldest = time.monotonic() - self.limits.state_max_lag
-        for _, made, doc in self._recent:
-            if made >= oldest:
-                yield document_response(doc)
 
     def _not_allowed(self, path: str) -> Response:
         if path in self.endpoints() or path.startswith(_NS_PREFIX) or path in _PAGE:
@@ -571,7 +536,6 @@ class Renderer:
         self._inflight: dict[tuple[str, str | None, bool], asyncio.Future[Response]] = {}
         self._waiters: dict[tuple[str, str | None, bool], int] = {}
         self._pending = dict.fromkeys(self._lanes, 0)
-        self.recent_served = 0  # state GETs answered with a recent state (Limits.state_max_lag)
 
     def _answer(self, path: str, accept: str | None, gzip: bool) -> Response:
         return encoded(self.router.route("GET", path, accept, gzip), gzip, self._share)
@@ -587,9 +551,6 @@ class Renderer:
         # the other documents' readers, whatever they accept.
         key = (path, accept if path == "/metrics" else None, gzip)
         future = self._inflight.get(key)
-        # Who starts a render may wait for it a while; the rest need not
-        # (Limits.state_wait, state_max_lag).
-        wait = self.router.limits.state_wait if future is None else 0.0
         if future is None:
             lane = "metrics" if path == "/metrics" else "state"
             if self._pending[lane] >= self.max_pending:
@@ -607,19 +568,9 @@ class Renderer:
                     del self._waiters[key]
 
             future.add_done_callback(done)
-        recent = None if future.done() else self._recent_state(path, gzip)
-        if recent is not None and not wait:
-            self.recent_served += 1
-            return recent
         self._waiters[key] += 1
         try:
-            if recent is None:
-                return await asyncio.shield(future)
-            try:
-                return await asyncio.wait_for(asyncio.shield(future), wait)
-            except TimeoutError:
-                self.recent_served += 1
-                return recent
+            return await asyncio.shield(future)
         except asyncio.CancelledError:
             # The last one waiting left (shed): a render still queued is dropped.
             if self._waiters.get(key) == 1:
@@ -628,17 +579,6 @@ class Renderer:
         finally:
             if key in self._waiters and self._inflight.get(key) is future:
                 self._waiters[key] -= 1
-
-    def _recent_state(self, path: str, gzip: bool) -> Response | None:
-        """For a state GET, the newest recent state (Router.recent_states) whose form asked
-        for is ready to send as it is."""
-        if path != "/api/v1/state":
-            return None
-        for recent in self.router.recent_states():
-            ready = encoded_if_made(recent, gzip, self._share)
-            if ready is not None:
-                return ready
-        return None
 
     async def housekeeping(self, fn: Callable[[], object]) -> None:
         """Run ``fn`` on the state lane (its locks may wait for a render there)."""
