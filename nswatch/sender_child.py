@@ -77,8 +77,8 @@ class Maps:
     while nothing else is being sent: that one stays mapped for the next
     reader of that version (one reader polling costs no mapping per GET)
     until the sender has been idle for a while. Kept while other bodies
-    were sent, it cost the peak RSS a whole state (6.7 MB at 1,000
-    namespaces; tests/bench/bench_readers.py).
+    were being sent, it held one more whole body in the peak RSS (a state
+    at 1,000 namespaces is 6.7 MB).
     """
 
     def __init__(self) -> None:
