@@ -374,8 +374,10 @@ class StateRenderer:
         self.insert_max = insert_max
         self._memo: dict[int, _NsMemo] = {}  # by inode
         self._pairs: tuple[int, bytes] | None = None  # (refs_version, veth_pairs JSON)
+        self._last: _Frame | None = None  # the last document's parts, to patch
         self.serialised = 0  # namespaces and records serialised afresh, for tests
         self.inspected = 0  # namespaces whose peers were looked up again, for tests
+        self.walked = 0  # namespaces visited by a whole render (not a patch), for tests
 
     def render(self, model: Model) -> bytes:
         """The bytes of ``json_bytes(state_json(model))``."""
@@ -384,13 +386,18 @@ class StateRenderer:
     def render_chunks(self, model: Model) -> Chunks:
         """``json_bytes(state_json(model))`` as the kept JSON of each namespace, between
         the document's own few bytes (keys, commas, braces): nothing is copied."""
+        patched = self._patch(model)
+        if patched is not None:
+            return patched
         used: dict[int, _NsMemo] = {}
         kept: list[bytes] = []
+        order: list[Namespace] = []
 
         def namespace(ns: Namespace) -> Any:
             memo = self._namespace(model, ns, self._memo.get(ns.inode))
             used[ns.inode] = memo
             kept.append(memo.json)
+            order.append(ns)
             return _SLOT
 
         refs_version = model.refs_version
@@ -411,6 +418,54 @@ class StateRenderer:
             parts.append(after)
         # Only what this model holds is kept: namespaces and records gone are let go.
         self._memo = used
+        self.walked += len(order)
+        self._last = _Frame(
+            refs_version,
+            parts,
+            {ns.inode: 1 + 2 * i for i, ns in enumerate(order)},
+            order[0].name if order else "",
+        )
+        return Chunks(parts)
+
+    def _patch(self, model: Model) -> Chunks | None:
+        """The last document with the namespaces changed since put in their places; None
+        when that cannot be (namespaces came, went or were renamed, or peers moved).
+
+        The same ``refs_version`` means the same namespaces under the same names
+        (each NamespaceSeen and NamespaceGone moves it, and a name comes only
+        with those), so every slot stays where it was and only the namespaces
+        that are new objects need a look: a link
+        flapping among 1,000 namespaces is one namespace's work, not a walk of
+        all of them through the frame (1.3 ms a version, measured alone).
+        """
+        last = self._last
+        refs_version = model.refs_version
+        if last is None or last.refs_version != refs_version or not last.slots:
+            return None
+        namespaces = model.namespaces
+        if len(namespaces) != len(last.slots):
+            return None
+        memos = self._memo
+        changed: list[tuple[int, _NsMemo]] = []
+        for inode, ns in namespaces.items():
+            old = memos.get(inode)
+            if old is None:
+                return None
+            if old.ns is not ns:
+                changed.append((inode, self._namespace(model, ns, old)))
+        parts = list(last.parts)
+        for inode, memo in changed:
+            memos[inode] = memo
+            parts[last.slots[inode]] = memo.json
+        # The frame's first part holds what moves with every version: the
+        # event id, the sync flag (and the first namespace's name, unchanged).
+        head = {
+            "event_id": model.changes_made,
+            "synced": model.synced,
+            "namespaces": {last.first: _SLOT},
+        }
+        parts[0] = json_bytes(head).split(b"\0", 1)[0]
+        self._last = _Frame(refs_version, parts, last.slots, last.first)
         return Chunks(parts)
 
     def _namespace(self, model: Model, ns: Namespace, old: _NsMemo | None) -> _NsMemo:
@@ -514,6 +569,7 @@ class StateRenderer:
         """Drop every kept fragment (the next render makes them all again)."""
         self._memo = {}
         self._pairs = None
+        self._last = None
 
 
 def _records(ns: Namespace) -> int:
@@ -583,6 +639,16 @@ class _Kind:
     order: Callable[[Any], Any]
     make: Callable[[Any], dict[str, Any]]
     deps: Mapping[int, object] | None = None  # link index -> link_refs (links only)
+
+
+@dataclass(frozen=True, slots=True)
+class _Frame:
+    """The last state document's parts, and where each namespace's JSON sits among them."""
+
+    refs_version: int  # the model's refs_version it was made at
+    parts: list[bytes]  # frame bytes and namespaces' JSON, alternating (never changed)
+    slots: dict[int, int]  # inode -> index of its JSON in ``parts``
+    first: str  # the first namespace's name (it is in the first part)
 
 
 @dataclass(frozen=True, slots=True)

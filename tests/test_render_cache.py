@@ -36,6 +36,7 @@ from nswatch.model import (
     LinkNew,
     LinkStats,
     Model,
+    Namespace,
     NamespaceGone,
     NamespaceSeen,
     Owner,
@@ -476,6 +477,37 @@ def test_state_renderer_looks_again_only_where_peers_may_have_moved() -> None:
     view = live.snapshot(view)
     _same_as_plain(renderer, view)
     assert renderer.inspected - before == 51
+
+
+def test_a_version_that_changed_one_namespace_looks_at_that_namespace_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A link set down among 51 namespaces makes the renderer look at the two namespaces
+    that changed, not walk all 51 (it did, for each version: 1.3 ms at 1,000); a new
+    namespace, which moves every slot, makes it walk them all again."""
+    live = synthetic(50)
+    renderer = StateRenderer()
+    looked: list[int] = []
+    real = renderer._namespace
+
+    def counted(model: Model, ns: Namespace, old: Any) -> Any:
+        looked.append(ns.inode)
+        return real(model, ns, old)
+
+    monkeypatch.setattr(renderer, "_namespace", counted)
+    view = live.snapshot()
+    _same_as_plain(renderer, view)
+    looked.clear()
+    live.apply(LinkNew(HOST, replace(live.namespaces[HOST].links[107], admin_up=False)))
+    live.apply(LinkNew(1007, replace(live.namespaces[1007].links[2], carrier=False)))
+    view = live.snapshot(view)
+    _same_as_plain(renderer, view)
+    assert sorted(looked) == [HOST, 1007]
+    looked.clear()
+    live.apply(NamespaceSeen(999, ("aaa-first",)))
+    view = live.snapshot(view)
+    _same_as_plain(renderer, view)
+    assert len(looked) == 52
 
 
 def test_state_renderer_keeps_the_lists_a_change_left_alone() -> None:
