@@ -608,6 +608,9 @@ _WRITE_PIECE = 1024 * 1024
 # A plain-TCP body at least this big is sent straight from the document (or
 # its parts: render_cache.Chunks) to the socket (Connection.raw_socket).
 _DIRECT_MIN = 64 * 1024
+# A body up to this big (head included) is first offered to the socket from
+# the HTTP thread, and goes to the sender's child only if it is bigger.
+SEND_HERE_MAX = 1024 * 1024
 
 
 class Connection:
@@ -1233,6 +1236,12 @@ class HttpServer:
         passed: list[object] = list(h.send_with_data_passthrough(data) or ())
         if len(passed) != 1 or passed[0] is not body:
             raise AssertionError("a body sent whole must go out unframed (Content-Length)")
+        if len(head) + len(body) <= SEND_HERE_MAX:
+            # The socket mostly takes such a body in one go: one system call
+            # here (the GIL let go while the kernel copies), where handing it
+            # to the child costs a job, the wake-up of a nicer process and an answer.
+            await send_parts(sock, Chunks((head, *as_chunks(body).parts)))
+            return
         if sender is not None and shared is not None and await sender.send(sock, head, shared):
             return
         # Apart: the body's Chunks keep where each part ends, made once per document.
