@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
+from operator import attrgetter
 from typing import ClassVar, Literal, TypeAlias
 
 from nswatch.peers import LinkRef, VethPeers
@@ -736,6 +737,9 @@ def _refs_of(link: Link) -> tuple[object, ...]:
     )
 
 
+_SYNCED = attrgetter("synced")
+
+
 def _may_move_refs(event: Event) -> bool:
     """Whether ``event`` may change a link's peer or lower device, or their names.
 
@@ -804,7 +808,7 @@ class Model:
     @property
     def synced(self) -> bool:
         """True once every watched namespace had its first full sync."""
-        return all(ns.synced for ns in self.namespaces.values())
+        return all(map(_SYNCED, self.namespaces.values()))
 
     def peer_of(self, inode: int, index: int) -> PeerRef | None:
         """The resolved peer of veth (inode, index), or None."""

@@ -531,6 +531,31 @@ def test_state_renderer_keeps_the_lists_a_change_left_alone() -> None:
     assert renderer.serialised == before
 
 
+def test_a_link_set_down_after_a_counter_refresh_is_put_in_its_place() -> None:
+    """In a big namespace, a link set down is patched into the list in place; after a
+    counter refresh (new link objects that show the same, the list's JSON kept), the
+    next link set down still gives the plain render and re-serialises only that link and
+    its namespace (the kept entries hold the records from before the refresh)."""
+    live = synthetic(50)
+    renderer = StateRenderer(record_memo_min=0)
+    view = live.snapshot()
+    renderer.render(view)
+    for index in (107, 120):
+        for inode, ns in live.namespaces.items():
+            live.apply(StatsUpdate(inode, tuple((i, LinkStats(index)) for i in ns.links)))
+        view = live.snapshot(view)
+        _same_as_plain(renderer, view)
+        before = renderer.serialised
+        link = live.namespaces[HOST].links[index]
+        live.apply(LinkNew(HOST, replace(link, admin_up=False, oper_state="DOWN")))
+        view = live.snapshot(view)
+        _same_as_plain(renderer, view)
+        live.apply(LinkNew(HOST, replace(link, admin_up=True)))
+        view = live.snapshot(view)
+        _same_as_plain(renderer, view)
+        assert renderer.serialised - before == 4
+
+
 def test_link_shown_names_every_field_link_json_shows() -> None:
     """Two links that differ in a field LINK_SHOWN leaves out give the same JSON, and
     in any field it names give different JSON (so the renderer may keep a link's JSON
