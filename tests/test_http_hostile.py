@@ -452,8 +452,9 @@ def test_a_big_state_is_served_as_its_plain_render(child: bool) -> None:
 
 def test_a_body_the_socket_takes_at_once_is_sent_by_the_http_thread() -> None:
     """A body under the child's threshold (a /metrics scrape, gzipped: 0.6 MB at 1,000
-    namespaces) arrives whole and is sent by the HTTP thread in one system call, not handed
-    to the sender's child (a job, a nicer process's wake-up and an answer per scrape)."""
+    namespaces) arrives whole and is sent by the HTTP thread in one system call, neither
+    handed to the sender's child (a job, a nicer process's wake-up and an answer per
+    scrape) nor copied into shared memory for it."""
     model = synthetic(100)
     body = json_bytes(state_json(model))
     assert 4 * 65536 < len(body) < SEND_HERE_MAX
@@ -465,6 +466,12 @@ def test_a_body_the_socket_takes_at_once_is_sent_by_the_http_thread() -> None:
             http.client.HTTPConnection(host, port, timeout=10), "/api/v1/state", body
         )
         assert srv.sender.sent == 0
+        # ... nor copied into shared memory for it.
+        fds = []
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                fds.append(os.readlink(f"/proc/self/fd/{fd}"))
+        assert not [f for f in fds if "nswatch-body" in f]
     finally:
         srv.stop()
 
