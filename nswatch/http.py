@@ -14,8 +14,8 @@ under the lock. A long-lived streaming response fits the same shape: a
 connection in the ``write`` phase whose task feeds h11 ``Data`` events.
 
 Bodies over 1 MiB over plain TCP (the state at scale) are sent by a child
-process with a GIL of its own (:mod:`nswatch.sender`); TLS and basic auth come from the web config
-(:mod:`nswatch.webconfig`).
+process with a GIL of its own (:mod:`nswatch.sender`); TLS and basic auth
+come from the web config (:mod:`nswatch.webconfig`).
 """
 
 from __future__ import annotations

@@ -377,7 +377,6 @@ class StateRenderer:
         self._last: _Frame | None = None  # the last document's parts, to patch
         self.serialised = 0  # namespaces and records serialised afresh, for tests
         self.inspected = 0  # namespaces whose peers were looked up again, for tests
-        self.walked = 0  # namespaces visited by a whole render (not a patch), for tests
 
     def render(self, model: Model) -> bytes:
         """The bytes of ``json_bytes(state_json(model))``."""
@@ -418,7 +417,6 @@ class StateRenderer:
             parts.append(after)
         # Only what this model holds is kept: namespaces and records gone are let go.
         self._memo = used
-        self.walked += len(order)
         self._last = _Frame(
             refs_version,
             parts,
@@ -434,9 +432,9 @@ class StateRenderer:
         The same ``refs_version`` means the same namespaces under the same names
         (each NamespaceSeen and NamespaceGone moves it, and a name comes only
         with those), so every slot stays where it was and only the namespaces
-        that are new objects need a look: a link
-        flapping among 1,000 namespaces is one namespace's work, not a walk of
-        all of them through the frame (1.3 ms a version, measured alone).
+        that are new objects need a look: a link flapping among 1,000
+        namespaces is one namespace's work, not a walk of all of them through
+        the frame (1.3 ms a version, measured alone).
         """
         last = self._last
         refs_version = model.refs_version

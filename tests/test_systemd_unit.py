@@ -28,6 +28,7 @@ from typing import Any
 
 import pytest
 
+from nswatch.http import SEND_HERE_MAX
 from tests.conftest import require_root
 from tests.kernel import wait_for
 
@@ -739,11 +740,12 @@ def test_read_only_dropin_syncs_and_serves(box: Container) -> None:
 @pytest.mark.kernel
 def test_the_sender_child_sends_big_bodies_under_the_unit(box: Container) -> None:
     """Under the hardened unit the sender's child starts with the service (its one child
-    process, at nice 10), maps and sends a state of over 64 KiB that arrives whole, and the
-    journal says nothing of the sender failing or of bodies not shared."""
+    process, at nice 10), maps and sends a state of over 1 MiB (smaller bodies the HTTP
+    thread sends) that arrives whole, and the journal says nothing of the sender failing or
+    of bodies not shared."""
     box.ensure_running()
     pid = box.show("MainPID")["MainPID"]
-    names = [f"{box.prefix}s{i}" for i in range(100)]
+    names = [f"{box.prefix}s{i}" for i in range(600)]
     add = "".join(
         f"netns add {n}\nlink add {n}h type veth peer name eth0 netns {n}\n" for n in names
     )
@@ -755,7 +757,9 @@ def test_the_sender_child_sends_big_bodies_under_the_unit(box: Container) -> Non
             status, body = box.http("/api/v1/state")
             got.update(status=status, size=len(body))
             return (
-                status == 200 and len(body) > 65536 and names[-1] in json.loads(body)["namespaces"]
+                status == 200
+                and len(body) > SEND_HERE_MAX
+                and names[-1] in json.loads(body)["namespaces"]
             )
 
         try:
