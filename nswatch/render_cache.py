@@ -43,6 +43,7 @@ from nswatch.state import (
     rule_json,
     rule_order,
     state_json,
+    state_top,
     veth_pairs_json,
 )
 
@@ -456,13 +457,9 @@ class StateRenderer:
             ns, memo = now[i], self._namespace(model, now[i], olds[i])
             memos[ns.inode] = memo
             parts[last.slots[ns.inode]] = memo.json
-        # The frame's first part holds what moves with every version: the
-        # event id, the sync flag (and the first namespace's name, unchanged).
-        head = {
-            "event_id": model.changes_made,
-            "synced": model.synced,
-            "namespaces": {last.first: _SLOT},
-        }
+        # The frame's first part holds what moves with every version
+        # (state_top), then the first namespace's name, unchanged.
+        head = {**state_top(model), "namespaces": {last.first: _SLOT}}
         parts[0] = json_bytes(head).split(b"\0", 1)[0]
         self._last = _Frame(refs_version, parts, last.slots, last.first)
         return Chunks(parts)

@@ -292,6 +292,15 @@ def veth_pairs_json(model: Model) -> list[dict[str, Any]]:
     return pairs
 
 
+def state_top(model: Model) -> dict[str, Any]:
+    """What the state shows before its namespaces (and moves with every version)."""
+    return {
+        # The event stream's id of the last change this state includes.
+        "event_id": model.changes_made,
+        "synced": model.synced,
+    }
+
+
 def state_json(
     model: Model,
     namespace: Callable[[Namespace], Any] | None = None,
@@ -304,9 +313,7 @@ def state_json(
     in for :func:`veth_pairs_json`.
     """
     return {
-        # The event stream's id of the last change this state includes.
-        "event_id": model.changes_made,
-        "synced": model.synced,
+        **state_top(model),
         "namespaces": {
             ns.name: namespace(ns) if namespace else namespace_json(model, ns)
             for ns in sorted(model.namespaces.values(), key=lambda n: n.name)
