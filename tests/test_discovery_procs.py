@@ -54,6 +54,17 @@ def spawn(*argv: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(argv, stdin=subprocess.DEVNULL)
 
 
+def exec_done(pid: int, sleeper: str) -> str:
+    """Wait until ``pid`` runs the sleeper and return its comm.
+
+    `unshare -n` and `ip netns exec` enter the namespace before they exec:
+    in between, the comm is still theirs, and a label read then is wrong.
+    """
+    want = os.path.basename(sleeper)[:15]  # the kernel keeps TASK_COMM_LEN - 1 bytes
+    wait_for(lambda: Path(f"/proc/{pid}/comm").read_text().strip() == want)
+    return want
+
+
 def ns_inode(pid: int) -> int:
     return os.stat(f"/proc/{pid}/ns/net").st_ino
 
@@ -81,7 +92,7 @@ def test_unshare_namespace_found_from_a_veth_hint_and_let_go_on_exit(
     proc = spawn("unshare", "-n", sleeper, "60")
     try:
         wait_for(lambda: os.stat(f"/proc/{proc.pid}/ns/net").st_ino != r.daemon.enterer.home.inode)
-        comm = Path(f"/proc/{proc.pid}/comm").read_text().strip()
+        comm = exec_done(proc.pid, sleeper)
         label = f"pid:{proc.pid}:{comm}"
         a = lab.name("a")
         ip("link", "add", a, "type", "veth", "peer", "name", "eth0", "netns", str(proc.pid))
@@ -139,7 +150,7 @@ def test_netns_del_with_a_process_inside_lives_on_anonymous(lab: Lab, sleeper: s
     try:
         ns, a, proc = _named_with_process(lab, sleeper, r)
         ip("netns", "del", ns)
-        comm = Path(f"/proc/{proc.pid}/comm").read_text().strip()
+        comm = exec_done(proc.pid, sleeper)
         label = f"pid:{proc.pid}:{comm}"
         wait_for(lambda: peer_of(r, "host", a) == (label, lab.name("b")), timeout=2)
         inode = ns_inode(proc.pid)
