@@ -100,6 +100,8 @@ class Daemon:
         self._stop = threading.Event()
         self.stopped = threading.Event()
         self.last_tick = clock()
+        #: Each periodic timer's generation, by name: a new interval starts a new one.
+        self._timers: dict[str, int] = {}
         self.loop_thread: threading.Thread | None = None
 
     # -- thread-safe entry points --
@@ -172,9 +174,7 @@ class Daemon:
         """The event loop; returns after :meth:`request_stop`."""
         try:
             self.discovery.start(self.notify_dir)
-            self._every(self.settings.rescan_interval, "rescan", self._periodic_rescan)
-            self._every(self.settings.stats_interval, "stats", self._stats.due)
-            self._every(self.settings.reconcile_interval, "reconcile", self._reconcile.due)
+            self._safety_nets(None)
             while not self._stop.is_set():
                 self.run_once(TICK)
         finally:
@@ -214,18 +214,39 @@ class Daemon:
             self.enterer.close()
         self.stopped.set()
 
+    def _safety_nets(self, old: Settings | None) -> None:
+        """Start each periodic safety net whose interval is new (at start: all of them)."""
+        s = self.settings
+        for name, interval, was, fn in (
+            ("rescan", s.rescan_interval, old and old.rescan_interval, self._periodic_rescan),
+            ("stats", s.stats_interval, old and old.stats_interval, self._stats.due),
+            (
+                "reconcile",
+                s.reconcile_interval,
+                old and old.reconcile_interval,
+                self._reconcile.due,
+            ),
+        ):
+            if old is None or interval != was:
+                self._every(interval, name, fn)
+
     def _every(self, interval: float, name: str, fn: Callable[[], None]) -> None:
-        """Run ``fn`` every ``interval`` seconds (0: never)."""
+        """Run ``fn`` every ``interval`` seconds (0: never), until ``name`` is given
+        another interval (the timer already set then ends without running)."""
+        generation = self._timers[name] = self._timers.get(name, 0) + 1
         if interval <= 0:
             return
 
         def again() -> None:
+            if self._timers[name] != generation:
+                return
             # Reschedule even when fn raises (the loop reports it): one bad
             # turn must not end a safety net for good.
             try:
                 fn()
             finally:
-                self.loop.call_later(interval, name, again)
+                if self._timers[name] == generation:
+                    self.loop.call_later(interval, name, again)
 
         self.loop.call_later(interval, name, again)
 
@@ -244,7 +265,8 @@ class Daemon:
             self._reopen(inode, "stalled")
 
     def _reconfigure(self, settings: Settings) -> None:
-        self.settings = settings
+        old, self.settings = self.settings, settings
+        self._safety_nets(old)
         self.discovery.reconfigure(
             settings.netns_dirs,
             NameFilter(settings.include, settings.exclude),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -362,3 +363,24 @@ def test_decode_error_is_a_resync_not_an_overrun(rig: Rig) -> None:
     host.feed([], stale="decode_error")
     daemon.run_once(0.1)
     assert rec.overruns == [] and rec.resyncs == [("host", "decode_error")]
+
+
+def test_a_reload_gives_the_safety_nets_their_new_intervals(rig: Rig) -> None:
+    """A reload's new reconcile_interval takes effect at once: 0 -> 10 s starts a
+    reconcile every 10 s, 10 -> 30 s spaces them out, and back to 0 stops them."""
+    daemon, clock, _sessions, _rec = rig
+    host = _synced_host(rig)
+
+    def reconciles_over(seconds: float) -> int:
+        before = len(host.resyncs)
+        for _ in range(int(seconds)):
+            clock.now += 1.0
+            daemon.run_once(0)
+            daemon.run_once(0)
+        return sum(1 for reason, _kinds in host.resyncs[before:] if reason == "reconcile")
+
+    assert reconciles_over(30) == 0
+    for interval, expected in ((10.0, 3), (30.0, 1), (0.0, 0)):
+        daemon.reconfigure(replace(daemon.settings, reconcile_interval=interval))
+        daemon.run_once(0)
+        assert reconciles_over(30) == expected, interval
