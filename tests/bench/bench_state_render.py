@@ -16,12 +16,14 @@ p90 of each per version, and their ratio.
 from __future__ import annotations
 
 import argparse
+import gc
 import random
 import statistics
 import sys
 import time
 from dataclasses import replace
 
+from nswatch.gcschedule import NEVER
 from nswatch.model import (
     Address,
     AddressDel,
@@ -50,9 +52,9 @@ def link_local(i: int) -> tuple[Address, tuple[Route, ...]]:
     )
 
 
-def scene(n: int) -> Model:
+def scene(n: int, with_link_local: bool) -> Model:
     live = synthetic(n)
-    for i in range(n):
+    for i in range(n if with_link_local else 0):
         address, routes = link_local(i)
         live.apply(AddressNew(HOST, address))
         for r in routes:
@@ -60,11 +62,19 @@ def scene(n: int) -> Model:
     return live
 
 
-def flap(live: Model, i: int) -> tuple[list[Event], list[Event]]:
+def flap(live: Model, i: int, with_link_local: bool) -> tuple[list[Event], list[Event]]:
     """Host end ``i`` set down, then up: the events of each version."""
     link = live.namespaces[HOST].links[100 + i]
     inner = live.namespaces[1000 + i].links[2]
     address, routes = link_local(i)
+    if not with_link_local:
+        return (
+            [
+                LinkNew(HOST, replace(link, admin_up=False, oper_state="DOWN")),
+                LinkNew(1000 + i, replace(inner, oper_state="LOWERLAYERDOWN")),
+            ],
+            [LinkNew(HOST, link), LinkNew(1000 + i, inner)],
+        )
     down: list[Event] = [
         LinkNew(HOST, replace(link, admin_up=False, oper_state="DOWN")),
         AddressDel(HOST, address),
@@ -84,16 +94,28 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("-n", type=int, default=1000, help="namespaces (default 1000)")
     p.add_argument("--flaps", type=int, default=300, help="down-up flaps (two versions each)")
+    p.add_argument(
+        "--no-link-local",
+        action="store_true",
+        help="host ends without their link-local address and routes (as bench_metrics builds them)",
+    )
     args = p.parse_args()
-    live = scene(args.n)
-    renderer = StateRenderer(record_memo_min=0)
+    with_ll = not args.no_link_local
+    live = scene(args.n, with_ll)
+    renderer = StateRenderer()  # as the daemon makes it
     view = live.snapshot()
     renderer.render_chunks(view)
+    # The daemon's collector once synced (nswatch.gcschedule): what exists is
+    # collected and frozen, and no full collection runs on its own.
+    gc.collect()
+    gc.freeze()
+    young, middle, _ = gc.get_threshold()
+    gc.set_threshold(young, middle, NEVER)
     rnd = random.Random(1)
     cached: list[float] = []
     plain: list[float] = []
     for _ in range(args.flaps):
-        for batch in flap(live, rnd.randrange(args.n)):
+        for batch in flap(live, rnd.randrange(args.n), with_ll):
             for ev in batch:
                 live.apply(ev)
             view = live.snapshot(view)
