@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 
 from nswatch.decode import Decoded
-from nswatch.discovery import DirWatch, DirWatchFactory, Discovery, Seen
+from nswatch.discovery import DirWatch, DirWatchFactory, Discovery, Offload, Seen
 from nswatch.followups import LookInProc, followups
 from nswatch.loop import Loop
 from nswatch.model import (
@@ -63,6 +63,7 @@ class Daemon:
         open_session: SessionOpener | None = None,
         discover_processes: bool | None = None,
         proc: str = "/proc",
+        offload: Offload | None = None,
     ) -> None:
         self.settings = settings
         self.observers = Fanout(observers)
@@ -90,6 +91,8 @@ class Daemon:
                 settings.discover_processes if discover_processes is None else discover_processes
             ),
             proc=proc,
+            # The directories and /proc are read on the loop's worker thread.
+            offload=offload or self.loop.offload,
         )
         self.readiness = Readiness(self._is_complete, lambda: self.observers.ready(self.model))
         self.ready = self.readiness.event
@@ -256,8 +259,7 @@ class Daemon:
         self.discovery.wanted = True
 
     def _rescan(self, why: str) -> None:
-        self.discovery.rescan(why)
-        self.readiness.check()
+        self.discovery.rescan(why, self.readiness.check)
 
     def _periodic_rescan(self) -> None:
         self._rescan("periodic")

@@ -31,7 +31,8 @@ import errno
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from functools import partial
+from typing import Any, Protocol, TypeVar
 
 from nswatch.holders import HolderWatch
 from nswatch.model import GoneReason, Owner
@@ -43,6 +44,7 @@ from nswatch.netns import (
     UNREADABLE,
     NameFilter,
     NotNetworkNamespace,
+    Scan,
     scan_dirs,
 )
 from nswatch.procs import PROC, net_holders, ns_path, owner_of
@@ -82,6 +84,59 @@ class DirWatch(Protocol):
 
 
 DirWatchFactory = Callable[[Iterable[str], Callable[[str | None], None]], DirWatch]
+
+
+T = TypeVar("T")
+
+
+class Offload(Protocol):
+    """Runs ``work`` away from the event loop, then ``then`` on the loop with its result
+    or the exception it raised (:meth:`nswatch.loop.Loop.offload`; :func:`run_here` in tests)."""
+
+    def __call__(
+        self, work: Callable[[], T], then: Callable[[T | BaseException], None]
+    ) -> None: ...
+
+
+def run_here(work: Callable[[], T], then: Callable[[T | BaseException], None]) -> None:
+    """An :class:`Offload` that runs ``work`` at once, on the caller's thread."""
+    try:
+        result: T | BaseException = work()
+    except Exception as e:
+        result = e
+    then(result)
+
+
+@dataclass(frozen=True, slots=True)
+class Looked:
+    """What a rescan read from the file system: the directories, and /proc if asked."""
+
+    scan: Scan
+    holders: dict[int, list[int]] | None  # None: /proc was not read
+    mounted: dict[int, list[str]]  # nsfs mounts, read when a watched namespace lost its file
+
+
+def look(
+    dirs: tuple[str, ...],
+    nsfs_dev: int,
+    accept: Callable[[str], bool],
+    proc: str,
+    procs: bool,
+    watched: frozenset[int],
+    held: frozenset[int],
+) -> Looked:
+    """Read what :meth:`Discovery.rescan` compares (off the loop: a stat() per entry).
+
+    ``watched``: the namespaces watched when asked; ``held``: those whose
+    holder process is watched. /proc is read when ``procs``, or when a watched
+    namespace is in no directory and no watched process holds it (it may live
+    on in a process); the mounts when a watched namespace is in no directory.
+    """
+    scan = scan_dirs(dirs, nsfs_dev, accept)
+    named = {f.inode for f in scan.found}
+    gone = watched - named
+    holders = net_holders(proc) if procs or (gone - held) else None
+    return Looked(scan, holders, nsfs_mounts() if gone else {})
 
 
 class DiscoveryLoop(Protocol):
@@ -164,6 +219,7 @@ class Discovery:
         discover_processes: bool = False,
         proc: str = PROC,
         follow_mounts: bool = True,
+        offload: Offload = run_here,
     ) -> None:
         self.dirs = dirs
         self.filter = name_filter
@@ -177,6 +233,9 @@ class Discovery:
         self._factory = dirwatch_factory
         self._dirwatch: DirWatch | None = None
         self._notify: Callable[[str | None], None] = lambda _path: None
+        self._offload = offload
+        self._looking = False  # a rescan's look is under way
+        self._next_why: str | None = None  # why the rescan asked during it is for
         self.scanned_once = False
         self.wanted = True
         self._procs_wanted = True
@@ -253,15 +312,49 @@ class Discovery:
 
     # -- scanning --
 
-    def rescan(self, why: str) -> None:
-        """Compare what exists with what is watched, and report the difference."""
+    def rescan(self, why: str, done: Callable[[], None] = lambda: None) -> None:
+        """Compare what exists with what is watched, and report the difference; then ``done``.
+
+        The file system is read away from the loop (:func:`look`), one look
+        at a time: a rescan asked for during one runs once it is over.
+        """
+        if self._looking:
+            self._next_why = _weightier(self._next_why, why)
+            self.wanted = True
+            return
+        why = _weightier(self._next_why, why)
+        self._next_why = None
         self.wanted = False
         procs = self._procs_wanted or why in ("periodic", "reload")
         self._procs_wanted = False
         if self._dirwatch is not None:
             self._dirwatch.refresh()
+        work = partial(
+            look,
+            self.dirs,
+            self._nsfs_dev,
+            self.filter,
+            self._proc,
+            procs and self.discover_processes,
+            frozenset(self._owner.watched()),
+            frozenset(self._holder_watch.inodes()),
+        )
+        self._looking = True
+
+        def then(looked: Looked | BaseException) -> None:
+            self._looking = False
+            try:
+                if isinstance(looked, BaseException):
+                    raise looked
+                self._compare(why, looked)
+            finally:
+                done()
+
+        self._offload(work, then)
+
+    def _compare(self, why: str, looked: Looked) -> None:
         now = self._loop.clock()
-        s = scan_dirs(self.dirs, self._nsfs_dev, self.filter)
+        s = looked.scan
         named: dict[int, list[str]] = {self._host: [self.host_label]}
         paths: dict[int, str] = {}
         strays = dict(s.strays)
@@ -275,11 +368,8 @@ class Discovery:
         young = self._age_pending(s.pending, now, strays)
 
         watched = list(self._owner.watched())
-        # Whether a namespace whose file went still lives needs a fresh look
-        # (one held by a watched process is looked at again when that exits).
-        orphans = any(i not in named and i not in self._holder_watch for i in watched)
-        if (procs and self.discover_processes) or orphans:
-            self._holders = net_holders(self._proc)
+        if looked.holders is not None:
+            self._holders = looked.holders
         holders = self._holders or {}
         want: dict[int, Seen] = {}
         for inode, ns_names in named.items():
@@ -293,7 +383,7 @@ class Discovery:
                 if seen is not None and self.filter(seen.names[0]):
                     want[inode] = seen
         lost = [i for i in watched if i not in want]
-        mounted = nsfs_mounts() if lost else {}
+        mounted = looked.mounted
         for inode in lost:
             # Still alive if a process lives in it, or it is mounted somewhere
             # (a filtered-out name, a file covered by another mount).
@@ -470,3 +560,14 @@ class Discovery:
     def _retry_rescan(self) -> None:
         self._retry_timer = None
         self.rescan("retry")
+
+
+# A rescan asked for while another looks takes the weightiest reason asked:
+# a reload retries namespaces in backoff, a periodic one reads /proc.
+_WEIGHT = {"reload": 3, "periodic": 2}
+
+
+def _weightier(a: str | None, b: str) -> str:
+    if a is None:
+        return b
+    return a if _WEIGHT.get(a, 1) >= _WEIGHT.get(b, 1) else b

@@ -33,6 +33,10 @@ class HolderWatch:
     def __contains__(self, inode: object) -> bool:
         return inode in self._by_inode
 
+    def inodes(self) -> list[int]:
+        """The namespaces whose holder is watched."""
+        return list(self._by_inode)
+
     def pid_of(self, inode: int) -> int | None:
         """The PID watched for namespace ``inode``."""
         held = self._by_inode.get(inode)

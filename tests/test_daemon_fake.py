@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Iterable, Iterator, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from nswatch.daemon import Daemon, NetlinkSession, Settings
 from nswatch.decode import Decoded
+from nswatch.discovery import run_here
 from nswatch.model import Change, Dump, DumpKind, Event, Family, Link, LinkNew, Synced
 from nswatch.observer import BaseObserver
 
@@ -170,6 +174,8 @@ def rig(tmp_path: Path, boom: Boom) -> Iterator[Rig]:
         observers=[boom, rec],
         clock=clock,
         open_session=open_session,
+        # The directories are read at once, here: each turn's outcome is known.
+        offload=run_here,
     )
     try:
         yield daemon, clock, sessions, rec
@@ -384,3 +390,65 @@ def test_a_reload_gives_the_safety_nets_their_new_intervals(rig: Rig) -> None:
         daemon.reconfigure(replace(daemon.settings, reconcile_interval=interval))
         daemon.run_once(0)
         assert reconciles_over(30) == expected, interval
+
+
+def test_the_loop_goes_on_while_the_namespace_directories_are_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rescan reads the directories on the loop's worker: while that read is slow (a
+    stat() per entry, each waiting for the GIL under readers), netlink events are still
+    applied, and the rescan's outcome lands once the read is over."""
+    import nswatch.discovery
+    import nswatch.netns
+
+    clock = FakeClock()
+    sessions: dict[int, FakeSession] = {}
+
+    def open_session(inode: int, name: str, path: str | None) -> NetlinkSession:
+        s = sessions[inode] = FakeSession(inode, name)
+        return s
+
+    daemon = Daemon(
+        Settings(netns_dirs=(str(tmp_path),), reconcile_interval=0, stats_interval=0),
+        clock=clock,
+        open_session=open_session,
+        discover_processes=False,
+    )
+    release = threading.Event()
+    real = nswatch.netns.scan_dirs
+    reads: list[float] = []
+
+    def slow(*args: Any) -> Any:
+        if reads:
+            release.wait(5)
+        reads.append(time.monotonic())
+        return real(*args)
+
+    monkeypatch.setattr(nswatch.discovery, "scan_dirs", slow)
+    try:
+        wait_for_turns(daemon, lambda: daemon.enterer.home.inode in sessions)
+        host = sessions[daemon.enterer.home.inode]
+        _sync(host)
+        wait_for_turns(daemon, daemon.ready.is_set)
+        daemon.notify_dir(str(tmp_path))  # a directory event: a rescan, whose read hangs
+        daemon.run_once(0)
+        t0 = time.monotonic()
+        host.feed([LinkNew(host.inode, _dev(7))])
+        wait_for_turns(daemon, lambda: 7 in daemon.model.namespaces[host.inode].links)
+        assert time.monotonic() - t0 < 2.0, "the link waited for the directory read"
+        assert len(reads) == 1  # the second read is still hanging
+        release.set()
+        wait_for_turns(daemon, lambda: len(reads) == 2 and not daemon.discovery.wanted)
+    finally:
+        release.set()
+        daemon.close()
+        for s in sessions.values():
+            s.close()
+
+
+def wait_for_turns(daemon: Daemon, cond: Callable[[], object], timeout: float = 5.0) -> None:
+    """Turn the loop until ``cond`` holds."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met"
+        daemon.run_once(0.05)

@@ -198,8 +198,14 @@ def test_cni_ptp_in_a_docker_layout_directory_that_appears_later(
         veth = lab.host_link(host_end(result))
         wait_for(lambda: peer(r, sandbox, "eth0") == ("host", veth), timeout=3)
         want = result["ips"][0]["address"].split("/")[0]
-        ns = r.daemon.view().get(sandbox)
-        assert ns is not None and any(a.address == want for a in ns.addresses.values())
+        # ptp adds the address after the pair: the peer may resolve first.
+        wait_for(
+            lambda: (
+                (ns := r.daemon.view().get(sandbox)) is not None
+                and any(a.address == want for a in ns.addresses.values())
+            ),
+            timeout=3,
+        )
         cni("DEL", "ptp", conf, str(path), container)
         added = False
         wait_for(lambda: (v := r.daemon.view().get(sandbox)) and v.link_by_name("eth0") is None)

@@ -12,7 +12,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -183,9 +183,9 @@ def test_stray_entries_are_said_once_and_left_alone(lab: Lab, base: Path) -> Non
     rescans = Counter[str]()
     real = r.daemon.discovery.rescan
 
-    def counting(why: str) -> None:
+    def counting(why: str, done: Callable[[], None] = lambda: None) -> None:
         rescans[why] += 1
-        real(why)
+        real(why, done)
 
     r.daemon.discovery.rescan = counting  # type: ignore[method-assign]
     try:

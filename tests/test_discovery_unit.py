@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from nswatch.daemon import Daemon, NetlinkSession, Settings
+from nswatch.discovery import run_here
 from tests.test_daemon_fake import FakeSession
 
 ANON = 4026599999
@@ -39,7 +40,12 @@ class Rig:
             return s
 
         self.daemon = Daemon(
-            settings, open_session=open_session, discover_processes=True, proc=str(self.proc)
+            settings,
+            open_session=open_session,
+            discover_processes=True,
+            proc=str(self.proc),
+            # The directories and /proc are read at once, here: each turn's outcome is known.
+            offload=run_here,
         )
 
     def close(self) -> None:
