@@ -45,6 +45,9 @@ class Loop:
         """Run ``fn`` on the loop's thread at its next turn (or just wake it). Thread-safe."""
         if fn is not None:
             self._inbox.put(fn)
+        if self._closed:
+            # Its descriptor number may already be another file's.
+            return
         with contextlib.suppress(BlockingIOError, OSError):
             os.write(self._wake_w, b"\0")
 
