@@ -354,6 +354,10 @@ class Discovery:
 
     def _compare(self, why: str, looked: Looked) -> None:
         now = self._loop.clock()
+        if why in ("periodic", "reload"):
+            # Owners are kept between rescans (two file reads each), but a
+            # holder may exec something else: read them again now and then.
+            self._owners = {}
         s = looked.scan
         named: dict[int, list[str]] = {self._host: [self.host_label]}
         paths: dict[int, str] = {}
@@ -419,10 +423,15 @@ class Discovery:
         return None
 
     def _anonymous(self, inode: int, pids: list[int]) -> Seen | None:
+        name = self._anon_names.get(inode)
+        if name is None:
+            # Its label is made once, from who holds it now: an owner kept
+            # from while it had a file may predate that process's exec
+            # (`ip netns exec`, runc's init), and name it after `ip`.
+            self._owners.pop(inode, None)
         owner = self._owner_of(inode, pids)
         if owner is None:
             return None
-        name = self._anon_names.get(inode)
         if name is None:
             name = anonymous_name(owner.pid, owner.comm, owner.unit, owner.container_id)
             self._anon_names[inode] = name

@@ -139,6 +139,9 @@ def _named_with_process(
     lab.veth(a, b, b_ns=ns)
     wait_for(lambda: peer_of(r, "host", a) == (ns, b), timeout=3)
     wait_for(lambda: ns_inode(proc.pid) == os.stat(f"/run/netns/{ns}").st_ino)
+    # Named after its process once the file goes: that must be the sleeper
+    # (the filter takes its name), not `ip` before its exec.
+    exec_done(proc.pid, sleeper)
     return ns, a, proc
 
 
@@ -198,4 +201,42 @@ def test_netns_del_with_a_process_inside_is_unwatched_not_deleted(lab: Lab, slee
         if proc is not None:
             proc.kill()
             proc.wait()
+        stop_daemon(r)
+
+
+def test_a_namespace_whose_file_goes_is_named_after_what_its_holder_runs_then(
+    lab: Lab, sleeper: str
+) -> None:
+    """`ip netns del` of a namespace whose holder exec'd since the daemon last read it
+    (the PID stays): it is renamed after the command it runs now, never let go."""
+    changes = Changes()
+    r = start_daemon(settings(lab), discover_processes=True, observers=[changes])
+    ns = lab.netns("d")
+    # A shell that execs the sleeper when told: "sh" first, then the lab's name.
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", ns, "sh", "-c", f"read go; exec {sleeper} 60"],
+        stdin=subprocess.PIPE,
+    )
+    try:
+        a, b = lab.name("a"), lab.name("b")
+        lab.veth(a, b, b_ns=ns)
+        wait_for(lambda: peer_of(r, "host", a) == (ns, b), timeout=3)
+        wait_for(lambda: Path(f"/proc/{proc.pid}/comm").read_text().strip() == "sh")
+        # A reload reads /proc: the holder is known, and kept, while the file is there.
+        r.daemon.reconfigure(r.daemon.settings)
+        wait_for(lambda: (v := r.daemon.view().get(ns)) is not None and v.owner is not None)
+        assert proc.stdin is not None
+        proc.stdin.write(b"go\n")
+        proc.stdin.flush()
+        comm = exec_done(proc.pid, sleeper)
+        ip("netns", "del", ns)
+        label = f"pid:{proc.pid}:{comm}"
+        wait_for(lambda: peer_of(r, "host", a) == (label, b), timeout=3)
+        inode = ns_inode(proc.pid)
+        seen = [c for c in changes.all() if c.inode == inode]
+        assert any(isinstance(c, NamespaceRenamed) and c.netns == label for c in seen)
+        assert not any(isinstance(c, NamespaceRemoved) for c in seen), seen
+    finally:
+        proc.kill()
+        proc.wait()
         stop_daemon(r)

@@ -106,3 +106,24 @@ def test_every_holder_refusing_is_reported(tmp_path: Path) -> None:
         assert r.daemon.unwatched_counts()["permission_denied"] == 1
     finally:
         r.close()
+
+
+def test_a_holder_that_execs_is_shown_as_it_is_after_a_periodic_rescan(rig: Rig) -> None:
+    """A holder that execs keeps its PID: its owner, kept between rescans, is read again at
+    the next periodic one, and the model shows the new command; the label, made once, stays."""
+    me = os.getpid()
+    fake_process(rig.proc, me, ANON, "ip", "0::/init.scope\n")
+    rig.daemon.run_once(0)
+
+    def owner_comm() -> str | None:
+        ns = rig.daemon.model.namespaces[ANON]
+        return ns.owner.comm if ns.owner is not None else None
+
+    label = rig.daemon.model.namespaces[ANON].name
+    assert owner_comm() == "ip"
+    (rig.proc / str(me) / "comm").write_text("sleeper\n")
+    rig.daemon.discovery.rescan("event")
+    assert owner_comm() == "ip"
+    rig.daemon.discovery.rescan("periodic")
+    assert owner_comm() == "sleeper"
+    assert rig.daemon.model.namespaces[ANON].name == label
