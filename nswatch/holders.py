@@ -30,9 +30,6 @@ class HolderWatch:
         self._on_exit = on_exit
         self._by_inode: dict[int, tuple[int, int]] = {}
 
-    def __contains__(self, inode: object) -> bool:
-        return inode in self._by_inode
-
     def inodes(self) -> list[int]:
         """The namespaces whose holder is watched."""
         return list(self._by_inode)
