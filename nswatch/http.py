@@ -56,7 +56,7 @@ from nswatch.render_cache import (
     as_chunks,
     json_bytes,
 )
-from nswatch.sender import Arenas, BodySender, SharedBody
+from nswatch.sender import BodySender, SharedBody
 from nswatch.state import namespace_json
 from nswatch.stream import StreamHub
 from nswatch.topology import build as build_topology
@@ -823,8 +823,6 @@ class HttpServer:
         self.sender = BodySender(idle=self.limits.cache_idle, nice=self._nicer.nice)
         self._share_refused = False
         self._share_told: set[int | None] = set()
-        # Versions of a document made of parts (the state) share one memfd.
-        self._arenas = Arenas()
         self._render = Renderer(
             self.router,
             self.limits.render_workers,
@@ -861,8 +859,6 @@ class HttpServer:
         if self._guard.tls is not None or self._share_refused:
             return None
         try:
-            if isinstance(body, Chunks) and len(body.parts) > 1:
-                return self._arenas.share(body.parts)
             return SharedBody.of(body)
         except OSError as e:
             # The body is then sent by the HTTP thread. Out of memory or
@@ -986,14 +982,7 @@ class HttpServer:
         idle = self.limits.cache_idle
         while True:
             await asyncio.sleep(idle / 2)
-            await self._render.housekeeping(self._release_documents)
-
-    def _release_documents(self) -> bool:
-        """Drop the cached documents and their shared memory if no reader came for a while."""
-        if not self.router.release_idle(self.limits.cache_idle):
-            return False
-        self._arenas.drop()
-        return True
+            await self._render.housekeeping(lambda: self.router.release_idle(idle))
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = Connection(writer, time.monotonic())

@@ -70,20 +70,14 @@ class Chunks:
     6.7 MB more for as long as a reader was still being sent it.
     """
 
-    __slots__ = ("_ends", "parts", "size")
+    __slots__ = ("ends", "parts", "size")
 
     def __init__(self, parts: Iterable[bytes]) -> None:
         self.parts = tuple(filter(None, parts))
-        self.size = sum(map(len, self.parts))
-        self._ends: tuple[int, ...] | None = None
-
-    @property
-    def ends(self) -> tuple[int, ...]:
-        """Where each part ends in the body: made once per document, not per reader, for
-        senders that look up where a send stopped (only the HTTP thread's own sends do)."""
-        if self._ends is None:
-            self._ends = tuple(itertools.accumulate(map(len, self.parts)))
-        return self._ends
+        # Where each part ends in the body: made once per document, not per
+        # reader, for senders that look up where a send stopped.
+        self.ends = tuple(itertools.accumulate(map(len, self.parts)))
+        self.size = self.ends[-1] if self.ends else 0
 
     def __len__(self) -> int:
         return self.size
@@ -396,13 +390,13 @@ class StateRenderer:
         if patched is not None:
             return patched
         used: dict[int, _NsMemo] = {}
-        kept: list[tuple[bytes, ...]] = []
+        kept: list[bytes] = []
         order: list[Namespace] = []
 
         def namespace(ns: Namespace) -> Any:
             memo = self._namespace(model, ns, self._memo.get(ns.inode))
             used[ns.inode] = memo
-            kept.append(memo.parts)
+            kept.append(memo.json)
             order.append(ns)
             return _SLOT
 
@@ -415,13 +409,13 @@ class StateRenderer:
         # standing in as a NUL byte: orjson writes a NUL inside a string as
         # \u0000, so every raw NUL in its output is a slot, in document order.
         frame = json_bytes(state_json(model, namespace, _SLOT)).split(b"\0")
-        kept.append((self._pairs[1],))
+        kept.append(self._pairs[1])
         if len(frame) != len(kept) + 1:
             raise AssertionError(f"{len(frame) - 1} slots in the state frame for {len(kept)}")
-        parts: list[tuple[bytes, ...]] = [(frame[0],)]
+        parts = [frame[0]]
         for json, after in zip(kept, frame[1:], strict=True):
             parts.append(json)
-            parts.append((after,))
+            parts.append(after)
         # Only what this model holds is kept: namespaces and records gone are let go.
         self._memo = used
         self._last = _Frame(
@@ -430,7 +424,7 @@ class StateRenderer:
             {ns.inode: 1 + 2 * i for i, ns in enumerate(order)},
             order[0].name if order else "",
         )
-        return Chunks(itertools.chain.from_iterable(parts))
+        return Chunks(parts)
 
     def _patch(self, model: Model) -> Chunks | None:
         """The last document with the namespaces changed since put in their places; None
@@ -462,13 +456,13 @@ class StateRenderer:
         for i in itertools.compress(range(len(now)), map(operator.is_not, now, seen)):
             ns, memo = now[i], self._namespace(model, now[i], olds[i])
             memos[ns.inode] = memo
-            parts[last.slots[ns.inode]] = memo.parts
+            parts[last.slots[ns.inode]] = memo.json
         # The frame's first part holds what moves with every version
         # (state_top), then the first namespace's name, unchanged.
         head = {**state_top(model), "namespaces": {last.first: _SLOT}}
-        parts[0] = (json_bytes(head).split(b"\0", 1)[0],)
+        parts[0] = json_bytes(head).split(b"\0", 1)[0]
         self._last = _Frame(refs_version, parts, last.slots, last.first)
-        return Chunks(itertools.chain.from_iterable(parts))
+        return Chunks(parts)
 
     def _namespace(self, model: Model, ns: Namespace, old: _NsMemo | None) -> _NsMemo:
         """``ns``'s memo: ``old`` if it still holds, else one with what changed made again."""
@@ -493,11 +487,8 @@ class StateRenderer:
         )
         head = namespace_head(ns)
 
-        def memo(
-            sections: tuple[tuple[tuple[bytes, ...], list[_Entry]], ...] | None,
-            parts: tuple[bytes, ...],
-        ) -> _NsMemo:
-            return _NsMemo(ns, head, names, refs, refs_version, lists, sections, parts)
+        def memo(sections: tuple[tuple[Any, list[_Entry]], ...] | None, json: bytes) -> _NsMemo:
+            return _NsMemo(ns, head, names, refs, refs_version, lists, sections, json)
 
         if old is not None:
             same = (
@@ -505,14 +496,14 @@ class StateRenderer:
                 *(_same_records(a, b) for a, b in zip(old.lists[1:], lists[1:], strict=True)),
             )
             if all(same) and old.head == head:
-                return memo(old.sections, old.parts)
+                return memo(old.sections, old.json)
         else:
             same = (False,) * len(_SECTIONS)
         if _records(ns) < self.record_memo_min:
             # Small: made afresh in well under a millisecond, and a memo of
             # its lists and records would cost more memory than its JSON.
             self.serialised += 1
-            return memo(None, (_json(namespace_json(model, ns)),))
+            return memo(None, _json(namespace_json(model, ns)))
         by_index = dict(zip(ns.links, refs, strict=True))
         kinds = (
             _Kind(link_order, lambda r: link_json(model, ns, r), by_index),
@@ -532,18 +523,10 @@ class StateRenderer:
                 # new objects can show anything new.
                 was = old.lists[i]
             entries = self._entries(lists[i], prior[1] if prior is not None else None, kind, was)
-            sections.append((_list_parts(entries), entries))
+            sections.append((_fragment(list(map(_json_of, entries))), entries))
         self.serialised += 1
-        # The namespace's own few bytes (its head, the lists' keys) around
-        # the lists' parts, which are never joined: a host with 1,000 veths
-        # has megabytes of them, copied again for each of its changes if
-        # joined (and again into the shared memory the sender's child reads).
-        frame = _json({**head, **dict.fromkeys(_SECTIONS, _SLOT)}).split(b"\0")
-        parts: list[bytes] = [frame[0]]
-        for (section, _), after in zip(sections, frame[1:], strict=True):
-            parts.extend(section)
-            parts.append(after)
-        return memo(tuple(sections), tuple(parts))
+        body = {**head, **{name: sec[0] for name, sec in zip(_SECTIONS, sections, strict=True)}}
+        return memo(tuple(sections), _json(body))
 
     def _entries(
         self,
@@ -557,7 +540,7 @@ class StateRenderer:
         ``was``: the records ``prior`` was made from, in the namespace's order,
         when nothing a record shows of other links has moved since.
         """
-        if prior is not None and was is not None:
+        if prior is not None and was is not None and len(was) == len(records):
             patched = self._patch_entries(records, prior, kind, was)
             if patched is not None:
                 return patched
@@ -591,36 +574,26 @@ class StateRenderer:
     def _patch_entries(
         self, records: tuple[Any, ...], prior: list[_Entry], kind: _Kind, was: tuple[Any, ...]
     ) -> list[_Entry] | None:
-        """``prior`` with the records gone taken out and the new ones put in their places;
-        None when many changed, or ``prior`` was not made from ``was``.
+        """``prior`` with the records replaced in place (a link set down: the same key,
+        a new object) put in their places; None when that is not what happened.
 
-        A host with 1,000 veths had its whole lists walked in Python for each
-        link that changed (a link set down takes its address and three routes
-        with it): 2.6 ms a version at 1,000 namespaces, nearly all of it
-        there. The records that differ are found in C, by position when no
-        record came or went, else by identity, and only those are touched.
+        A host with 1,000 veths had its whole links list walked three times
+        in Python for each link that changed; this looks (in C) for the
+        positions that hold new objects and touches only those.
         """
-        if len(was) == len(records):
-            changed = _differing(was, records)
-            gone = [was[i] for i in changed]
-            came = [records[i] for i in changed]
-        else:
-            before = dict(zip(map(id, was), was, strict=True))
-            after = dict(zip(map(id, records), records, strict=True))
-            gone = [before[i] for i in before.keys() - after.keys()]
-            came = [after[i] for i in after.keys() - before.keys()]
-        if len(gone) + len(came) > max(self.insert_max, len(records) // 8):
+        changed = _differing(was, records)
+        if len(changed) > max(self.insert_max, len(records) // 8):
             return None
         entries = list(prior)
-        # A record replaced by one for the same thing (a link set down) may keep its JSON.
-        taken: dict[object, _Entry] = {}
-        for r in gone:
-            at = bisect.bisect_left(entries, kind.order(r), key=_first)
-            if at == len(entries) or entries[at][1] is not r:
+        gone = []
+        for i in changed:
+            at = bisect.bisect_left(entries, kind.order(was[i]), key=_first)
+            if at == len(entries) or entries[at][1] is not was[i]:
                 return None  # prior was made from other records (kept across a refresh)
-            taken[_memo_key(r)] = entries.pop(at)
-        for r in came:
-            e = self._entry(r, kind, taken.get(_memo_key(r)))
+            gone.append(entries.pop(at))
+        for i, e in zip(changed, gone, strict=True):
+            r = records[i]
+            e = self._entry(r, kind, e if _memo_key(e[1]) == _memo_key(r) else None)
             entries.insert(bisect.bisect_right(entries, e[0], key=_first), e)
         return entries
 
@@ -629,7 +602,7 @@ class StateRenderer:
         if was is not None and was[2] == deps and _record_alike(was[1], record):
             return (was[0], record, deps, was[3])
         self.serialised += 1
-        return (kind.order(record), record, deps, b"," + orjson.dumps(kind.make(record)))
+        return (kind.order(record), record, deps, _fragment(kind.make(record)))
 
     def forget(self) -> None:
         """Drop every kept fragment (the next render makes them all again)."""
@@ -681,21 +654,15 @@ def _json(obj: Any) -> bytes:
     return out if len(out) >= _COPY_MAX else bytes(memoryview(out))
 
 
-def _list_parts(entries: list[_Entry]) -> tuple[bytes, ...]:
-    """A list's JSON as parts: each entry's kept JSON (which starts with its comma)."""
-    if not entries:
-        return (b"[]",)
-    parts = list(map(_json_of, entries))
-    parts[0] = b"[" + parts[0][1:]
-    parts.append(b"]")
-    return tuple(parts)
+def _fragment(obj: Any) -> Any:
+    return orjson.Fragment(_json(obj))
 
 
 # Where a namespace's kept JSON (or the pairs') goes in the state's frame.
 _SLOT = orjson.Fragment(b"\0")
 
 
-# (place in its list, record, what of other links it shows, "," and its JSON)
+# (place in its list, record, what of other links it shows, its JSON)
 _Entry = tuple[Any, Any, object, Any]
 
 
@@ -727,9 +694,8 @@ class _Frame:
     """The last state document's parts, and where each namespace's JSON sits among them."""
 
     refs_version: int  # the model's refs_version it was made at
-    # The frame's bytes (one each) and namespaces' JSON parts, alternating (never changed).
-    parts: list[tuple[bytes, ...]]
-    slots: dict[int, int]  # inode -> index of its JSON's parts in ``parts``
+    parts: list[bytes]  # frame bytes and namespaces' JSON, alternating (never changed)
+    slots: dict[int, int]  # inode -> index of its JSON in ``parts``
     first: str  # the first namespace's name (it is in the first part)
 
 
@@ -743,6 +709,6 @@ class _NsMemo:
     refs: tuple[tuple[object, object], ...]  # link_refs of each link, in ns.links order
     refs_version: int  # the model's refs_version ``names`` and ``refs`` were taken at
     lists: tuple[tuple[object, ...], ...]  # the records of each of _SECTIONS, as held
-    # Each list's JSON parts and its entries in order (big namespaces only).
-    sections: tuple[tuple[tuple[bytes, ...], list[_Entry]], ...] | None
-    parts: tuple[bytes, ...]  # the namespace's JSON: whole (small ones), or in parts
+    # Each list's JSON and its entries in order (big namespaces only).
+    sections: tuple[tuple[Any, list[_Entry]], ...] | None
+    json: bytes  # the namespace's JSON

@@ -23,23 +23,21 @@ import contextlib
 import errno
 import fcntl
 import itertools
-import operator
 import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Protocol, cast
+from typing import Protocol
 
 import structlog
 
 from nswatch import sender_child
 from nswatch.render_cache import IOV_MAX, Body, as_chunks
-from nswatch.sender_child import DONE, EXTENT, JOB, MAPPABLE, MAX_EXTENTS, MAX_HEAD, SEALS
+from nswatch.sender_child import DONE, JOB, MAX_HEAD, SEALS
 
 log = structlog.get_logger("nswatch.http")
 
@@ -51,24 +49,14 @@ _YOUNG = 60.0
 
 
 class SharedBody:
-    """A body in a sealed memfd the child can map, as ``(offset, length)`` extents in order;
-    the descriptor closes once this and every other body in that memfd are dropped."""
+    """A body in a sealed memfd the child can map; the descriptor closes when this is dropped."""
 
-    __slots__ = ("__weakref__", "_closer", "_keep", "extents", "fd", "size")
+    __slots__ = ("__weakref__", "_closer", "fd", "size")
 
-    def __init__(
-        self,
-        fd: int,
-        size: int,
-        extents: tuple[tuple[int, int], ...] | None = None,
-        keep: _Descriptor | None = None,
-    ) -> None:
+    def __init__(self, fd: int, size: int) -> None:
         self.fd = fd
         self.size = size
-        self.extents = extents if extents is not None else ((0, size),)
-        # A body in an arena keeps the arena's descriptor open; one of its own closes it.
-        self._keep = keep
-        self._closer = weakref.finalize(self, os.close, fd) if keep is None else None
+        self._closer = weakref.finalize(self, os.close, fd)
 
     @classmethod
     def of(cls, body: Body) -> SharedBody:
@@ -83,137 +71,8 @@ class SharedBody:
         return cls(fd, len(body))
 
     def close(self) -> None:
-        """Close the descriptor now, or let go of the arena's (a job already handed over
-        keeps its own)."""
-        if self._closer is not None:
-            self._closer()
-        self._keep = None
-
-
-class _Descriptor:
-    """An arena's descriptor, closed once neither the arena nor any body in it holds this."""
-
-    __slots__ = ("__weakref__", "fd")
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        weakref.finalize(self, os.close, fd)
-
-
-class Arena:
-    """One memfd that successive versions of a document are written into, each part once.
-
-    The state at 1,000 namespaces is 6.7 MB in a few thousand parts, and a
-    version differs from the one before in a handful (a host end set down:
-    its entries in the host's lists, and the document's first bytes).
-    Copied whole into a memfd of its own, each version cost fresh pages and
-    a 6.7 MB copy on a render thread, and the child a new mapping. Here a
-    part already written stays where it is, only new parts are written (after
-    everything written so far), and a version is the list of extents its
-    parts make. Once a version does not fit (or would take more than
-    :data:`MAX_EXTENTS` extents), the caller starts a new arena, which
-    holds it whole, in one extent. Not thread-safe: :class:`Arenas` locks.
-    """
-
-    def __init__(self, capacity: int) -> None:
-        fd = os.memfd_create("nswatch-body", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-        try:
-            os.ftruncate(fd, capacity)
-            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, MAPPABLE)
-        except BaseException:
-            os.close(fd)
-            raise
-        self.capacity = capacity
-        self.used = 0
-        self._fd = _Descriptor(fd)
-        # id(part) -> its offset, for the parts of the last version placed;
-        # those parts are held, so no other object can have their ids meanwhile.
-        self._at: dict[int, int] = {}
-        self._held: tuple[bytes, ...] = ()
-
-    def place(self, parts: tuple[bytes, ...]) -> SharedBody | None:
-        """``parts`` (none empty) as a body in this arena, writing those not in it yet;
-        None if they do not fit."""
-        ids = list(map(id, parts))
-        offs: list[int | None] = list(map(self._at.get, ids))
-        missing = list(
-            itertools.compress(range(len(parts)), map(operator.is_, offs, itertools.repeat(None)))
-        )
-        need = sum(len(parts[i]) for i in missing)
-        if self.used + need > self.capacity:
-            return None
-        at = self.used
-        for start in range(0, len(missing), IOV_MAX):
-            batch = missing[start : start + IOV_MAX]
-            first = at
-            for i in batch:
-                offs[i] = at
-                at += len(parts[i])
-            _pwrite_all(self._fd.fd, [parts[i] for i in batch], first)
-        self.used = at
-        placed = cast(list[int], offs)  # each one set now
-        lens = list(map(len, parts))
-        ends = list(map(operator.add, placed, lens))
-        # An extent ends where the next part does not follow on.
-        breaks = list(itertools.compress(range(1, len(parts)), map(operator.ne, ends, placed[1:])))
-        if len(breaks) >= MAX_EXTENTS:
-            return None
-        self._at = dict(zip(ids, placed, strict=True))
-        self._held = parts
-        starts, stops = [0, *breaks], [*breaks, len(parts)]
-        extents = tuple(
-            (placed[a], ends[b - 1] - placed[a]) for a, b in zip(starts, stops, strict=True)
-        )
-        return SharedBody(self._fd.fd, sum(lens), extents, self._fd)
-
-
-class Arenas:
-    """The arena a document's versions go into, started anew when one is full (thread-safe)."""
-
-    # A new arena holds this many times the version that started it: the
-    # room later versions' new parts take before the next new one.
-    ROOM = 3
-    MIN_CAPACITY = 4 << 20
-
-    def __init__(self) -> None:
-        self._arena: Arena | None = None
-        self._lock = threading.Lock()
-        self.started = 0  # arenas made, for tests
-
-    def share(self, parts: tuple[bytes, ...]) -> SharedBody:
-        """``parts`` as a body in the current arena, or a new one (OSError: no memfd)."""
-        with self._lock:
-            if self._arena is not None:
-                body = self._arena.place(parts)
-                if body is not None:
-                    return body
-            size = sum(map(len, parts))
-            self._arena = Arena(max(self.MIN_CAPACITY, -(-size * self.ROOM // (1 << 20)) << 20))
-            self.started += 1
-            body = self._arena.place(parts)
-            assert body is not None  # a new arena takes a version whole, in one extent
-            return body
-
-    def drop(self) -> None:
-        """Let the current arena go (bodies in it keep it until they go)."""
-        with self._lock:
-            self._arena = None
-
-
-def _pwrite_all(fd: int, parts: Sequence[bytes], offset: int) -> None:
-    done = os.pwritev(fd, parts, offset)
-    # A memfd takes a whole pwritev unless out of memory or interrupted.
-    for part in parts:
-        if done >= len(part):
-            done -= len(part)
-            offset += len(part)
-            continue
-        view = memoryview(part)[done:]
-        offset += done
-        done = 0
-        while view:
-            n = os.pwrite(fd, view, offset)
-            view, offset = view[n:], offset + n
+        """Close the descriptor now (a job already handed over keeps its own)."""
+        self._closer()
 
 
 def _write_all(fd: int, parts: Sequence[bytes]) -> None:
@@ -340,20 +199,13 @@ class BodySender:
         send fails at once instead of holding on to a reader that stalls.
         """
         control, loop = self._control, self._loop
-        if (
-            control is None
-            or loop is None
-            or len(head) > MAX_HEAD
-            or len(body.extents) > MAX_EXTENTS
-        ):
+        if control is None or loop is None or len(head) > MAX_HEAD:
             return False
         number = next(self._numbers)
         fds = array.array("i", (sock.fileno(), body.fd))
-        extents = b"".join(EXTENT.pack(*e) for e in body.extents)
         try:
             control.sendmsg(
-                [JOB.pack(number, len(body.extents)), extents, head],
-                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)],
+                [JOB.pack(number, body.size), head], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)]
             )
         except (BlockingIOError, InterruptedError):
             return False  # a backlog of jobs: this one is sent here

@@ -12,10 +12,7 @@ daemon's side).
 
 Over a ``SOCK_SEQPACKET`` socket pair it takes jobs: the client's
 connection and a sealed memfd holding the body (``SCM_RIGHTS``), with the
-job's number, where in the memfd the body lies (one or more extents, in
-order: the daemon writes successive versions of the state into one memfd,
-each part once, so a version is its parts wherever they were written) and
-the response head. It sends head and
+job's number, the body's length and the response head. It sends head and
 body, many connections at once from one epoll loop (each gets what its
 socket takes, in turn), closes its copy of the connection, and answers
 the job's number with 0 or the errno that ended it. The daemon keeps the
@@ -39,47 +36,32 @@ import socket
 import struct
 import sys
 
-# A job: its number and how many extents the body has, then the extents
-# (offset and length in the memfd, in body order), then the response head;
-# two descriptors ride along (the connection, then the memfd).
-JOB = struct.Struct("<QI")
-EXTENT = struct.Struct("<QQ")
-# The most extents a job may carry (the daemon starts a new memfd before a
-# version would need more).
-MAX_EXTENTS = 1024
+# A job: its number and the body's length, then the response head; two
+# descriptors ride along (the connection, then the memfd).
+JOB = struct.Struct("<QQ")
 # An answer: the job's number and 0 (sent) or the errno that ended it.
 DONE = struct.Struct("<QI")
 # The longest head a job may carry (a longer one is sent by the daemon itself).
 MAX_HEAD = 32 * 1024
 _FDS = 2
 _ANCILLARY = socket.CMSG_SPACE(_FDS * struct.calcsize("i"))
-# A sealed memfd cannot shrink under a mapping (which would make reading it
-# SIGBUS): every body's memfd has at least MAPPABLE. A body of its own is
-# sealed whole (SEALS); a memfd that versions are written into is not
-# sealed against writes, but the daemon only ever writes where no extent
-# it has handed over lies.
-MAPPABLE = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
-SEALS = MAPPABLE | fcntl.F_SEAL_WRITE
+# A sealed memfd cannot shrink under a mapping (which would make reading it SIGBUS).
+SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
 _NOBODY = 65534
 # At most this much per send: with 16 readers each socket took up to 4 MB
 # at once, so a round of sends, and a new job's wait for its first byte,
 # lasted tens of milliseconds.
 MAX_SEND = 1 << 20
-# Buffers per send at most (Linux takes up to 1024).
-_IOV = 256
-_MAX_JOB = JOB.size + MAX_EXTENTS * EXTENT.size + MAX_HEAD
 
 
 class _Map:
     __slots__ = ("mm", "refs", "view")
 
-    def __init__(self, fd: int, size: int, whole: bool) -> None:
-        # A body of its own is populated at once: one fault walk instead of
-        # one fault per page sent. A memfd of versions is not: most of it is
-        # not written yet, and a read fault on a hole in shared memory
-        # allocates a page; its pages are faulted in as first sent, and stay.
-        flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if whole else 0)
-        self.mm = mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ)
+    def __init__(self, fd: int, size: int) -> None:
+        # Populated at once: one fault walk instead of one fault per page sent.
+        self.mm = mmap.mmap(
+            fd, size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ
+        )
         self.view = memoryview(self.mm)
         self.refs = 0
 
@@ -106,21 +88,18 @@ class Maps:
     def __len__(self) -> int:
         return len(self._maps)
 
-    def take(self, fd: int, extents: list[tuple[int, int]]) -> tuple[int, list[memoryview]]:
-        """The ``(offset, length)`` extents of the memfd ``fd`` (which the caller still closes)."""
+    def take(self, fd: int, length: int) -> tuple[int, memoryview]:
+        """The first ``length`` bytes of the memfd ``fd`` (which the caller still closes)."""
         st = os.fstat(fd)
-        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
-        if seals & MAPPABLE != MAPPABLE or any(
-            off < 0 or n < 0 or off + n > st.st_size for off, n in extents
-        ):
+        if length > st.st_size or fcntl.fcntl(fd, fcntl.F_GET_SEALS) & SEALS != SEALS:
             raise OSError(errno.EINVAL, "not a sealed body of that length")
         m = self._maps.get(st.st_ino)
         if m is None:
-            m = self._maps[st.st_ino] = _Map(fd, st.st_size, seals & SEALS == SEALS)
+            m = self._maps[st.st_ino] = _Map(fd, st.st_size)
         m.refs += 1
         self._newest = st.st_ino
         self._trim()
-        return st.st_ino, [m.view[off : off + n] for off, n in extents if n]
+        return st.st_ino, m.view[:length]
 
     def done(self, ino: int) -> None:
         """A job sending ``ino`` ended (its view of the body released)."""
@@ -142,45 +121,17 @@ class Maps:
 
 class _Job:
     # A plain class: importing dataclasses costs this process 1.9 MB of RSS.
-    __slots__ = ("at", "bufs", "ino", "number", "sock", "upto")
+    __slots__ = ("at", "body", "head", "ino", "number", "sock")
 
     def __init__(
-        self, number: int, sock: socket.socket, head: memoryview, body: list[memoryview], ino: int
+        self, number: int, sock: socket.socket, head: memoryview, body: memoryview, ino: int
     ) -> None:
         self.number = number
         self.sock = sock
-        # The head, then the body's extents: sent in order.
-        self.bufs = [head, *body] if head else body
+        self.head = head
+        self.body = body
         self.ino = ino
-        self.upto = 0  # the first buffer not wholly sent
-        self.at = 0  # bytes of it sent
-
-    def pieces(self, most: int) -> list[memoryview]:
-        """What is left to send, up to ``most`` bytes (and IOV_MAX buffers)."""
-        out: list[memoryview] = []
-        bufs, i, at = self.bufs, self.upto, self.at
-        while most > 0 and i < len(bufs) and len(out) < _IOV:
-            piece = bufs[i][at : at + most]
-            out.append(piece)
-            most -= len(piece)
-            i, at = i + 1, 0
-        return out
-
-    def sent(self, n: int) -> bool:
-        """Counts ``n`` more bytes sent; whether all is."""
-        bufs = self.bufs
-        while n:
-            left = len(bufs[self.upto]) - self.at
-            if n < left:
-                self.at += n
-                break
-            n -= left
-            self.upto, self.at = self.upto + 1, 0
-        return self.upto == len(bufs)
-
-    def release(self) -> None:
-        for b in self.bufs:
-            b.release()
+        self.at = 0  # bytes sent, head first
 
 
 class Child:
@@ -222,7 +173,7 @@ class Child:
         """Start every job waiting on the control socket; False once the daemon has gone."""
         while True:
             try:
-                data, anc, flags, _ = self.control.recvmsg(_MAX_JOB, _ANCILLARY)
+                data, anc, flags, _ = self.control.recvmsg(JOB.size + MAX_HEAD, _ANCILLARY)
             except (BlockingIOError, InterruptedError):
                 return True
             except ConnectionError:
@@ -236,10 +187,8 @@ class Child:
                 for fd in fds:
                     os.close(fd)
                 return False
-            count = JOB.unpack_from(data)[1] if len(data) >= JOB.size else 0
             if (
-                len(data) < JOB.size + count * EXTENT.size
-                or count > MAX_EXTENTS
+                len(data) < JOB.size
                 or len(fds) != _FDS
                 or flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC)
             ):
@@ -249,16 +198,12 @@ class Child:
                     os.close(fd)
                 print("nswatch sender: garbled job; exiting", file=sys.stderr, flush=True)
                 return False
-            number = JOB.unpack_from(data)[0]
-            end = JOB.size + count * EXTENT.size
-            extents = list(EXTENT.iter_unpack(data[JOB.size : end]))
-            self._start(number, extents, data[end:], fds[0], fds[1])
+            number, length = JOB.unpack_from(data)
+            self._start(number, length, data[JOB.size :], fds[0], fds[1])
 
-    def _start(
-        self, number: int, extents: list[tuple[int, int]], head: bytes, conn: int, memfd: int
-    ) -> None:
+    def _start(self, number: int, length: int, head: bytes, conn: int, memfd: int) -> None:
         try:
-            ino, body = self.maps.take(memfd, extents)
+            ino, body = self.maps.take(memfd, length)
         except (OSError, ValueError) as e:
             os.close(conn)
             self._answer(number, getattr(e, "errno", None) or errno.EINVAL)
@@ -274,16 +219,19 @@ class Child:
 
     def _send(self, job: _Job, fresh: bool = False) -> None:
         """One send of what ``job`` has left; ends the job when nothing is left or it failed."""
-        done = job.upto == len(job.bufs)  # an empty body
         try:
-            if not done:
-                done = job.sent(job.sock.sendmsg(job.pieces(MAX_SEND)))
+            head = len(job.head)
+            if job.at < head:
+                job.at += job.sock.sendmsg([job.head[job.at :], job.body[:MAX_SEND]])
+            else:
+                at = job.at - head
+                job.at += job.sock.send(job.body[at : at + MAX_SEND])
         except (BlockingIOError, InterruptedError):
             pass
         except OSError as e:
             self._end(job, e.errno or errno.EIO, fresh)
             return
-        if done:
+        if job.at == len(job.head) + len(job.body):
             self._end(job, 0, fresh)
         elif fresh:
             self.sel.register(job.sock, selectors.EVENT_WRITE, job)
@@ -295,7 +243,8 @@ class Child:
             self.sel.unregister(job.sock)
         # Closed before the answer: once the daemon reads it, the connection is its alone.
         job.sock.close()
-        job.release()
+        job.body.release()
+        job.head.release()
         self.maps.done(job.ino)
         self._answer(job.number, err)
 

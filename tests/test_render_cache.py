@@ -556,41 +556,6 @@ def test_a_link_set_down_after_a_counter_refresh_is_put_in_its_place() -> None:
         assert renderer.serialised - before == 4
 
 
-def test_a_host_end_set_down_renders_only_its_own_records(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A host end set down (its link, its link-local address and three routes go) and up
-    again, among 300: each version equals the plain render, its lists are patched in place
-    (they were walked whole in Python whenever records came or went: 2.6 ms a version at
-    1,000), and the version's new bytes are those records' and a few frame bytes, not the
-    host's megabyte of lists joined again."""
-    from tests.bench.bench_state_render import flap, scene
-
-    live = scene(300, True)
-    renderer = StateRenderer()
-    patched: list[bool] = []
-    real = renderer._patch_entries
-
-    def spy(*args: Any) -> Any:
-        out = real(*args)
-        patched.append(out is not None)
-        return out
-
-    monkeypatch.setattr(renderer, "_patch_entries", spy)
-    view = live.snapshot()
-    last = renderer.render_chunks(view)
-    for batch in flap(live, 7, True):
-        for ev in batch:
-            live.apply(ev)
-        view = live.snapshot(view)
-        patched.clear()
-        chunks = renderer.render_chunks(view)
-        assert bytes(chunks) == json_bytes(state_json(view))
-        assert patched and all(patched)
-        seen = {id(p) for p in last.parts}
-        new = sum(len(p) for p in chunks.parts if id(p) not in seen)
-        assert new < 16_384, new
-        last = chunks
-
-
 def test_link_shown_names_every_field_link_json_shows() -> None:
     """Two links that differ in a field LINK_SHOWN leaves out give the same JSON, and
     in any field it names give different JSON (so the renderer may keep a link's JSON

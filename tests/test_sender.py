@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import pytest
 
 from nswatch.render_cache import Chunks
-from nswatch.sender import Arenas, BodySender, SendFailed, SharedBody, spawn_child
+from nswatch.sender import BodySender, SendFailed, SharedBody, spawn_child
 from nswatch.sender_child import SEALS, Maps
 from tests.test_daemon_fake import FakeClock
 
@@ -332,9 +332,8 @@ def test_a_body_no_job_sends_is_unmapped_at_once_while_another_is_sent() -> None
     maps = Maps()
 
     def take(s: SharedBody) -> int:
-        ino, views = maps.take(s.fd, list(s.extents))
-        for view in views:
-            view.release()  # as a job does before it ends
+        ino, view = maps.take(s.fd, s.size)
+        view.release()  # as a job does before it ends
         return ino
 
     a = take(shared[0])
@@ -363,67 +362,6 @@ def test_a_shared_body_is_sealed_and_its_descriptor_closes_with_it() -> None:
     with pytest.raises(PermissionError):
         os.pwrite(fd, b"x", 0)
     del shared
-    assert not os.path.exists(f"/proc/self/fd/{fd}") or "nswatch-body" not in os.readlink(
-        f"/proc/self/fd/{fd}"
-    )
-
-
-def test_versions_in_an_arena_write_only_their_new_parts_and_are_sent_whole() -> None:
-    """A second version that differs from the first in one part writes only that part into
-    the shared memory (each version was copied whole: 6.7 MB a version at 1,000 namespaces)
-    and is three extents; readers of both versions, sent at once by the child, each get
-    their own body byte for byte."""
-    first = body_of(2_000_000, 2000, seed=7)
-    parts = list(first.parts)
-    parts[1000] = b"x" * len(parts[1000])
-    second = Chunks(parts)
-    arenas = Arenas()
-    a = arenas.share(first.parts)
-    written = os.fstat(a.fd).st_blocks
-    b = arenas.share(second.parts)
-    assert a.extents == ((0, len(first)),)
-    assert len(b.extents) == 3 and b.extents[1] == (len(first), len(parts[1000]))
-    assert arenas.started == 1 and b.fd == a.fd
-    assert os.fstat(b.fd).st_blocks - written <= 16  # 512-byte blocks: two pages at most
-    sender = BodySender(idle=5)
-    with pairs(2, rcvbuf=32_768) as ps:
-        readers = [Reader(p, len(x)) for p, x in zip(ps, (first, second), strict=True)]
-        for r in readers:
-            r.start()
-
-        async def go() -> list[bool]:
-            assert sender.ready()
-            return list(
-                await asyncio.gather(*(sender.send(p.server, b"", x) for p, x in zip(ps, (a, b))))
-            )
-
-        sent = run(sender, go)
-        for r in readers:
-            r.join(20)
-    assert sent == [True, True]
-    assert [r.got for r in readers] == [bytes(first), bytes(second)]
-
-
-def test_a_full_arena_gives_way_to_a_new_one_whose_first_version_is_one_extent() -> None:
-    """Versions whose new parts no longer fit start a new shared memory that holds the
-    version whole; a body in the old one still reads the same, and its descriptor stays
-    open until that body is dropped."""
-    arenas = Arenas()
-    arenas.MIN_CAPACITY = 1 << 20
-    bodies = []
-    # Five distinct versions of 400 kB fill an arena of 2 MiB (three times the first, in MiB).
-    for seed in range(1, 7):
-        body = body_of(400_000, 40, seed=seed)
-        bodies.append((body, arenas.share(body.parts)))
-    assert arenas.started == 2
-    old, new = bodies[0][1], bodies[-1][1]
-    assert old.fd != new.fd and new.extents == ((0, 400_000),)
-    for body, shared in bodies:
-        got = b"".join(os.pread(shared.fd, n, off) for off, n in shared.extents)
-        assert got == bytes(body)
-    fd = old.fd
-    arenas.drop()
-    del bodies, old, new, shared
     assert not os.path.exists(f"/proc/self/fd/{fd}") or "nswatch-body" not in os.readlink(
         f"/proc/self/fd/{fd}"
     )
