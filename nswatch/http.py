@@ -303,7 +303,7 @@ class Router:
         # State and namespace documents are made once per model version
         # (the shown one: they show no counters), /metrics once per max age:
         # many readers cost one render.
-        self.state_cache = VersionCache(keep_last=True)
+        self.state_cache = VersionCache()
         self.state_renderer = StateRenderer()
         self.namespace_cache = VersionCache()
         limits = limits or Limits()
@@ -451,15 +451,6 @@ class Router:
         self.last_read = time.monotonic()
         return document_response(doc)
 
-    def last_made(self, path: str) -> Response | None:
-        """The newest state document made, of whatever version (see :meth:`Renderer.render`);
-        None for any other path, or before the first."""
-        doc = self.state_cache.last(None) if path == "/api/v1/state" else None
-        if doc is None:
-            return None
-        self.last_read = time.monotonic()
-        return document_response(doc)
-
     def _not_allowed(self, path: str) -> Response:
         if path in self.endpoints() or path.startswith(_NS_PREFIX) or path in _PAGE:
             return Response(
@@ -546,7 +537,6 @@ class Renderer:
         self._inflight: dict[tuple[str, str | None, bool], asyncio.Future[Response]] = {}
         self._waiters: dict[tuple[str, str | None, bool], int] = {}
         self._pending = dict.fromkeys(self._lanes, 0)
-        self.answered_from_last = 0  # state GETs answered while a newer one rendered
 
     def _answer(self, path: str, accept: str | None, gzip: bool) -> Response:
         return encoded(self.router.route("GET", path, accept, gzip), gzip, self._share)
@@ -562,22 +552,7 @@ class Renderer:
         # the other documents' readers, whatever they accept.
         key = (path, accept if path == "/metrics" else None, gzip)
         future = self._inflight.get(key)
-        if future is not None:
-            # The model moved on and the state of its new version is being
-            # made for a reader who came before. One who comes now gets the
-            # newest state made, at once: it is at most that render old, and
-            # says which change it includes (event_id). Waiting, readers
-            # queued behind each version's render; looping, they fell in step
-            # with the versions, so nearly every one waited (at 1,000
-            # namespaces under 16 looping readers, 90 % of state GETs waited
-            # 22 / 43 / 83 ms at p50 / p90 / p99, tests/bench/bench_readers.py).
-            # A reader who comes while none renders still gets the newest version.
-            last = self.router.last_made(path)
-            quick = encoded_if_made(last, gzip, self._share) if last is not None else None
-            if quick is not None:
-                self.answered_from_last += 1
-                return quick
-        else:
+        if future is None:
             lane = "metrics" if path == "/metrics" else "state"
             if self._pending[lane] >= self.max_pending:
                 return error_response(503, "busy", headers=(("Retry-After", "1"),))

@@ -216,17 +216,13 @@ class VersionCache:
     ``make`` runs under the cache's lock, so readers of one document wait for
     the one render rather than each making their own. ``max_entries`` bounds
     a version's documents (per-namespace documents are keyed by the name asked
-    for, and every alias is a name). With ``keep_last``, the newest document
-    made of each key is also kept past its version, for :meth:`last`.
+    for, and every alias is a name).
     """
 
-    def __init__(self, max_entries: int = 4096, keep_last: bool = False) -> None:
+    def __init__(self, max_entries: int = 4096) -> None:
         self.max_entries = max_entries
-        self.keep_last = keep_last
         self._version: int | None = None
         self._docs: dict[Hashable, Document] = {}
-        # Replaced, never changed in place: read without the lock.
-        self._last: dict[Hashable, Document] = {}
         self._lock = threading.Lock()
         self.made = 0  # documents rendered, for tests and benchmarks
 
@@ -251,15 +247,7 @@ class VersionCache:
                 if len(self._docs) >= self.max_entries:
                     self._docs = {}
                 self._docs[key] = doc
-                if self.keep_last:
-                    last = self._last if len(self._last) < self.max_entries else {}
-                    self._last = {**last, key: doc}
             return doc
-
-    def last(self, key: Hashable) -> Document | None:
-        """The newest document made of ``key``, whatever its version (``keep_last`` only);
-        never waits, also not while a newer one is made."""
-        return self._last.get(key)
 
     def peek(self, version: int, key: Hashable) -> Document | None:
         """The document ``key`` of ``version`` if already made; None also while one is made
@@ -278,7 +266,6 @@ class VersionCache:
         try:
             self._version = None
             self._docs = {}
-            self._last = {}
             if then is not None:
                 then()
         finally:

@@ -6,7 +6,6 @@ import gzip
 import http.client
 import json
 import threading
-import time
 import tracemalloc
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields, replace
@@ -178,56 +177,6 @@ def test_a_current_document_is_answered_without_a_render_thread(
         assert json.loads(body)["links"][4]["mtu"] == 9000
         assert renders == [*paths, *paths[:2]]
     finally:
-        srv.stop()
-
-
-def test_a_reader_who_comes_while_a_newer_state_renders_gets_the_last_one_at_once(
-    daemon: Counting, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """After a change, the reader who asks first waits for the new version's state; one who
-    asks while it is being made gets the state made before, at once (it waited for the
-    render too); the next reader after it gets the new one."""
-    release = threading.Event()
-    real = Renderer._answer
-
-    def slow(self: Renderer, path: str, accept: str | None, gzip: bool) -> Response:
-        if path == "/api/v1/state" and daemon.model.namespaces[2].links[5].mtu == 9000:
-            release.wait(20)
-        return real(self, path, accept, gzip)
-
-    monkeypatch.setattr(Renderer, "_answer", slow)
-    api = Api(
-        view=daemon.view,
-        alive=lambda: True,
-        ready=lambda: True,
-        shown_version=lambda: daemon.model.shown_version,
-    )
-    srv = HttpServer(("127.0.0.1", 0), api)
-    srv.start()
-
-    def mtu(body: bytes) -> int:
-        return int(json.loads(body)["namespaces"]["lab-1"]["links"][4]["mtu"])
-
-    try:
-        before = fetch(srv, "/api/v1/state")[2]
-        daemon.change()
-        first: list[bytes] = []
-        waiting = threading.Thread(target=lambda: first.append(fetch(srv, "/api/v1/state")[2]))
-        waiting.start()
-        deadline = time.monotonic() + 10
-        while not srv._render._inflight and time.monotonic() < deadline:
-            time.sleep(0.01)
-        t0 = time.monotonic()
-        status, _, body = fetch(srv, "/api/v1/state")
-        assert time.monotonic() - t0 < 5 and not release.is_set()
-        assert status == 200 and body == before and mtu(body) != 9000
-        assert srv._render.answered_from_last == 1
-        release.set()
-        waiting.join(20)
-        assert mtu(first[0]) == 9000
-        assert mtu(fetch(srv, "/api/v1/state")[2]) == 9000
-    finally:
-        release.set()
         srv.stop()
 
 
@@ -768,7 +717,6 @@ def test_idle_caches_are_dropped(daemon: Counting) -> None:
     assert router.release_idle(0)
     assert not router.release_idle(0)  # nothing held any more
     assert router.state_cache._docs == {} and router.namespace_cache._docs == {}
-    assert router.state_cache.last(None) is None
     assert router.metrics_cache._docs == {} and router.state_renderer._memo == {}
     router.route("GET", "/api/v1/state", None)
     router.route("GET", "/metrics", None)
