@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import pytest
 
 from nswatch.render_cache import Chunks
-from nswatch.sender import BodySender, SendFailed, SharedBody, spawn_child
+from nswatch.sender import CHILD, BodySender, SendFailed, SharedBody, spawn_child
 from nswatch.sender_child import SEALS, Maps
 from tests.test_daemon_fake import FakeClock
 
@@ -436,6 +436,32 @@ def test_the_child_gives_up_root_runs_nicer_and_ends_when_the_sender_closes() ->
     assert child_nice == nice
     assert not os.path.exists(f"/proc/{pids[0]}")
     shared.close()
+
+
+def test_dropping_capabilities_leaves_none_and_an_exec_brings_none_back() -> None:
+    """What the child does when it cannot become nobody (under the unit): afterwards it holds
+    no capability, and a program it execs holds none either (uid 0 would regain the
+    bounding set's on exec without no_new_privs)."""
+    script = (
+        "import importlib.util, os, sys\n"
+        f"spec = importlib.util.spec_from_file_location('c', {str(CHILD)!r})\n"
+        "c = importlib.util.module_from_spec(spec); spec.loader.exec_module(c)\n"
+        "assert c.drop_capabilities()\n"
+        "sys.stdout.write(open('/proc/self/status').read()); sys.stdout.flush()\n"
+        "os.execv('/bin/cat', ['cat', '/proc/self/status'])\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", script], capture_output=True, text=True, timeout=30
+    )
+    assert out.returncode == 0, out.stderr
+    sets = [line.split()[1] for line in out.stdout.splitlines() if line.startswith("CapPrm:")]
+    assert sets == ["0000000000000000"] * 2
+    for key in ("CapEff:", "CapInh:", "CapAmb:"):
+        assert all(
+            int(line.split()[1], 16) == 0
+            for line in out.stdout.splitlines()
+            if line.startswith(key)
+        )
 
 
 def test_the_child_ends_when_the_daemon_is_killed() -> None:

@@ -740,9 +740,9 @@ def test_read_only_dropin_syncs_and_serves(box: Container) -> None:
 @pytest.mark.kernel
 def test_the_sender_child_sends_big_bodies_under_the_unit(box: Container) -> None:
     """Under the hardened unit the sender's child starts with the service (its one child
-    process, at nice 10), maps and sends a state of over 1 MiB (smaller bodies the HTTP
-    thread sends) that arrives whole, and the journal says nothing of the sender failing or
-    of bodies not shared."""
+    process, at nice 10, holding no capability), maps and sends a state of over 1 MiB
+    (smaller bodies the HTTP thread sends) that arrives whole, and the journal says nothing
+    of the sender failing or of bodies not shared."""
     box.ensure_running()
     pid = box.show("MainPID")["MainPID"]
     names = [f"{box.prefix}s{i}" for i in range(600)]
@@ -771,6 +771,15 @@ def test_the_sender_child_sends_big_bodies_under_the_unit(box: Container) -> Non
         child, nice, _ = kids[0].split(None, 2)
         args = box.run("cat", f"/proc/{child}/cmdline").stdout
         assert "sender_child.py" in args and nice == "10", (kids, args)
+        # It cannot become nobody here (setresuid is filtered) but holds no capability.
+        status = dict(
+            line.split(":\t", 1)
+            for line in box.run("cat", f"/proc/{child}/status").stdout.splitlines()
+            if line.startswith(("Cap", "NoNewPrivs"))
+        )
+        for key in ("CapInh", "CapPrm", "CapEff", "CapAmb"):
+            assert int(status[key], 16) == 0, status
+        assert status["NoNewPrivs"] == "1", status
         # The newest document stays mapped for a while after it was sent.
         assert "memfd:nswatch-body" in box.run("cat", f"/proc/{child}/maps").stdout
         journal = box.run(
