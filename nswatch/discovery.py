@@ -94,12 +94,15 @@ class Offload(Protocol):
     or the exception it raised (:meth:`nswatch.loop.Loop.offload`; :func:`run_here` in tests)."""
 
     def __call__(
-        self, work: Callable[[], T], then: Callable[[T | BaseException], None]
+        self, work: Callable[[], T], then: Callable[[T | BaseException], None], where: str = ...
     ) -> None: ...
 
 
-def run_here(work: Callable[[], T], then: Callable[[T | BaseException], None]) -> None:
-    """An :class:`Offload` that runs ``work`` at once, on the caller's thread."""
+def run_here(
+    work: Callable[[], T], then: Callable[[T | BaseException], None], where: str = "inbox"
+) -> None:
+    """An :class:`Offload` that runs ``work`` at once, on the caller's thread (whose own
+    guard reports what ``then`` raises)."""
     try:
         result: T | BaseException = work()
     except Exception as e:
@@ -325,7 +328,7 @@ class Discovery:
         why = _weightier(self._next_why, why)
         self._next_why = None
         self.wanted = False
-        procs = self._procs_wanted or why in ("periodic", "reload")
+        procs = self._procs_wanted or _reason(why).procs
         self._procs_wanted = False
         if self._dirwatch is not None:
             self._dirwatch.refresh()
@@ -350,13 +353,11 @@ class Discovery:
             finally:
                 done()
 
-        self._offload(work, then)
+        self._offload(work, then, where="rescan")
 
     def _compare(self, why: str, looked: Looked) -> None:
         now = self._loop.clock()
-        if why in ("periodic", "reload"):
-            # Owners are kept between rescans (two file reads each), but a
-            # holder may exec something else: read them again now and then.
+        if _reason(why).owners:
             self._owners = {}
         s = looked.scan
         named: dict[int, list[str]] = {self._host: [self.host_label]}
@@ -450,7 +451,7 @@ class Discovery:
             self._hold(seen, why)
             return None
         trouble = self._troubles.get(inode)
-        if trouble is not None and trouble.due > now and why != "reload":
+        if trouble is not None and trouble.due > now and not _reason(why).retries:
             return trouble.reason
         err: OSError | None = None
         # A namespace no file holds can be entered through any of its
@@ -571,12 +572,34 @@ class Discovery:
         self.rescan("retry")
 
 
-# A rescan asked for while another looks takes the weightiest reason asked:
-# a reload retries namespaces in backoff, a periodic one reads /proc.
-_WEIGHT = {"reload": 3, "periodic": 2}
+@dataclass(frozen=True, slots=True)
+class _Reason:
+    """What a rescan does for its reason, beyond reading the directories and the mounts."""
+
+    # A rescan asked for while another looks takes the weightiest reason asked.
+    weight: int
+    # Reads /proc for namespaces only processes hold (else only when a holder went).
+    procs: bool
+    # Reads each holder's name again: owners are kept between rescans (two
+    # file reads each), but a holder may exec something else meanwhile.
+    owners: bool
+    # Retries namespaces in backoff now rather than when each is due.
+    retries: bool
+
+
+_REASONS = {
+    "reload": _Reason(weight=3, procs=True, owners=True, retries=True),
+    "periodic": _Reason(weight=2, procs=True, owners=True, retries=False),
+}
+# Every other reason (a directory event, a mount change, a holder's exit, a retry).
+_ORDINARY = _Reason(weight=1, procs=False, owners=False, retries=False)
+
+
+def _reason(why: str) -> _Reason:
+    return _REASONS.get(why, _ORDINARY)
 
 
 def _weightier(a: str | None, b: str) -> str:
     if a is None:
         return b
-    return a if _WEIGHT.get(a, 1) >= _WEIGHT.get(b, 1) else b
+    return a if _reason(a).weight >= _reason(b).weight else b

@@ -53,9 +53,15 @@ class Loop:
 
     # -- the loop's thread --
 
-    def offload(self, work: Callable[[], T], then: Callable[[T | BaseException], None]) -> None:
+    def offload(
+        self,
+        work: Callable[[], T],
+        then: Callable[[T | BaseException], None],
+        where: str = "inbox",
+    ) -> None:
         """Run ``work`` on the loop's worker thread, then ``then`` on the loop with its
-        result or the exception it raised.
+        result or the exception it raised (an exception ``then`` raises is reported
+        as at ``where``).
 
         For what touches many files: each system call lets the GIL go and
         waits for it again, and under readers that wait is the loop's
@@ -68,7 +74,9 @@ class Loop:
             if f.cancelled():
                 return  # the loop closed first
             err = f.exception()
-            self.call_soon(lambda: then(err if err is not None else f.result()))
+            self.call_soon(
+                lambda: self._guard(where, lambda: then(err if err is not None else f.result()))
+            )
 
         self._worker.submit(work).add_done_callback(done)
 

@@ -15,7 +15,7 @@ from nswatch.model import Change, Model
 
 # Where an unexpected exception was caught, by the part that caught it: the
 # labels of nswatch_internal_errors_total (bounded, and exported at 0).
-INTERNAL_ERROR_PLACES = ("inbox", "netlink_session", "observer", "timer")
+INTERNAL_ERROR_PLACES = ("inbox", "netlink_session", "observer", "rescan", "timer")
 
 
 def internal_place(where: str, err: BaseException) -> str | None:

@@ -55,3 +55,26 @@ def test_offloaded_work_runs_off_the_loop_and_its_result_comes_back_on_it() -> N
         assert errors == []
     finally:
         loop.close()
+
+
+def test_an_error_in_what_takes_offloaded_work_back_is_reported_where_it_was_offloaded() -> None:
+    """An exception raised by ``then`` (a rescan comparing what it found) is reported under
+    the name the work was offloaded with, not as the loop's generic inbox, and the loop
+    goes on."""
+    loop, errors = _loop()
+    ran: list[str] = []
+    try:
+
+        def compare(_: object) -> None:
+            raise ValueError("a bug")
+
+        loop.offload(lambda: 1, compare, where="rescan")
+        loop.call_soon(lambda: ran.append("after"))
+        deadline = time.monotonic() + 5
+        while not errors and time.monotonic() < deadline:
+            loop.run_once(0.05)
+        loop.run_once(0.05)
+        assert [(w, type(e)) for w, e in errors] == [("rescan", ValueError)]
+        assert ran == ["after"]
+    finally:
+        loop.close()
