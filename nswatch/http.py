@@ -28,6 +28,7 @@ import errno
 import ipaddress
 import os
 import re
+import secrets
 import socket
 import ssl
 import threading
@@ -190,6 +191,8 @@ class Response:
     document: Document | None = None
     # ``body`` in shared memory, for the sender's child (:mod:`nswatch.sender`).
     shared: SharedBody | None = None
+    # The entity tag of this representation, quoted (also in ``headers``).
+    etag: str | None = None
 
 
 _date: tuple[int, str] = (0, "")
@@ -215,6 +218,22 @@ def document_response(doc: Document) -> Response:
     # The body is filled in by :func:`encoded`: a gzip client never needs the
     # identity form (which a document in parts only joins on demand).
     return Response(200, b"", doc.content_type, document=doc)
+
+
+def none_match(header: str, etag: str) -> bool:
+    """Whether an ``If-None-Match`` header names ``etag`` (weak comparison, RFC 9110
+    13.1.2: ``W/`` is ignored; ``*`` names any current representation)."""
+    if header.strip() == "*":
+        return True
+    tags = (t.strip() for t in header.split(","))
+    return etag in (t[2:] if t.startswith("W/") else t for t in tags)
+
+
+def not_modified(r: Response) -> Response:
+    """The 304 for a client that holds ``r`` already: its validator and Vary, no body."""
+    assert r.etag is not None
+    vary = tuple(h for h in r.headers if h[0] == "Vary")
+    return Response(304, b"", headers=(("ETag", r.etag), *vary), etag=r.etag)
 
 
 def error_response(status: int, message: str | None = None, **kw: Any) -> Response:
@@ -267,10 +286,15 @@ def encoded(r: Response, gzip: bool, share: Share | None = None) -> Response:
         body: Body = doc.gzipped()
     else:
         body = doc.body
+    etag = None
+    if doc.etag is not None:
+        # A strong validator names one representation: the gzip form has its own.
+        etag = f'"{doc.etag}-gzip"' if gzip else f'"{doc.etag}"'
+        headers = (*headers, ("ETag", etag))
     shared = None
     if share is not None and len(body) > SEND_HERE_MAX:
         shared = doc.derived(("shared", gzip), lambda: share(body))
-    return replace(r, body=body, headers=headers, document=None, shared=shared)
+    return replace(r, body=body, headers=headers, document=None, shared=shared, etag=etag)
 
 
 def encoded_if_made(r: Response, gzip: bool, share: Share | None = None) -> Response | None:
@@ -310,6 +334,21 @@ class Router:
         self.metrics_cache = AgeCache(limits.metrics_max_age, busy_share=limits.metrics_busy_share)
         self.last_read = time.monotonic()
         self._held = False  # whether the caches may hold anything
+        # In every entity tag: a restarted daemon counts versions from 0 again,
+        # and a tag it gave before must not match a different document then.
+        self._epoch = secrets.token_hex(4)
+
+    def version_tag(self, version: int) -> str:
+        """The entity tag (unquoted, identity form) of the documents of model ``version``."""
+        return f"{self._epoch}-{version}"
+
+    def state_etag(self, gzip: bool) -> str | None:
+        """The state's entity tag as it would be sent now (None without ``shown_version``):
+        a client that holds it is answered 304 without a render."""
+        if self.api.shown_version is None:
+            return None
+        tag = self.version_tag(self.api.shown_version())
+        return f'"{tag}-gzip"' if gzip else f'"{tag}"'
 
     def release_idle(self, idle: float) -> bool:
         """Drop every cached document if none was asked for in ``idle`` seconds; True if done."""
@@ -399,7 +438,11 @@ class Router:
                 self.state_cache.get(
                     model.shown_version,
                     None,
-                    lambda: Document(self.state_renderer.render_chunks(model), "application/json"),
+                    lambda: Document(
+                        self.state_renderer.render_chunks(model),
+                        "application/json",
+                        etag=self.version_tag(model.shown_version),
+                    ),
                 )
             )
         if path.startswith(_NS_PREFIX):
@@ -410,7 +453,11 @@ class Router:
                 return json_response(404, {"error": "namespace not found", "netns": name})
             return document_response(
                 self.namespace_cache.get(
-                    model.shown_version, name, lambda: _json_doc(namespace_json(model, ns))
+                    model.shown_version,
+                    name,
+                    lambda: _json_doc(
+                        namespace_json(model, ns), etag=self.version_tag(model.shown_version)
+                    ),
                 )
             )
         if path == "/metrics" and api.metrics is not None:
@@ -459,8 +506,11 @@ class Router:
         return json_response(404, {"error": "not found", "path": path})
 
 
-def _json_doc(obj: Any) -> Document:
-    return Document(json_bytes(obj), "application/json")
+_VARY = (("Vary", "Accept-Encoding"),)
+
+
+def _json_doc(obj: Any, etag: str | None = None) -> Document:
+    return Document(json_bytes(obj), "application/json", etag=etag)
 
 
 class RateLimiter:
@@ -765,6 +815,7 @@ class _Request:
         self.last_event_id = headers.get("last-event-id")
         self.gzip = accepts_gzip(headers.get("accept-encoding"))
         self.authorization = headers.get("authorization")
+        self.if_none_match = headers.get("if-none-match")
         self.close = close  # the body was left unread: the connection cannot carry another request
 
 
@@ -1130,7 +1181,17 @@ class HttpServer:
         if refused is not None:
             return refused
         if req.method in ("GET", "HEAD") and self.router.heavy(req.path):
-            return await self._render.render(req.path, req.accept, req.gzip)
+            held = req.if_none_match
+            if held is not None and req.path == "/api/v1/state":
+                # The state is one document per shown version: a client that
+                # holds the live version's needs no render to be told so.
+                tag = self.router.state_etag(req.gzip)
+                if tag is not None and none_match(held, tag):
+                    return not_modified(Response(200, b"", etag=tag, headers=_VARY))
+            r = await self._render.render(req.path, req.accept, req.gzip)
+            if held is not None and r.etag is not None and none_match(held, r.etag):
+                return not_modified(r)
+            return r
         return encoded(self.router.route(req.method, req.path, req.accept), req.gzip)
 
     async def _authenticate(self, auth: BasicAuth, header: str | None) -> Response | None:
@@ -1163,14 +1224,10 @@ class HttpServer:
         conn.enter(WRITE, now)
         if not head and len(r.body) > 65536:
             self.table.make_room(r.body, exclude=conn)
-        headers = [
-            ("Server", SERVER_NAME),
-            ("Date", http_date()),
-            ("Content-Type", r.content_type),
-            ("Content-Length", str(len(r.body))),
-            *r.headers,
-            *self.web.headers,
-        ]
+        headers = [("Server", SERVER_NAME), ("Date", http_date())]
+        if r.status != 304:  # a 304 describes the 200 the client holds, not its empty self
+            headers += [("Content-Type", r.content_type), ("Content-Length", str(len(r.body)))]
+        headers += [*r.headers, *self.web.headers]
         if r.close:
             headers.append(("Connection", "close"))
         status = h11.Response(status_code=r.status, headers=headers, reason=_phrase(r.status))

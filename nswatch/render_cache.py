@@ -135,14 +135,31 @@ class Document:
     ``body`` (which may make them as it goes) and never kept.
     """
 
-    __slots__ = ("_body", "_derived", "_derived_lock", "_gz", "_lock", "_parts", "content_type")
+    __slots__ = (
+        "_body",
+        "_derived",
+        "_derived_lock",
+        "_gz",
+        "_lock",
+        "_parts",
+        "content_type",
+        "etag",
+    )
 
     def __init__(
-        self, body: Body | Iterable[bytes], content_type: str, *, compress: bool = False
+        self,
+        body: Body | Iterable[bytes],
+        content_type: str,
+        *,
+        compress: bool = False,
+        etag: str | None = None,
     ) -> None:
         self._body: Body | None = body if isinstance(body, Body) else None
         self._parts: tuple[bytes, ...] | None = None
         self.content_type = content_type
+        # What names this body among the document's versions (the model's
+        # shown version); None: no validator (/metrics moves without it).
+        self.etag = etag
         self._gz: bytes | None = None
         self._derived: dict[Hashable, Any] = {}
         # Apart from _lock: ``make`` may well read the body.

@@ -180,6 +180,60 @@ def test_a_current_document_is_answered_without_a_render_thread(
         srv.stop()
 
 
+def test_conditional_gets_of_the_state_and_a_namespace(daemon: Counting) -> None:
+    """The state and namespace documents carry an entity tag per model version and form; a
+    client that sends it back (If-None-Match, weak or in a list, or *) gets a 304 with no
+    body, for the state without a render, until the model changes; other paths carry none."""
+    api = Api(
+        view=daemon.view,
+        alive=lambda: True,
+        ready=lambda: True,
+        shown_version=lambda: daemon.model.shown_version,
+    )
+    srv = HttpServer(("127.0.0.1", 0), api)
+    srv.start()
+
+    def get(
+        path: str, held: str | None = None, gzip: bool = False, method: str = "GET"
+    ) -> tuple[int, dict[str, str], bytes]:
+        conn = http.client.HTTPConnection(*srv.address, timeout=10)
+        try:
+            headers = {"If-None-Match": held} if held is not None else {}
+            if gzip:
+                headers["Accept-Encoding"] = "gzip"
+            conn.request(method, path, headers=headers)
+            resp = conn.getresponse()
+            return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+        finally:
+            conn.close()
+
+    try:
+        status, headers, _ = get("/api/v1/state")
+        tag = headers["etag"]
+        assert status == 200 and tag.startswith('"') and headers["vary"] == "Accept-Encoding"
+        for held in (tag, f"W/{tag}", f'"other", {tag}', "*"):
+            status, headers, body = get("/api/v1/state", held)
+            assert (status, body, headers["etag"]) == (304, b"", tag), held
+            assert "content-length" not in headers and "content-type" not in headers
+        assert get("/api/v1/state", tag, method="HEAD")[0] == 304
+        assert srv.router.state_cache.made == 1  # the 304s rendered nothing
+        zipped = get("/api/v1/state", gzip=True)[1]["etag"]
+        assert zipped != tag
+        assert get("/api/v1/state", tag, gzip=True)[0] == 200
+        assert get("/api/v1/state", zipped, gzip=True)[0] == 304
+        status, headers, _ = get("/api/v1/namespaces/lab-1")
+        ns_tag = headers["etag"]
+        assert status == 200 and get("/api/v1/namespaces/lab-1", ns_tag)[0] == 304
+        daemon.change()
+        status, headers, body = get("/api/v1/state", tag)
+        assert status == 200 and headers["etag"] not in (tag, zipped) and body
+        assert get("/api/v1/namespaces/lab-1", ns_tag)[0] == 200
+        status, headers, _ = get("/healthz", "*")
+        assert status == 200 and "etag" not in headers
+    finally:
+        srv.stop()
+
+
 def test_namespace_documents_are_cached_per_version(server: HttpServer, daemon: Counting) -> None:
     """A namespace document is made once per version and name; a change shows at once."""
     for _ in range(10):
