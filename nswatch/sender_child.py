@@ -302,7 +302,7 @@ def drop_capabilities() -> bool:
     unless no_new_privs is set (then an exec may not add to the permitted
     set): it is set first (the unit sets it too, NoNewPrivileges=).
     """
-    import ctypes  # only here: 1 MB of RSS this process needs nowhere else
+    import ctypes  # only here: 0.7 MB of RSS this process needs nowhere else
 
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
