@@ -220,6 +220,12 @@ def document_response(doc: Document) -> Response:
     return Response(200, b"", doc.content_type, document=doc)
 
 
+def entity_tag(tag: str, gzip: bool) -> str:
+    """The quoted entity tag of a document's form: a strong validator names one
+    representation, so the gzip form has its own."""
+    return f'"{tag}-gzip"' if gzip else f'"{tag}"'
+
+
 def none_match(header: str, etag: str) -> bool:
     """Whether an ``If-None-Match`` header names ``etag`` (weak comparison, RFC 9110
     13.1.2: ``W/`` is ignored; ``*`` names any current representation)."""
@@ -287,8 +293,7 @@ def encoded(r: Response, gzip: bool, share: Share | None = None) -> Response:
         body = doc.body
     etag = None
     if doc.etag is not None:
-        # A strong validator names one representation: the gzip form has its own.
-        etag = f'"{doc.etag}-gzip"' if gzip else f'"{doc.etag}"'
+        etag = entity_tag(doc.etag, gzip)
         headers = (*headers, ("ETag", etag))
     shared = None
     if share is not None and len(body) > SEND_HERE_MAX:
@@ -346,8 +351,7 @@ class Router:
         a client that holds it is answered 304 without a render."""
         if self.api.shown_version is None:
             return None
-        tag = self.version_tag(self.api.shown_version())
-        return f'"{tag}-gzip"' if gzip else f'"{tag}"'
+        return entity_tag(self.version_tag(self.api.shown_version()), gzip)
 
     def release_idle(self, idle: float) -> bool:
         """Drop every cached document if none was asked for in ``idle`` seconds; True if done."""
