@@ -38,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from http import HTTPStatus
 from importlib import resources
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import h11
@@ -58,6 +58,7 @@ from nswatch.render_cache import (
     json_bytes,
 )
 from nswatch.sender import BodySender, SharedBody
+from nswatch.sender_child import SERVED, KeepLimits
 from nswatch.state import namespace_json
 from nswatch.stream import StreamHub
 from nswatch.topology import build as build_topology
@@ -65,6 +66,8 @@ from nswatch.webconfig import BasicAuth, TlsSettings, WebConfig
 
 MetricsRenderer = Callable[[str | None], tuple[bytes | Iterable[bytes], str]]
 """Given the Accept header, return (body, content type) for /metrics."""
+
+T = TypeVar("T")
 
 SERVER_NAME = "nswatch"  # no versions: they only help an attacker pick exploits
 _NS_PREFIX = "/api/v1/namespaces/"
@@ -193,6 +196,8 @@ class Response:
     shared: SharedBody | None = None
     # The entity tag of this representation, quoted (also in ``headers``).
     etag: str | None = None
+    # The cached document ``body`` comes from (set by :func:`encoded`).
+    source: Document | None = None
 
 
 _date: tuple[int, str] = (0, "")
@@ -298,7 +303,9 @@ def encoded(r: Response, gzip: bool, share: Share | None = None) -> Response:
     shared = None
     if share is not None and len(body) > SEND_HERE_MAX:
         shared = doc.derived(("shared", gzip), lambda: share(body))
-    return replace(r, body=body, headers=headers, document=None, shared=shared, etag=etag)
+    return replace(
+        r, body=body, headers=headers, document=None, shared=shared, etag=etag, source=doc
+    )
 
 
 def encoded_if_made(r: Response, gzip: bool, share: Share | None = None) -> Response | None:
@@ -635,6 +642,10 @@ class Renderer:
         """Run ``fn`` on the state lane (its locks may wait for a render there)."""
         await asyncio.get_running_loop().run_in_executor(self._lanes["state"], fn)
 
+    async def housekeeping_result(self, fn: Callable[[], T]) -> T:
+        """:meth:`housekeeping`, with ``fn``'s result."""
+        return await asyncio.get_running_loop().run_in_executor(self._lanes["state"], fn)
+
     def shutdown(self) -> None:
         """Wait for running renders; drop queued ones."""
         for pool in self._lanes.values():
@@ -839,6 +850,12 @@ class _Guard:
     tls: TlsContexts | None
     limiter: RateLimiter | None
 
+    @property
+    def plain(self) -> bool:
+        """Whether every request is answered alike: no TLS, password or rate limit
+        (only then may the sender's child keep connections and answer them)."""
+        return self.tls is None and self.auth is None and self.limiter is None
+
     @classmethod
     def of(cls, web: WebConfig) -> _Guard:
         """Build from ``web``; raises OSError or ssl.SSLError if the certificate will not load."""
@@ -871,7 +888,19 @@ class HttpServer:
         self._nicer = _Nicer()
         # Started with the server unless under TLS (then on the first big
         # plain body, after a reload turned TLS off).
-        self.sender = BodySender(idle=self.limits.cache_idle, nice=self._nicer.nice)
+        self.sender = BodySender(
+            idle=self.limits.cache_idle,
+            nice=self._nicer.nice,
+            keep=KeepLimits(
+                self.limits.max_connections,
+                self.limits.idle_timeout,
+                self.limits.head_timeout,
+                self.limits.write_timeout,
+                self.limits.max_head,
+            ),
+        )
+        self.sender.on_ask = self._asked
+        self.sender.on_back = self._taken_back
         self._share_refused = False
         self._share_told: set[int | None] = set()
         self._render = Renderer(
@@ -884,6 +913,7 @@ class HttpServer:
         # Password checks get their own thread: a storm of wrong passwords
         # then slows only other password checks, never a render.
         self._bcrypt = ThreadPoolExecutor(1, "nswatch-http-auth", initializer=self._nicer)
+        self._child_tasks: set[asyncio.Future[None]] = set()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
@@ -1093,7 +1123,118 @@ class HttpServer:
             if h.their_state is not h11.DONE:
                 return True
             h.start_next_cycle()
+            if self._hand_over(conn, h, reader, got, response):
+                return True
             fresh = False
+
+    def _hand_over(
+        self,
+        conn: Connection,
+        h: h11.Connection,
+        reader: asyncio.StreamReader,
+        req: _Request,
+        response: Response,
+    ) -> bool:
+        """Give a keep-alive connection just answered a document to the sender's child,
+        which answers its next requests for documents itself; True if it took it.
+
+        Only where every request is answered alike (no TLS, password or rate
+        limit: the child checks none) and the request was a plain GET of a
+        document the child answers. Looping readers then cost this thread
+        one small question each (:meth:`_asked`), not a parse and a send.
+        """
+        if not (
+            req.method == "GET"
+            and req.path.encode("latin-1") in SERVED
+            and response.status == 200
+            and self._guard.plain
+            and self.sender.ready()
+            and self.sender.keeps()
+        ):
+            return False
+        sock = conn.raw_socket()
+        if sock is None:
+            return False
+        # What was read and not answered goes along: h11's leftovers, then the
+        # stream's buffer (asyncio has no public way to take it).
+        unread: bytearray = getattr(reader, "_buffer", bytearray())
+        if not self.sender.keep(sock, bytes(h.trailing_data[0]) + bytes(unread)):
+            return False
+        # The transport closes only this process's descriptors: the client's
+        # connection lives on in the child.
+        unread.clear()
+        return True
+
+    def _asked(self, number: int, path: str, accept: str, encoding: str) -> None:
+        """The sender's child asks for a document for a kept connection's request."""
+        if not self._guard.plain:
+            # A reload turned on TLS, passwords or a rate limit: the child hands
+            # its connections back one request at a time, to be checked here.
+            self.sender.answer(number, b"", None)
+            return
+        task = asyncio.ensure_future(self._answer_child(number, path, accept, encoding))
+        self._child_tasks.add(task)
+        task.add_done_callback(self._child_tasks.discard)
+
+    async def _answer_child(self, number: int, path: str, accept: str, encoding: str) -> None:
+        head, shared = b"", None
+        try:
+            gzip = accepts_gzip(encoding or None)
+            r = await self._render.render(path, accept or None, gzip)
+            self.router.last_read = time.monotonic()
+            if r.status == 200 and not r.close:
+                shared = r.shared
+                doc = r.source
+                if shared is None and doc is not None:
+                    # A body small enough to be sent from here (/metrics)
+                    # gets its shared copy once per document too.
+                    body, key = r.body, ("shared", gzip)
+                    if doc.derived_made(key):
+                        shared = doc.derived(key, lambda: None)
+                    else:
+                        shared = await self._render.housekeeping_result(
+                            lambda: doc.derived(key, lambda: self._share(body))
+                        )
+                if shared is not None:
+                    head = self._head(r)
+        except Exception as e:
+            # The child hands the connection back, and this thread answers
+            # it as any request (a 500 if it fails again).
+            log.warning("http_kept_request_failed", path=path, error=repr(e))
+            shared = None
+        self.sender.answer(number, head, shared)
+
+    def _head(self, r: Response) -> bytes:
+        """``r``'s status line and headers, but for Date and the blank line (the child
+        adds them as it sends)."""
+        headers = [
+            ("Server", SERVER_NAME),
+            ("Content-Type", r.content_type),
+            ("Content-Length", str(len(r.body))),
+            *r.headers,
+            *self.web.headers,
+        ]
+        lines = [f"HTTP/1.1 {r.status} {_phrase(r.status)}\r\n"]
+        lines += [f"{name}: {value}\r\n" for name, value in headers]
+        return "".join(lines).encode("latin-1")
+
+    def _taken_back(self, sock: socket.socket, pending: bytes) -> None:
+        """A kept connection the child did not answer: served here from ``pending`` on."""
+        task = asyncio.ensure_future(self._serve_taken_back(sock, pending))
+        self._child_tasks.add(task)
+        task.add_done_callback(self._child_tasks.discard)
+
+    async def _serve_taken_back(self, sock: socket.socket, pending: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=self.limits.max_head, loop=loop)
+        if pending:
+            reader.feed_data(pending)
+        protocol = asyncio.StreamReaderProtocol(reader, self._client, loop=loop)
+        try:
+            sock.setblocking(False)
+            await loop.connect_accepted_socket(lambda: protocol, sock)
+        except OSError:
+            sock.close()
 
     def _loop_time(self, monotonic_deadline: float) -> float:
         # asyncio's clock is time.monotonic too, but go through the loop's

@@ -37,7 +37,25 @@ import structlog
 
 from nswatch import sender_child
 from nswatch.render_cache import IOV_MAX, Body, as_chunks
-from nswatch.sender_child import DONE, JOB, MAX_HEAD, SEALS
+from nswatch.sender_child import (
+    ASK,
+    BACK,
+    DOC,
+    DONE,
+    JOB,
+    KEEP,
+    KIND_ASK,
+    KIND_BACK,
+    KIND_DOC,
+    KIND_DONE,
+    KIND_JOB,
+    KIND_KEEP,
+    MAX_HEAD,
+    MAX_MESSAGE,
+    MAX_PENDING,
+    SEALS,
+    KeepLimits,
+)
 
 log = structlog.get_logger("nswatch.http")
 
@@ -98,15 +116,20 @@ class SendFailed(ConnectionError):
 class Spawn(Protocol):
     """Starts the child with the control socket's descriptor (tests count or break starts)."""
 
-    def __call__(self, fd: int, idle: float, nice: int) -> subprocess.Popen[bytes]: ...
+    def __call__(
+        self, fd: int, idle: float, nice: int, keep: KeepLimits | None = None
+    ) -> subprocess.Popen[bytes]: ...
 
 
-def spawn_child(fd: int, idle: float, nice: int) -> subprocess.Popen[bytes]:
-    """``python -I -S sender_child.py FD IDLE NICE``: no environment, no script directory
-    on the path, no site (the child needs the standard library only; without site and
-    dataclasses it is 11.0 MB resident at start, not 13.4)."""
+def spawn_child(
+    fd: int, idle: float, nice: int, keep: KeepLimits | None = None
+) -> subprocess.Popen[bytes]:
+    """``python -I -S sender_child.py FD IDLE NICE [KEEP…]``: no environment, no script
+    directory on the path, no site (the child needs the standard library only; without
+    site and dataclasses it is 11.0 MB resident at start, not 13.4)."""
+    more = keep.args() if keep is not None else []
     return subprocess.Popen(
-        [sys.executable, "-I", "-S", str(CHILD), str(fd), repr(idle), str(nice)],
+        [sys.executable, "-I", "-S", str(CHILD), str(fd), repr(idle), str(nice), *more],
         pass_fds=(fd,),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
@@ -130,9 +153,16 @@ class BodySender:
         nice: int = 0,
         spawn: Spawn = spawn_child,
         clock: Callable[[], float] = time.monotonic,
+        keep: KeepLimits | None = None,
     ) -> None:
         self.idle = idle
         self.nice = nice
+        # With limits, the child keeps connections handed to it (keep()) and
+        # asks for their documents through ``on_ask``; ``on_back`` takes back
+        # those it does not answer. Both run on the HTTP loop.
+        self.keep_limits = keep
+        self.on_ask: Callable[[int, str, str, str], None] | None = None
+        self.on_back: Callable[[socket.socket, bytes], None] | None = None
         self._spawn = spawn
         self._clock = clock
         self._proc: subprocess.Popen[bytes] | None = None
@@ -147,6 +177,9 @@ class BodySender:
         self.starts = 0
         self.sent = 0
         self.failed = 0
+        self.kept = 0  # connections handed to the child to keep
+        self.asked = 0  # documents the child asked for
+        self.back = 0  # connections the child handed back
 
     @property
     def pid(self) -> int | None:
@@ -165,7 +198,7 @@ class BodySender:
             return False
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            self._proc = self._spawn(theirs.fileno(), self.idle, self.nice)
+            self._proc = self._spawn(theirs.fileno(), self.idle, self.nice, self.keep_limits)
         except OSError as e:
             ours.close()
             self._retry_at = now + self._backoff
@@ -187,7 +220,7 @@ class BodySender:
         if self._loop is None:
             assert self._control is not None
             self._loop = asyncio.get_running_loop()
-            self._loop.add_reader(self._control.fileno(), self._answers)
+            self._loop.add_reader(self._control.fileno(), self._messages)
         return True
 
     async def send(self, sock: socket.socket, head: bytes, body: SharedBody) -> bool:
@@ -205,7 +238,8 @@ class BodySender:
         fds = array.array("i", (sock.fileno(), body.fd))
         try:
             control.sendmsg(
-                [JOB.pack(number, body.size), head], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)]
+                [JOB.pack(KIND_JOB, number, body.size), head],
+                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)],
             )
         except (BlockingIOError, InterruptedError):
             return False  # a backlog of jobs: this one is sent here
@@ -223,21 +257,82 @@ class BodySender:
             self._jobs.pop(number, None)
         return True
 
-    def _answers(self) -> None:
+    def keeps(self) -> bool:
+        """Whether a connection may be handed over to keep now (the child runs and keeps)."""
+        return (
+            self.keep_limits is not None
+            and self._control is not None
+            and self._loop is not None
+            and self.on_ask is not None
+        )
+
+    def keep(self, sock: socket.socket, pending: bytes) -> bool:
+        """Hand ``sock`` to the child to keep, with ``pending``, what was read of it and not
+        answered; False if it did not take it (the caller keeps serving it). Once True,
+        the caller closes its own descriptor and forgets the connection."""
+        control = self._control
+        if not self.keeps() or control is None or len(pending) > MAX_PENDING:
+            return False
+        rights = array.array("i", (sock.fileno(),))
+        try:
+            control.sendmsg(
+                [KEEP.pack(KIND_KEEP), pending], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)]
+            )
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError as e:
+            self._lost(f"handing over a connection: {e}")
+            return False
+        self.kept += 1
+        return True
+
+    def answer(self, number: int, head: bytes, body: SharedBody | None) -> None:
+        """Answer the child's question ``number``: the response's head (without Date and
+        the blank line) and its body, or None: the child hands its askers back."""
+        control = self._control
+        if control is None:
+            return  # that child is gone, and its connections with it
+        if body is None or len(head) > MAX_HEAD:
+            message, rights = [DOC.pack(KIND_DOC, number, 0)], []
+        else:
+            fds = array.array("i", (body.fd,))
+            message = [DOC.pack(KIND_DOC, number, body.size), head]
+            rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)]
+        try:
+            control.sendmsg(message, rights)
+        except OSError as e:
+            # A full socket too: the child would wait for this answer for ever.
+            self._lost(f"answering a question: {e}")
+
+    def _messages(self) -> None:
         control = self._control
         assert control is not None
+        ancillary = socket.CMSG_SPACE(array.array("i").itemsize)
         while True:
             try:
-                data = control.recv(DONE.size)
+                data, anc, flags, _ = control.recvmsg(MAX_MESSAGE, ancillary)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
                 self._lost(f"reading answers: {e}")
                 return
-            if len(data) != DONE.size:
-                self._lost("ended" if not data else f"a garbled answer of {len(data)} bytes")
+            fds = array.array("i")
+            for level, kind, raw in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.frombytes(raw[: len(raw) - len(raw) % fds.itemsize])
+            tag = data[:1]
+            if tag == KIND_BACK and len(fds) == 1 and not flags & socket.MSG_TRUNC:
+                self._back(fds[0], data[BACK.size :])
+                continue
+            for fd in fds:
+                os.close(fd)
+            if tag == KIND_ASK and len(data) >= ASK.size and not flags & socket.MSG_TRUNC:
+                self._ask(data)
+                continue
+            if tag != KIND_DONE or len(data) != DONE.size:
+                self._lost("ended" if not data else f"a garbled message of {len(data)} bytes")
                 return
-            number, err = DONE.unpack(data)
+            _, number, err = DONE.unpack(data)
             done = self._jobs.pop(number, None)
             if err:
                 self.failed += 1
@@ -249,6 +344,23 @@ class BodySender:
                 done.set_exception(SendFailed(err, os.strerror(err)))
             else:
                 done.set_result(None)
+
+    def _ask(self, data: bytes) -> None:
+        _, number = ASK.unpack_from(data)
+        fields = data[ASK.size :].decode("latin-1").split("\0")
+        if len(fields) != 4 or self.on_ask is None:
+            self.answer(number, b"", None)
+            return
+        self.asked += 1
+        self.on_ask(number, fields[0], fields[1], fields[2])
+
+    def _back(self, fd: int, pending: bytes) -> None:
+        self.back += 1
+        sock = socket.socket(fileno=fd)
+        if self.on_back is None:
+            sock.close()
+            return
+        self.on_back(sock, pending)
 
     def _lost(self, why: str) -> None:
         """The child is gone (or must go): fail its jobs; restart later."""

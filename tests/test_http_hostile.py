@@ -26,6 +26,7 @@ from structlog.testing import capture_logs
 from nswatch.http import SEND_HERE_MAX, SERVING_NICE, Api, HttpServer, Limits, send_parts
 from nswatch.render_cache import Chunks, json_bytes
 from nswatch.sender import BodySender
+from nswatch.sender_child import KeepLimits
 from nswatch.state import state_json
 from tests.bench.bench_metrics import synthetic
 from tests.test_http import _model, assert_served_twice
@@ -417,10 +418,13 @@ def test_send_parts_sends_every_part_in_order_through_a_full_socket() -> None:
 def test_a_big_state_is_served_as_its_plain_render(child: bool) -> None:
     """A state document above the direct-send size arrives byte for byte as the plain
     render, twice on one connection and to a slow reader too: sent by the sender's child
-    from shared memory, or, when the child cannot start, by the HTTP thread part by part
-    from the renderer's kept JSON."""
+    from shared memory (the second GET on the connection it keeps: asked for, not handed
+    over), or, when the child cannot start, by the HTTP thread part by part from the
+    renderer's kept JSON."""
 
-    def cannot(fd: int, idle: float, nice: int) -> subprocess.Popen[bytes]:
+    def cannot(
+        fd: int, idle: float, nice: int, keep: KeepLimits | None = None
+    ) -> subprocess.Popen[bytes]:
         raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
 
     model = synthetic(400)
@@ -445,7 +449,8 @@ def test_a_big_state_is_served_as_its_plain_render(child: bool) -> None:
             got += chunk
         s.close()
         assert got.partition(b"\r\n\r\n")[2] == body
-        assert (srv.sender.sent, srv.sender.starts) == ((3, 1) if child else (0, 0))
+        sender = srv.sender
+        assert (sender.sent, sender.asked, sender.starts) == ((2, 1, 1) if child else (0, 0, 0))
     finally:
         srv.stop()
 
@@ -454,7 +459,8 @@ def test_a_body_the_socket_takes_at_once_is_sent_by_the_http_thread() -> None:
     """A body under the child's threshold (a /metrics scrape, gzipped: 0.6 MB at 1,000
     namespaces) arrives whole and is sent by the HTTP thread in one system call, neither
     handed to the sender's child (a job, a nicer process's wake-up and an answer per
-    scrape) nor copied into shared memory for it."""
+    scrape) nor copied into shared memory for it (each GET on a connection of its own:
+    the child answers a kept connection's next ones from shared memory)."""
     model = synthetic(100)
     body = json_bytes(state_json(model))
     assert 4 * 65536 < len(body) < SEND_HERE_MAX
@@ -462,9 +468,11 @@ def test_a_body_the_socket_takes_at_once_is_sent_by_the_http_thread() -> None:
     srv.start()
     try:
         host, port = srv.address
-        assert_served_twice(
-            http.client.HTTPConnection(host, port, timeout=10), "/api/v1/state", body
-        )
+        for _ in range(2):
+            conn = http.client.HTTPConnection(host, port, timeout=10)
+            conn.request("GET", "/api/v1/state", headers={"Connection": "close"})
+            assert conn.getresponse().read() == body
+            conn.close()
         assert srv.sender.sent == 0
         # ... nor copied into shared memory for it.
         fds = []

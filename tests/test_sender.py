@@ -20,7 +20,7 @@ import pytest
 
 from nswatch.render_cache import Chunks
 from nswatch.sender import CHILD, BodySender, SendFailed, SharedBody, spawn_child
-from nswatch.sender_child import SEALS, Maps
+from nswatch.sender_child import SEALS, KeepLimits, Maps
 from tests.test_daemon_fake import FakeClock
 
 T = TypeVar("T")
@@ -277,7 +277,9 @@ def test_a_child_that_cannot_start_is_retried_later_with_a_growing_backoff() -> 
     clock = FakeClock()
     calls: list[float] = []
 
-    def broken(fd: int, idle: float, nice: int) -> subprocess.Popen[bytes]:
+    def broken(
+        fd: int, idle: float, nice: int, keep: KeepLimits | None = None
+    ) -> subprocess.Popen[bytes]:
         calls.append(clock.now)
         raise OSError(errno.EAGAIN, "no processes left")
 
@@ -402,8 +404,10 @@ def test_the_child_gives_up_root_runs_nicer_and_ends_when_the_sender_closes() ->
     asked for (the serving threads'); closing the sender ends it."""
     pids: list[int] = []
 
-    def spawn(fd: int, idle: float, nice: int) -> subprocess.Popen[bytes]:
-        proc = spawn_child(fd, idle, nice)
+    def spawn(
+        fd: int, idle: float, nice: int, keep: KeepLimits | None = None
+    ) -> subprocess.Popen[bytes]:
+        proc = spawn_child(fd, idle, nice, keep)
         pids.append(proc.pid)
         return proc
 
