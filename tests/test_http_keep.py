@@ -21,8 +21,12 @@ from nswatch.sender_child import (
     KIND_ASK,
     KIND_DOC,
     KIND_KEEP,
+    LOAD_HALF_LIFE,
+    ROUND,
     Child,
     KeepLimits,
+    _Job,
+    _Kept,
     plain_get,
 )
 from nswatch.webconfig import WebConfig
@@ -91,8 +95,8 @@ def once(srv: HttpServer, request: bytes) -> tuple[int, dict[str, str], bytes]:
 
 def test_a_kept_connection_gets_from_the_child_what_the_daemon_sends() -> None:
     """After a first state GET the connection is the child's: its next state and /metrics
-    GETs are answered from there (one question each to the daemon) with the bodies and
-    headers the daemon sends, and the child holds the connection."""
+    GETs are answered from there with the bodies and headers the daemon sends, asking the
+    daemon once each, and the child holds the connection."""
     metrics = b"# HELP x y\n" + b"x 1\n" * 50_000
     srv = _server(metrics=lambda accept: (metrics, "text/plain; version=0.0.4"))
     c = Client(srv)
@@ -169,20 +173,23 @@ def test_a_garbled_request_on_a_kept_connection_gets_the_daemons_400(bad: bytes)
     assert srv.sender.back == 1
 
 
-def test_a_reload_that_turns_on_passwords_reaches_kept_connections() -> None:
+@pytest.mark.parametrize("path", [STATE, METRICS_GZ])
+def test_a_reload_that_turns_on_passwords_reaches_kept_connections(path: bytes) -> None:
     """A connection kept before basic auth was configured is refused (401) on its next
-    request: the daemon answers no question of the child while a password is needed."""
-    srv = _server()
+    request: the daemon answers no question of the child while a password is needed, so
+    the connection comes back to be checked."""
+    srv = _server(Limits(metrics_max_age=60))
     c = Client(srv)
     try:
-        assert c.get(STATE)[0] == 200
-        assert c.get(STATE)[0] == 200
+        for _ in range(3):
+            assert c.get(path)[0] == 200
         srv.use_web(WebConfig(users={"alice": htpasswd_hash("pw").encode()}))
-        status = c.get(STATE)[0]
+        status = c.get(path)[0]
     finally:
         c.close()
         srv.stop()
     assert status == 401
+    assert srv.sender.back == 1
 
 
 def test_a_kept_connection_that_stalls_gets_408_and_an_idle_one_is_closed() -> None:
@@ -310,3 +317,37 @@ def test_the_child_answers_only_plain_document_gets(head: bytes, want: Any) -> N
     """Only a plain HTTP/1.1 GET of /metrics or the state, with nothing that changes its
     meaning, is answered by the child; anything else is the daemon's."""
     assert plain_get(head) == want
+
+
+def test_a_round_sends_to_those_that_took_least_lately_first_and_stops_at_its_budget() -> None:
+    """In one round of the child's loop the writable connections are sent to in order of
+    what they took lately (a daemon's one-off job first), until the round's budget is
+    spent; a connection's past load fades with its half-life."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    child = Child(theirs, idle=5, keep=KeepLimits(16, 60, 10, 30, 16384))
+    order: list[str] = []
+    kept = {}
+    jobs = []
+    try:
+        now = time.monotonic()
+        for name, load in (("heavy", 50e6), ("light", 1e6), ("middle", 8e6)):
+            k = _Kept(ours, b"", now)  # the socket only needs a descriptor here
+            k.load, k.load_at = load, now
+            kept[name] = k
+            jobs.append((name, _Job(0, ours, memoryview(b""), memoryview(b""), 0, k)))
+        jobs.append(("one-off", _Job(1, ours, memoryview(b""), memoryview(b""), 0)))
+        names = {id(job): name for name, job in jobs}
+
+        def fake_send(job: _Job, fresh: bool = False) -> int:
+            order.append(names[id(job)])
+            return ROUND // 2
+
+        child._send = fake_send  # type: ignore[method-assign]
+        child._send_round([job for _, job in jobs])
+        assert order == ["one-off", "light"]
+        later = kept["heavy"].load_at + 3 * LOAD_HALF_LIFE
+        assert kept["heavy"].load_now(later) == pytest.approx(50e6 / 8)
+    finally:
+        child.sel.close()
+        ours.close()
+        theirs.close()
