@@ -5,6 +5,7 @@ HttpServer._hand_over)."""
 from __future__ import annotations
 
 import array
+import json
 import socket
 import threading
 import time
@@ -12,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from nswatch.http import HttpServer, Limits
+from nswatch.http import Api, HttpServer, Limits
+from nswatch.model import NamespaceSeen
 from nswatch.sender import SharedBody
 from nswatch.sender_child import (
     ASK,
@@ -30,6 +32,7 @@ from nswatch.sender_child import (
     plain_get,
 )
 from nswatch.webconfig import WebConfig
+from tests.test_http import _model
 from tests.test_http_hostile import _server
 from tests.test_http_security import htpasswd_hash
 from tests.test_sender import Pair, body_of, child_sockets
@@ -351,3 +354,37 @@ def test_a_round_sends_to_those_that_took_least_lately_first_and_stops_at_its_bu
         child.sel.close()
         ours.close()
         theirs.close()
+
+
+def test_a_kept_reader_gets_each_new_version_of_the_state_and_no_stale_one() -> None:
+    """The daemon answers the child's questions from the last answer only while that
+    answer's document is the current one: after a change, a kept connection's next GET
+    shows it."""
+    model = _model()
+    srv = HttpServer(
+        ("127.0.0.1", 0),
+        Api(
+            view=model.copy,
+            alive=lambda: True,
+            ready=lambda: True,
+            shown_version=lambda: model.shown_version,
+        ),
+    )
+    srv.start()
+    c = Client(srv)
+    try:
+        names = []
+        for i in range(3):
+            bodies = [json.loads(c.get(STATE)[2]) for _ in range(2)]
+            assert bodies[0] == bodies[1]
+            names.append(sorted(bodies[0]["namespaces"]))
+            model.apply(NamespaceSeen(10 + i, (f"new-{i}",)))
+    finally:
+        c.close()
+        srv.stop()
+    assert names == [
+        ["host", "lab-1"],
+        ["host", "lab-1", "new-0"],
+        ["host", "lab-1", "new-0", "new-1"],
+    ]
+    assert srv.sender.asked == 5
