@@ -1193,6 +1193,8 @@ class HttpServer:
         task.add_done_callback(self._child_tasks.discard)
 
     async def _answer_child(self, number: int, path: str, accept: str, encoding: str) -> None:
+        """Answer the child's question with the document as a reader here would get it
+        (rendered if need be, shared once per document), or with None on any failure."""
         head, shared = b"", None
         try:
             gzip = accepts_gzip(encoding or None)

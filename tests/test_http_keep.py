@@ -25,6 +25,7 @@ from nswatch.sender_child import (
     KIND_KEEP,
     LOAD_HALF_LIFE,
     ROUND,
+    STARVED,
     Child,
     KeepLimits,
     _Job,
@@ -325,7 +326,8 @@ def test_the_child_answers_only_plain_document_gets(head: bytes, want: Any) -> N
 def test_a_round_sends_to_those_that_took_least_lately_first_and_stops_at_its_budget() -> None:
     """In one round of the child's loop the writable connections are sent to in order of
     what they took lately (a daemon's one-off job first), until the round's budget is
-    spent; a connection's past load fades with its half-life."""
+    spent, except that a body passed over for too long goes first; a connection's past
+    load fades with its half-life."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     child = Child(theirs, idle=5, keep=KeepLimits(16, 60, 10, 30, 16384))
     order: list[str] = []
@@ -348,6 +350,11 @@ def test_a_round_sends_to_those_that_took_least_lately_first_and_stops_at_its_bu
         child._send = fake_send  # type: ignore[method-assign]
         child._send_round([job for _, job in jobs])
         assert order == ["one-off", "light"]
+        # One passed over for longer than STARVED goes first, however much it took.
+        order.clear()
+        jobs[0][1].last -= 2 * STARVED
+        child._send_round([job for _, job in jobs])
+        assert order == ["heavy", "one-off"]
         later = kept["heavy"].load_at + 3 * LOAD_HALF_LIFE
         assert kept["heavy"].load_now(later) == pytest.approx(50e6 / 8)
     finally:
