@@ -360,12 +360,14 @@ class Router:
             return None
         return entity_tag(self.version_tag(self.api.shown_version()), gzip)
 
-    def release_idle(self, idle: float) -> bool:
-        """Drop every cached document if none was asked for in ``idle`` seconds; True if done."""
+    def release_idle(self, idle: float, also: Callable[[], None] = lambda: None) -> bool:
+        """Drop every cached document if none was asked for in ``idle`` seconds, and what
+        ``also`` lets go, before the heap is trimmed; True if done."""
         if not self._held or time.monotonic() - self.last_read < idle:
             return False
         if not self.forget():
             return False  # a render started meanwhile: next time
+        also()
         heap.trim()
         return True
 
@@ -941,6 +943,11 @@ class HttpServer:
         self._guard = guard
         self._answers = {}  # their heads carry the old config's headers
 
+    def _forget_answers(self) -> None:
+        # They hold the documents they answered with (freed before the heap is
+        # trimmed, or the daemon stayed 5 MB above its size before readers).
+        self._answers = {}
+
     def _share(self, body: Body) -> SharedBody | None:
         """``body`` in shared memory for the sender's child; None under TLS or without memfds."""
         if self._guard.tls is not None or self._share_refused:
@@ -1070,8 +1077,9 @@ class HttpServer:
         idle = self.limits.cache_idle
         while True:
             await asyncio.sleep(idle / 2)
-            if await self._render.housekeeping(lambda: self.router.release_idle(idle)):
-                self._answers = {}  # they held the documents let go
+            await self._render.housekeeping(
+                lambda: self.router.release_idle(idle, also=self._forget_answers)
+            )
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = Connection(writer, time.monotonic())

@@ -7,7 +7,11 @@ copies), and :class:`BodySender`, on the HTTP loop, starts the child, hands
 it a connection and a body, and wakes the request's task when the child
 answers. The connection stays the daemon's: the child sends on a copy of
 its descriptor, closes that copy, then answers, so keep-alive, the write
-deadline and shedding work as for any other response.
+deadline and shedding work as for any other response. A keep-alive
+connection just answered a document may instead be given to the child to
+keep (:meth:`BodySender.keep`): it then asks for the documents its next
+requests want (``on_ask``, answered with :meth:`BodySender.answer`) and
+hands back what it does not answer (``on_back``).
 
 When the child cannot start or has died, :meth:`BodySender.ready` says
 so and the HTTP thread sends the bodies itself, as it did before the
@@ -308,7 +312,8 @@ class BodySender:
         control = self._control
         assert control is not None
         ancillary = socket.CMSG_SPACE(array.array("i").itemsize)
-        while True:
+        # (Until the child is lost, answering a question included.)
+        while self._control is control:
             try:
                 data, anc, flags, _ = control.recvmsg(MAX_MESSAGE, ancillary)
             except (BlockingIOError, InterruptedError):

@@ -333,14 +333,19 @@ def test_a_round_sends_to_those_that_took_least_lately_first_and_stops_at_its_bu
     order: list[str] = []
     kept = {}
     jobs = []
+    socks: list[socket.socket] = []
     try:
         now = time.monotonic()
-        for name, load in (("heavy", 50e6), ("light", 1e6), ("middle", 8e6)):
-            k = _Kept(ours, b"", now)  # the socket only needs a descriptor here
-            k.load, k.load_at = load, now
-            kept[name] = k
-            jobs.append((name, _Job(0, ours, memoryview(b""), memoryview(b""), 0, k)))
-        jobs.append(("one-off", _Job(1, ours, memoryview(b""), memoryview(b""), 0)))
+        for name, load in (("heavy", 50e6), ("light", 1e6), ("middle", 8e6), ("one-off", None)):
+            sock = socket.socket()  # only its descriptor is used here
+            socks.append(sock)
+            k = None
+            if load is not None:
+                k = kept[name] = _Kept(sock, b"", now)
+                k.load, k.load_at = load, now
+            job = _Job(0, sock, memoryview(b""), memoryview(b""), 0, k)
+            child.jobs[-sock.fileno() if k is not None else sock.fileno()] = job
+            jobs.append((name, job))
         names = {id(job): name for name, job in jobs}
 
         def fake_send(job: _Job, fresh: bool = False) -> int:
@@ -359,6 +364,8 @@ def test_a_round_sends_to_those_that_took_least_lately_first_and_stops_at_its_bu
         assert kept["heavy"].load_now(later) == pytest.approx(50e6 / 8)
     finally:
         child.sel.close()
+        for sock in socks:
+            sock.close()
         ours.close()
         theirs.close()
 
