@@ -552,23 +552,17 @@ class Child:
     def _answer(self, number: int, err: int) -> None:
         self._post(DONE.pack(KIND_DONE, number, err))
 
-    def _post(self, message: bytes, fds: list[int] | None = None) -> bool:
-        """Queue ``message`` to the daemon (descriptors are sent as they are now:
-        the caller may close its own once this returns). False if it cannot go."""
+    def _post(self, message: bytes, fds: list[int] | None = None) -> None:
+        """Queue ``message`` to the daemon. Descriptors go at once or not at all (a
+        queued one would have to stay open): the caller may close its own after."""
         if fds:
-            # Sent at once or not at all: a queued descriptor would have to stay open.
-            try:
-                self.control.sendmsg(
-                    [message],
-                    [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))],
-                )
-            except OSError:
-                return False
-            return True
+            with contextlib.suppress(OSError):
+                rights = struct.pack(f"{len(fds)}i", *fds)
+                self.control.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
+            return
         self._outbox.append(message)
         if len(self._outbox) == 1:
             self._flush()
-        return True
 
     def _flush(self) -> None:
         while self._outbox:
