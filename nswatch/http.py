@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
-import email.utils
 import errno
 import ipaddress
 import os
@@ -58,7 +57,7 @@ from nswatch.render_cache import (
     json_bytes,
 )
 from nswatch.sender import BodySender, SharedBody
-from nswatch.sender_child import SERVED, KeepLimits
+from nswatch.sender_child import SERVED, KeepLimits, imf_fixdate
 from nswatch.state import namespace_json
 from nswatch.stream import StreamHub
 from nswatch.topology import build as build_topology
@@ -209,7 +208,7 @@ def http_date() -> str:
     global _date
     now = int(time.time())
     if _date[0] != now:
-        _date = (now, email.utils.formatdate(now, usegmt=True))
+        _date = (now, imf_fixdate(now).decode())
     return _date[1]
 
 

@@ -333,8 +333,9 @@ _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 
-def http_date(now: float) -> bytes:
-    """The Date header's value (RFC 9110 5.6.7), in English whatever the locale."""
+def imf_fixdate(now: float) -> bytes:
+    """The Date header's value for ``now`` (RFC 9110 5.6.7's IMF-fixdate), in English
+    whatever the locale: the daemon's responses and the child's spell it alike."""
     t = time.gmtime(now)
     return (
         f"{_DAYS[t.tm_wday]}, {t.tm_mday:02d} {_MONTHS[t.tm_mon - 1]} {t.tm_year} "
@@ -685,7 +686,7 @@ class Child:
     def _respond(self, kept: _Kept, head: bytes, body: memoryview, ino: int) -> None:
         now = time.time()
         if int(now) != self._date[0]:
-            self._date = (int(now), http_date(now))
+            self._date = (int(now), imf_fixdate(now))
         full = b"%sDate: %s\r\n%s\r\n" % (
             head,
             self._date[1],
