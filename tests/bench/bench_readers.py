@@ -144,7 +144,9 @@ class Nswatch:
     cores, got round to reading it. The reading time is kept too.
     """
 
-    def __init__(self, extra: list[str], src: Path = ROOT) -> None:
+    def __init__(
+        self, extra: list[str], src: Path = ROOT, cgroup: scene.MemoryGroup | None = None
+    ) -> None:
         self.port = free_port()
         listener = socket.create_server(("127.0.0.1", 0))
         theirs = socket.create_connection(listener.getsockname())
@@ -160,6 +162,7 @@ class Nswatch:
             *extra,
             src=src,
             stderr=theirs.fileno(),
+            cgroup=cgroup.path if cgroup is not None else None,
         )
         theirs.close()
         self.pid = self.proc.pid
@@ -525,11 +528,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     res["options"] = {"state_gzip": args.state_gzip, "probe_gzip": args.probe_gzip}
     log(f"building {args.n} namespaces")
     res["build_s"] = build(args.n)
-    nsw = Nswatch(args.nswatch_arg or [], Path(args.nswatch_src))
+    group = scene.MemoryGroup(f"nswatch-bench-{PREFIX}")
+    nsw = Nswatch(args.nswatch_arg or [], Path(args.nswatch_src), group)
     try:
         res["ready_s"] = nsw.wait_ready(300)
         time.sleep(3)
         res["rss_idle_mb"] = rss_mb(nsw.pid)
+        res["cgroup_idle_mb"] = group.usage_mb()
         log(f"ready in {res['ready_s']:.1f} s, RSS {res['rss_idle_mb']:.0f} MB; idle flips")
         idle, _ = flips(nsw, args.n, args.changes // 2, args.gap)
         res["idle_latency_ms"] = {"p50": pct(idle, 50), "p99": pct(idle, 99), "max": max(idle)}
@@ -567,15 +572,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
         res["rss_max_mb"] = max(rss, default=float("nan"))
         res["vmhwm_mb"] = rss_mb(nsw.pid, "VmHWM")
+        res["cgroup_peak_mb"] = group.peak_mb()
         # nswatch drops its cached documents after 10 s without a reader.
         time.sleep(20)
         res["rss_after_mb"] = rss_mb(nsw.pid)
         res["children_rss_after_mb"] = sum(rss_mb(k) for k in children(nsw.pid))
+        res["cgroup_after_mb"] = group.usage_mb()
+        res["cgroup_after_stat_mb"] = group.stat_mb()
         docs = (fetch(nsw.port, "/api/v1/state"), fetch(nsw.port, "/metrics", gzip=True))
         res["stop_s"] = nsw.stop()
     finally:
         if nsw.proc.poll() is None:
             nsw.stop()
+        group.close()
     if args.peer == "nginx":
         log(f"the floor: nginx serving the same documents for {loaded_s:.0f} s")
         with nginx_peer(*docs) as port:
@@ -649,7 +658,8 @@ def main(argv: list[str] | None = None) -> int:
         # The daemon and its sender's peaks added, as if they came at once.
         f"peak RSS {peak:.0f} MB ({ok(peak, TARGETS['rss_mb'])}; daemon "
         f"{res['vmhwm_mb']:.0f} + sender {res['children_vmhwm_mb']:.0f}; "
-        f"sampled max {res['rss_max_mb']:.0f}), "
+        f"sampled max {res['rss_max_mb']:.0f}; the service's peak charge (cgroup) "
+        f"{res['cgroup_peak_mb']:.0f}), "
         f"idle {res['rss_idle_mb']:.0f}, after {res['rss_after_mb']:.0f} "
         f"+ {res['children_rss_after_mb']:.0f} MB; "
         f"machine idle {res['machine_idle_pct']:.0f} % while loaded, nswatch used "

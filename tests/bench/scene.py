@@ -55,15 +55,24 @@ def free_port() -> int:
 
 
 def spawn_nswatch(
-    port: int, *args: str, src: Path = ROOT, stderr: int = subprocess.PIPE
+    port: int,
+    *args: str,
+    src: Path = ROOT,
+    stderr: int = subprocess.PIPE,
+    cgroup: Path | None = None,
 ) -> subprocess.Popen[bytes]:
     """``nswatch run`` (from the checkout at ``src``) serving on ``port``, in its own session.
 
     The benchmarks read its JSON log on stderr; its own session keeps a
     Ctrl-C of the benchmark from reaching it before the benchmark's cleanup.
+    With ``cgroup`` (a cgroup directory), it joins that group before it
+    execs, so everything it and its children ever allocate is charged there.
     """
+    cmd = [sys.executable, "-m", "nswatch", "run", "--listen", f"127.0.0.1:{port}", *args]
+    if cgroup is not None:
+        cmd = ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(cgroup), *cmd]
     return subprocess.Popen(
-        [sys.executable, "-m", "nswatch", "run", "--listen", f"127.0.0.1:{port}", *args],
+        cmd,
         cwd=src,
         env={**os.environ, "PYTHONPATH": str(src)},
         stdin=subprocess.DEVNULL,
@@ -169,6 +178,82 @@ def exclusive(prefix: str = PREFIX) -> Iterator[None]:
                 f"another benchmark run is using the prefix {prefix}: wait for it"
             ) from e
         yield
+
+
+class MemoryGroup:
+    """A memory cgroup of the benchmark's own, for the daemon and its children.
+
+    Its charge is what systemd shows as a unit's memory (and what
+    ``MemoryMax=`` limits): every page the processes use, counted once,
+    shared ones included (a document in a memfd is charged once, whether
+    one process maps it, two do or none does), at the moment they are used.
+    Adding the processes' own peaks (VmHWM) instead counts a shared page
+    once per process that mapped it, and two peaks as if they came at once.
+    cgroup v1 (``memory.max_usage_in_bytes``) or v2 (``memory.peak``);
+    without either, every figure is NaN.
+    """
+
+    V1 = Path("/sys/fs/cgroup/memory")
+    V2 = Path("/sys/fs/cgroup")
+
+    def __init__(self, name: str) -> None:
+        self.path: Path | None = None
+        v1 = self.V1.is_dir()
+        root = self.V1 if v1 else self.V2
+        self._usage, self._peak = (
+            ("memory.usage_in_bytes", "memory.max_usage_in_bytes")
+            if v1
+            else ("memory.current", "memory.peak")
+        )
+        path = root / name
+        with contextlib.suppress(OSError):
+            if path.is_dir():
+                path.rmdir()  # a killed run's
+            path.mkdir()
+            if (path / self._peak).exists():
+                self.path = path
+            else:
+                path.rmdir()
+
+    def _mb(self, file: str) -> float:
+        if self.path is None:
+            return float("nan")
+        try:
+            return int((self.path / file).read_text()) / 2**20
+        except (OSError, ValueError):
+            return float("nan")
+
+    def usage_mb(self) -> float:
+        return self._mb(self._usage)
+
+    def peak_mb(self) -> float:
+        return self._mb(self._peak)
+
+    def stat_mb(self) -> dict[str, float]:
+        """The charge by kind (anonymous, shared memory, page cache …) in MB."""
+        if self.path is None:
+            return {}
+        out: dict[str, float] = {}
+        with contextlib.suppress(OSError):
+            for line in (self.path / "memory.stat").read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key in ("rss", "anon", "shmem", "cache", "file", "mapped_file", "kernel"):
+                    out[key] = int(value) / 2**20
+        return out
+
+    def close(self) -> None:
+        """Remove the group once its processes have gone."""
+        if self.path is None:
+            return
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                self.path.rmdir()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
 
 def sweep(wait: float = 30.0, prefix: str = PREFIX) -> None:
