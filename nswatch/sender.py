@@ -54,10 +54,12 @@ from nswatch.sender_child import (
     KIND_DONE,
     KIND_JOB,
     KIND_KEEP,
+    KIND_SELF,
     MAX_HEAD,
     MAX_MESSAGE,
     MAX_PENDING,
     SEALS,
+    SELF,
     KeepLimits,
 )
 
@@ -178,6 +180,9 @@ class BodySender:
         self._backoff = _FIRST_BACKOFF
         self._started_at = 0.0
         self._told = False
+        self._told_privileged = False
+        # Whether the child still holds a capability (None: it has not said yet).
+        self.privileged: bool | None = None
         self.starts = 0
         self.sent = 0
         self.failed = 0
@@ -213,6 +218,7 @@ class BodySender:
             theirs.close()
         ours.setblocking(False)
         self._control = ours
+        self.privileged = None
         self._started_at = now
         self.starts += 1
         return True
@@ -334,6 +340,9 @@ class BodySender:
             if tag == KIND_ASK and len(data) >= ASK.size and not flags & socket.MSG_TRUNC:
                 self._ask(data)
                 continue
+            if tag == KIND_SELF and len(data) == SELF.size:
+                self._self(*SELF.unpack(data)[1:])
+                continue
             if tag != KIND_DONE or len(data) != DONE.size:
                 self._lost("ended" if not data else f"a garbled message of {len(data)} bytes")
                 return
@@ -358,6 +367,19 @@ class BodySender:
             return
         self.asked += 1
         self.on_ask(number, fields[0], fields[1], fields[2])
+
+    def _self(self, euid: int, privileged: bool) -> None:
+        self.privileged = privileged
+        if privileged and not self._told_privileged:
+            # Once per daemon: a restarted child meets the same refusal.
+            self._told_privileged = True
+            log.warning(
+                "http_sender_privileged",
+                pid=self.pid,
+                euid=euid,
+                hint="the body sender could neither become nobody nor give up its "
+                "capabilities (setresuid and capset refused); it sends bodies only",
+            )
 
     def _back(self, fd: int, pending: bytes) -> None:
         self.back += 1

@@ -75,7 +75,11 @@ DOC = struct.Struct("<cQQ")
 # A connection handed back (one descriptor), then the bytes read from it
 # that no answer has consumed.
 BACK = struct.Struct("<c")
+# The child's first message: the user it runs as, and whether it still holds
+# any capability (it could neither become nobody nor drop them).
+SELF = struct.Struct("<cI?")
 KIND_JOB, KIND_DONE, KIND_KEEP, KIND_ASK, KIND_DOC, KIND_BACK = b"J", b"D", b"K", b"A", b"O", b"B"
+KIND_SELF = b"S"
 # The longest head a job may carry (a longer one is sent by the daemon itself).
 MAX_HEAD = 32 * 1024
 _FDS = 2
@@ -746,8 +750,9 @@ class Child:
                 self._close(kept)
 
 
-def drop_privileges() -> None:
+def drop_privileges() -> bool:
     """Become nobody if allowed, and hold no capability: this process needs no privilege.
+    Whether it holds none now.
 
     The descriptors it is handed work whoever it is. Under the systemd
     unit the seccomp filter refuses setresuid (EPERM, and the unit's
@@ -756,13 +761,12 @@ def drop_privileges() -> None:
     CAP_SYS_PTRACE under the unit), which the unit lets it do (``capset``).
     """
     if os.geteuid() != 0:
-        return
+        return True
     with contextlib.suppress(PermissionError):
         os.setgroups([])
         os.setresgid(_NOBODY, _NOBODY, _NOBODY)
         os.setresuid(_NOBODY, _NOBODY, _NOBODY)
-    if os.geteuid() == 0:
-        drop_capabilities()
+    return os.geteuid() != 0 or drop_capabilities()
 
 
 # capset(2): _LINUX_CAPABILITY_VERSION_3 takes two 32-bit words per set.
@@ -797,7 +801,11 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.suppress(OSError):
         if int(args[2]) > os.getpriority(os.PRIO_PROCESS, 0):
             os.setpriority(os.PRIO_PROCESS, 0, int(args[2]))
-    drop_privileges()
+    unprivileged = drop_privileges()
+    # The daemon logs it: this process has no log of its own. A new socket
+    # has room for a few bytes, so this does not wait.
+    with contextlib.suppress(OSError):
+        control.send(SELF.pack(KIND_SELF, os.geteuid(), not unprivileged))
     try:
         keep = KeepLimits.parse(args[3:]) if len(args) > 3 else None
         return Child(control, float(args[1]), keep).run()

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import pytest
+from structlog.testing import capture_logs
 
 from nswatch.render_cache import Chunks
 from nswatch.sender import CHILD, BodySender, SendFailed, SharedBody, spawn_child
@@ -107,6 +108,16 @@ def child_maps(pid: int) -> int:
     """How many bodies the child has mapped."""
     with open(f"/proc/{pid}/maps") as f:
         return sum("memfd:nswatch-body" in line for line in f)
+
+
+async def until(what: Callable[[], bool], timeout: float = 5) -> bool:
+    """Whether ``what`` came true within ``timeout``, the loop running meanwhile."""
+    deadline = time.monotonic() + timeout
+    while not what():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
 
 
 def wait_for(what: Callable[[], bool], timeout: float = 5) -> bool:
@@ -440,6 +451,68 @@ def test_the_child_gives_up_root_runs_nicer_and_ends_when_the_sender_closes() ->
     assert child_nice == nice
     assert not os.path.exists(f"/proc/{pids[0]}")
     shared.close()
+
+
+def test_the_child_says_it_holds_no_privilege() -> None:
+    """The child's first message says whether it gave up its privileges (started by root: it
+    became nobody or dropped its capabilities), and nothing is logged when it did."""
+    sender = BodySender(idle=5)
+    with capture_logs() as logs:
+
+        async def go() -> bool | None:
+            assert sender.ready()
+            assert await until(lambda: sender.privileged is not None)
+            return sender.privileged
+
+        assert run(sender, go) is False
+    assert not [e for e in logs if e["event"] == "http_sender_privileged"]
+
+
+@pytest.mark.kernel
+def test_a_child_that_keeps_its_capabilities_is_reported_once() -> None:
+    """When setresuid and capset are both refused (a seccomp filter), the daemon says so once
+    with the child's user, however often the child is started again."""
+    script = (
+        "import importlib.util, os, sys\n"
+        f"spec = importlib.util.spec_from_file_location('c', {str(CHILD)!r})\n"
+        "c = importlib.util.module_from_spec(spec); spec.loader.exec_module(c)\n"
+        "def refused(*args): raise PermissionError(1, 'refused')\n"
+        "os.setgroups = os.setresgid = os.setresuid = refused\n"
+        "c.drop_capabilities = lambda: False\n"
+        "sys.exit(c.main())\n"
+    )
+
+    def spawn(
+        fd: int, idle: float, nice: int, keep: KeepLimits | None = None
+    ) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", script, str(fd), repr(idle), str(nice)],
+            pass_fds=(fd,),
+            stdin=subprocess.DEVNULL,
+        )
+
+    clock = FakeClock()
+    sender = BodySender(idle=5, spawn=spawn, clock=clock)
+    with capture_logs() as logs:
+
+        async def go() -> list[bool | None]:
+            seen = []
+            for _ in range(2):
+                clock.now += 60
+                assert sender.ready()
+                await asyncio.sleep(0)
+                assert await until(lambda: sender.privileged is not None)
+                seen.append(sender.privileged)
+                assert sender.pid is not None
+                os.kill(sender.pid, signal.SIGKILL)
+                assert await until(lambda: sender.pid is None)
+            return seen
+
+        seen = run(sender, go)
+    said = [e for e in logs if e["event"] == "http_sender_privileged"]
+    assert seen == [True, True]
+    assert len(said) == 1
+    assert said[0]["euid"] == 0 and said[0]["log_level"] == "warning"
 
 
 def test_dropping_capabilities_leaves_none_and_an_exec_brings_none_back() -> None:

@@ -785,7 +785,12 @@ def test_the_sender_child_sends_big_bodies_under_the_unit(box: Container) -> Non
         journal = box.run(
             "journalctl", "-u", "nswatch", "--no-pager", "-o", "cat", f"_PID={pid}"
         ).stdout
-        for said in ("http_sender_exited", "http_sender_unavailable", "http_body_not_shared"):
+        for said in (
+            "http_sender_exited",
+            "http_sender_unavailable",
+            "http_body_not_shared",
+            "http_sender_privileged",
+        ):
             assert said not in journal, journal[-2000:]
     finally:
         delete = "".join(f"netns del {n}\n" for n in names)
