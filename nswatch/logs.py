@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from typing import Any, TextIO
 
 import structlog
@@ -37,9 +39,85 @@ from nswatch.observer import BaseObserver, internal_place
 from nswatch.state import table_name
 
 
+class Lines:
+    """Where log lines go: each written whole, or a batch of them in one write.
+
+    Every write to the log (stderr: the journal's socket or a pipe) is a
+    system call, and CPython lets go of the GIL for each. Under readers the
+    render threads always want it, so each write cost the event loop a wait
+    for the GIL to come back. A link set down makes five or six lines (the
+    link, its address, its routes, its peer), all logged from one batch of
+    changes: :meth:`batch` writes them with one call. Other threads' lines
+    are written at once; every write holds the lock, so lines never mix.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self._lock = threading.Lock()
+        self._local = threading.local()
+
+    def line(self, message: str) -> None:
+        held: list[str] | None = getattr(self._local, "held", None)
+        if held is not None:
+            held.append(message)
+        else:
+            self._write(message + "\n")
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """The calling thread's lines meanwhile, written together at the end."""
+        if getattr(self._local, "held", None) is not None:
+            yield  # within a batch already: the outer one writes
+            return
+        held: list[str] = []
+        self._local.held = held
+        try:
+            yield
+        finally:
+            self._local.held = None
+            if held:
+                held.append("")
+                self._write("\n".join(held))
+
+    def _write(self, text: str) -> None:
+        with self._lock:
+            self.stream.write(text)
+            self.stream.flush()
+
+
+class LinesLogger:
+    """structlog's logger over :class:`Lines` (what ``PrintLogger`` is over a file)."""
+
+    def __init__(self, lines: Lines) -> None:
+        self._lines = lines
+
+    def msg(self, message: str) -> None:
+        self._lines.line(message)
+
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
+
+
+_lines: Lines | None = None
+
+
+@contextlib.contextmanager
+def batch() -> Iterator[None]:
+    """Lines this thread logs meanwhile go out in one write (see :class:`Lines`)."""
+    lines = _lines
+    if lines is None:
+        yield
+        return
+    with lines.batch():
+        yield
+
+
 def configure(fmt: str | None = None, level: str = "info", stream: TextIO | None = None) -> None:
     """Set structlog up: JSON lines (default off a TTY) or console, ISO timestamps."""
+    global _lines
     stream = stream or sys.stderr
+    # A reload configures again: a batch under way finishes on the old one.
+    lines = _lines = Lines(stream)
     if fmt is None:
         fmt = "console" if stream.isatty() else "json"
     renderer: Any = (
@@ -58,7 +136,7 @@ def configure(fmt: str | None = None, level: str = "info", stream: TextIO | None
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        logger_factory=lambda *args: LinesLogger(lines),
         cache_logger_on_first_use=False,
     )
 
@@ -167,8 +245,9 @@ class LogObserver(BaseObserver):
         # one summary line per namespace is what an operator wants there.
         if reason == "initial":
             return
-        for ch in changes:
-            self._log_change(ch, reason)
+        with batch():
+            for ch in changes:
+                self._log_change(ch, reason)
 
     def _log_change(self, ch: Change, reason: str | None) -> None:
         fields = describe_change(ch)

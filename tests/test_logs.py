@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 from datetime import datetime
+
+import structlog
 
 from nswatch import logs
 from nswatch.model import (
     Address,
     AddressNew,
+    Event,
     Link,
     LinkDel,
     LinkNew,
@@ -94,3 +98,65 @@ def test_a_bug_is_logged_with_its_traceback_once_and_a_kernel_error_is_a_warning
     assert "Traceback" in str(first["exception"]) and "boom" in str(first["exception"])
     assert second["event"] == "internal_error" and "exception" not in second
     assert kernel["event"] == "error" and kernel["level"] == "warning" and "exception" not in kernel
+
+
+class Writes(io.StringIO):
+    """A log stream that counts its writes (each one a system call on a real stderr)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+
+    def write(self, s: str) -> int:
+        self.writes.append(s)
+        return super().write(s)
+
+
+def test_a_batch_of_changes_is_written_at_once_and_other_lines_one_by_one() -> None:
+    """A link set down logs its link, address and routes from one batch of changes in one
+    write (each write lets go of the GIL the event loop needs back); lines outside a batch
+    are written one write each, every write whole lines."""
+    stream = Writes()
+    logs.configure("json", "info", stream=stream)
+    obs = logs.LogObserver()
+    m = Model()
+    m.apply(NamespaceSeen(2, ("lab",)))
+    link = Link(index=3, name="eth0", kind="veth")
+    events: list[Event] = [
+        LinkNew(2, link),
+        AddressNew(2, Address(3, "inet", "198.18.0.2", 30)),
+        RouteNew(2, Route(254, "inet", "unicast", "198.18.0.0/30", dev=3)),
+    ]
+    obs.changes([ch for ev in events for ch in m.apply(ev)], None)
+    assert len(stream.writes) == 1
+    assert [line["event"] for line in _lines(stream)] == [
+        "link_added",
+        "address_added",
+        "route_added",
+    ]
+    obs.resync("lab", "overrun")
+    obs.overrun("lab")
+    assert len(stream.writes) == 3
+    assert all(w.endswith("\n") and w.count("\n") == 1 for w in stream.writes[1:])
+    assert len(_lines(stream)) == 5
+
+
+def test_lines_of_other_threads_are_not_held_by_a_batch() -> None:
+    """A batch holds only its own thread's lines: another thread's line, logged meanwhile,
+    is written at once and whole."""
+    stream = Writes()
+    logs.configure("json", "info", stream=stream)
+    log = structlog.get_logger("nswatch")
+    with logs.batch():
+        log.info("held_one")
+        t = threading.Thread(target=lambda: log.info("from_another_thread"))
+        t.start()
+        t.join()
+        assert [line["event"] for line in _lines(stream)] == ["from_another_thread"]
+        log.info("held_two")
+    assert [line["event"] for line in _lines(stream)] == [
+        "from_another_thread",
+        "held_one",
+        "held_two",
+    ]
+    assert len(stream.writes) == 2
