@@ -11,9 +11,12 @@ decoder is the reference the tests hold :mod:`nswatch.decode` to.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
+import os
 import socket
 import struct
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -81,6 +84,52 @@ FAMILY_NUMBERS: dict[str, int] = {"inet": socket.AF_INET, "inet6": socket.AF_INE
 
 class Overrun(Exception):
     """The kernel dropped notifications for this socket (ENOBUFS)."""
+
+
+# The largest datagram read: the kernel fills a dump's datagrams to at most
+# 32 KiB, and a notification is far less.
+RECV_SIZE = 1 << 20
+# libc through ctypes.PyDLL: called with the GIL held (ctypes.CDLL lets it go).
+_libc = ctypes.PyDLL(None, use_errno=True)
+_recv = _libc.recv
+_recv.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+_recv.restype = ctypes.c_ssize_t
+# One buffer per thread that reads (the event loop's; a test's), never per
+# socket: 1,000 namespaces' buffers would each keep what their largest
+# dump touched.
+_buffers = threading.local()
+
+
+def recv_nowait(sock: socket.socket) -> bytes:
+    """One datagram from ``sock`` if one is queued (else BlockingIOError), holding the GIL.
+
+    ``socket.recv`` lets go of the GIL around every call, even one that
+    cannot block, and the event loop then waits to take it back from
+    whichever thread took it meanwhile: under 16 + 4 readers the render
+    threads always want it, and each read of a netlink socket cost a wait
+    (py-spy put a fifth of the loop's busy time in ``Session.read`` itself).
+    A read with MSG_DONTWAIT never waits, so it keeps the GIL. It also
+    reads into one buffer instead of making a 1 MiB bytes object per call
+    (a fresh mapping at glibc's fixed mmap threshold) and shrinking it.
+    """
+    buf = getattr(_buffers, "buf", None)
+    if buf is None:
+        buf = _buffers.buf = ctypes.create_string_buffer(RECV_SIZE)
+    n = _recv(sock.fileno(), buf, RECV_SIZE, socket.MSG_DONTWAIT)
+    if n < 0:
+        err = ctypes.get_errno()
+        if err in (errno.EAGAIN, errno.EWOULDBLOCK):
+            raise BlockingIOError(err, os.strerror(err))
+        raise OSError(err, os.strerror(err))
+    return ctypes.string_at(buf, n)
+
+
+def receiver(sock: socket.socket) -> Callable[[], bytes]:
+    """How a session reads ``sock``: :func:`recv_nowait` for a socket as Python makes it; a
+    subclass (the tests' fake kernel, which fails reads on demand) reads with its ``recv``."""
+    if type(sock) is socket.socket:
+        return lambda: recv_nowait(sock)
+    return lambda: sock.recv(RECV_SIZE)
 
 
 def make_socket(rcvbuf: int) -> socket.socket:
@@ -172,6 +221,7 @@ class Session:
         self.last_progress = clock()
         self.name = name
         self.sock = sock
+        self._recv = receiver(sock)
         self._seq = 0
         self._queue: deque[_Request] = deque()
         self._dump: _Request | None = None
@@ -268,7 +318,7 @@ class Session:
                 break
             budget -= 1
             try:
-                data = self.sock.recv(1 << 20)
+                data = self._recv()
             except BlockingIOError:
                 break
             except OSError as e:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import socket
 from collections.abc import Callable, Iterator
 
@@ -51,7 +52,14 @@ from nswatch.model import (
     Synced,
     apply_all,
 )
-from nswatch.netlink import DECODE_ERROR, MAX_DUMP_ATTEMPTS, READ_BUDGET, Session
+from nswatch.netlink import (
+    DECODE_ERROR,
+    MAX_DUMP_ATTEMPTS,
+    READ_BUDGET,
+    Session,
+    receiver,
+    recv_nowait,
+)
 
 INODE = 4026531999
 # The session's netlink port id: the kernel's replies to it carry it.
@@ -467,3 +475,41 @@ def test_anything_but_a_counter_refresh_is_read_to_the_end(kernel: Kernel) -> No
     _, _, stale = kernel.session.read()
     assert stale == DECODE_ERROR
     assert kernel.session.read() == ([], [], None)  # nothing was left behind
+
+
+def test_recv_nowait_reads_one_datagram_at_a_time_and_says_when_none_is_left() -> None:
+    """The loop's read (libc's recv with the GIL kept) gives each queued datagram whole,
+    then BlockingIOError; a kernel error comes back as OSError with its errno."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with a, b:
+        b.setblocking(False)
+        a.send(b"first")
+        a.send(b"x" * 40_000)
+        assert recv_nowait(b) == b"first"
+        assert recv_nowait(b) == b"x" * 40_000
+        with pytest.raises(BlockingIOError):
+            recv_nowait(b)
+        fd = b.detach()
+        os.close(fd)
+        gone = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM, fileno=os.dup(a.fileno()))
+        gone.close()
+        with pytest.raises(OSError) as e:
+            recv_nowait(gone)
+        assert e.value.errno == errno.EBADF
+
+
+def test_sessions_read_real_sockets_with_recv_nowait_and_subclasses_with_their_recv(
+    kernel: Kernel,
+) -> None:
+    """A socket as Python makes it is read holding the GIL; a subclass (the fake kernel end
+    here, which fails reads on demand) keeps its own recv, so its failures still reach the
+    session."""
+    plain = socket.socket(fileno=os.dup(kernel.peer.fileno()))
+    with plain:
+        plain.setblocking(False)
+        kernel.sock.send(b"to the peer")
+        assert receiver(plain)() == b"to the peer"
+        kernel.sock.fail_next = OSError(errno.ENOBUFS, "No buffer space available")
+        with pytest.raises(OSError) as e:
+            receiver(kernel.sock)()
+        assert e.value.errno == errno.ENOBUFS
