@@ -13,6 +13,9 @@ daemon's side).
 
 Over a ``SOCK_SEQPACKET`` socket pair, every message led by its kind:
 
+- ``S`` (self), its first: the user it runs as and whether it still holds
+  a capability (it could neither become nobody nor drop them), which the
+  daemon logs, as this process has no log of its own.
 - ``J`` (job): the client's connection and a sealed memfd holding the body
   (``SCM_RIGHTS``), with the job's number, the body's length and the
   response head. It sends head and body, many connections at once from one
