@@ -1,7 +1,7 @@
 """Readers must not starve the event loop (issue 10, item 3).
 
     sudo .venv/bin/python -m tests.bench.bench_readers -n 1000     # ~6.5 min
-    sudo .venv/bin/python -m tests.bench.bench_readers --repeat 3 --peer none   # ~17 min, medians
+    sudo .venv/bin/python -m tests.bench.bench_readers --repeat 3 --peer none   # ~10 min, medians
 
 Builds N namespaces ``nswK{i}`` (lo up; a veth ``eth0`` whose host end
 ``nswKh{i}`` is up and has no address; inside, an address out of
