@@ -242,7 +242,9 @@ class StreamHub(BaseObserver):
     def subscribe(self, query: str, last_event_id: str | None) -> Subscription:
         """A new client (ValueError for a bad query)."""
         flt, after = parse_request(query, last_event_id)
-        sub = Subscription(self, flt, self._last if after is None else after)
+        sub = Subscription(
+            self, flt, self._last if after is None else after, asked=after is not None
+        )
         self._clients.add(sub)
         return sub
 
@@ -264,10 +266,13 @@ Send = Callable[[bytes], bool]
 class Subscription:
     """One stream client: its filter, how far it got, and how to write to it."""
 
-    def __init__(self, hub: StreamHub, flt: Filter, cursor: int) -> None:
+    def __init__(self, hub: StreamHub, flt: Filter, cursor: int, asked: bool = False) -> None:
         self.hub = hub
         self.filter = flt
         self.cursor = cursor  # the last id considered (sent, or filtered out)
+        # Whether the client named where to resume (Last-Event-ID, or ?since=)
+        # rather than starting from the newest change.
+        self.asked = asked
         self.sent = cursor  # the last id the client was told
         self.live = False  # caught up: the hub writes new changes as they come
         self.ended = False
@@ -292,7 +297,11 @@ class Subscription:
         while not self.live:
             batch = hub.after(self.cursor)
             if batch is None:
-                if started:
+                # A client that named no id started at the newest change: if
+                # the history no longer reaches it, a burst outran the client
+                # before its first write (the HTTP thread was slow to start
+                # it), which is falling behind, not asking for too much.
+                if started or not self.asked:
                     self.drop("fell_behind")
                 else:  # asked at connect for more than the history holds
                     self.ended = True

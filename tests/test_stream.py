@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import socket
@@ -25,7 +26,7 @@ from nswatch.model import (
     VethPair,
     VethResolved,
 )
-from nswatch.stream import StreamHub, parse_request
+from nswatch.stream import StreamHub, Subscription, parse_request
 from nswatch.watch import SseEvent, SseParser, read_events
 
 
@@ -277,3 +278,36 @@ def test_a_burst_past_the_history_drops_only_the_clients_it_overtook() -> None:
     ]
     assert not ahead.ended and behind.ended and hub.stats().dropped_total == 1
     assert b'"reason": "fell_behind"' in got["behind"][-1]
+
+
+def test_a_client_a_burst_outran_before_its_first_write_is_dropped_as_fallen_behind() -> None:
+    """A client that named no id starts at the newest change; a burst past the history before
+    the HTTP thread first serves it (a slow machine) is falling behind: counted as dropped,
+    with a fell_behind resync (it was told history_exceeded, as if it had asked for an old id,
+    and not counted)."""
+    hub = StreamHub(history=5)
+    fresh, old = hub.subscribe("", None), hub.subscribe("", "0")
+    hub.changes([link_added("a", i) for i in range(7)], None)  # holds 3..7 now
+    got: dict[str, list[bytes]] = {"fresh": [], "old": []}
+
+    async def serve(name: str, sub: Subscription) -> None:
+        def send(data: bytes) -> bool:
+            got[name].append(data)
+            return True
+
+        async def drain() -> None:
+            return None
+
+        gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        await sub.run(send, drain, gone)
+
+    async def both() -> None:
+        await serve("fresh", fresh)
+        await serve("old", old)
+
+    asyncio.run(both())
+    assert fresh.ended and old.ended
+    assert b'"reason": "fell_behind"' in got["fresh"][-1]
+    assert b'"reason": "history_exceeded"' in got["old"][-1]
+    assert hub.stats().dropped_total == 1
+    assert hub.stats().resyncs_total == 2
