@@ -500,7 +500,6 @@ def test_a_child_that_keeps_its_capabilities_is_reported_once() -> None:
             for _ in range(2):
                 clock.now += 60
                 assert sender.ready()
-                await asyncio.sleep(0)
                 assert await until(lambda: sender.privileged is not None)
                 seen.append(sender.privileged)
                 assert sender.pid is not None
