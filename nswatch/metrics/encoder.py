@@ -31,6 +31,9 @@ VALUES = "values"
 ALLOWUTF8 = "allow-utf-8"
 KNOWN_ESCAPINGS = (UNDERSCORES, DOTS, VALUES, ALLOWUTF8)
 
+# The most integer values' strings a scrape keeps between families.
+INT_MEMO_MAX = 4096
+
 
 def _legacy_label_rune(c: str, i: int) -> bool:
     return ("a" <= c <= "z") or ("A" <= c <= "Z") or c == "_" or ("0" <= c <= "9" and i > 0)
@@ -142,10 +145,18 @@ class FastEncoder:
         family's lines at a time is a few hundred KB.
         """
         esc = self.escaping
-        # Whole label sets repeat (a device's netns and name label 12
-        # families), and so do integer values (0, 1, an MTU): render each
-        # once. Only ints are memoised: 0.0 == -0.0 but they print apart.
+        # Whole label sets repeat (a device's netns and name label 28
+        # families), and so do integer values (0, 1, an MTU, a counter of
+        # idle devices): render each once. Only the label sets of label
+        # names a second family uses are kept, and the ints memo is emptied
+        # after a family that took it over INT_MEMO_MAX: at 1,000
+        # namespaces, keeping every one held ~6 MB of strings until the
+        # scrape's end (an info family's label sets and most counter values
+        # are printed once), and memory a render takes at its peak stays in
+        # the heap's arenas long after. Only ints are memoised: 0.0 == -0.0
+        # but they print apart.
         labelsets: dict[tuple[str, ...], dict[Labels, str]] = {}
+        once: set[tuple[str, ...]] = set()
         ints: dict[int, str] = {}
         go: Callable[[float], str] = floatToGoString
 
@@ -170,7 +181,13 @@ class FastEncoder:
             # prometheus-client sorts the labels by name.
             order = sorted(range(len(fam.labels)), key=lambda i: fam.labels[i])
             keys = tuple(f'{escape_label_name(fam.labels[i], esc)}="' for i in order)
-            cache = labelsets.setdefault(keys, {})
+            if keys in labelsets:
+                cache = labelsets[keys]
+            elif keys in once:
+                cache = labelsets[keys] = {}
+            else:
+                once.add(keys)
+                cache = {}  # this family's own: let go with it
             pairs = tuple(zip(keys, order, strict=True))
 
             def labelset(
@@ -191,6 +208,8 @@ class FastEncoder:
                     for lv, v in zip(fam.keys, fam.values, strict=True)
                 ]
             )
+            if len(ints) > INT_MEMO_MAX:
+                ints.clear()
             yield "".join(out).encode("utf-8")
 
 
