@@ -1,7 +1,7 @@
 """Carrying out plan steps against the kernel, and the engine that decides when.
 
 The decision is :mod:`nswatch.plan` (pure); this module only does it: netlink
-requests through pyroute2 on a socket opened inside the right namespace, and
+requests (:mod:`nswatch.rtrequest`) on a socket opened inside the right namespace, and
 sysctl writes from a thread that has entered it. The engine runs on its own
 thread so the event loop never waits for the kernel.
 """

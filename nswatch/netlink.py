@@ -4,8 +4,8 @@ Fetch is kept apart from parse: :class:`Session` reads datagrams from a socket
 and hands them to the pure functions of :mod:`nswatch.decode`. Sockets are
 plain ``socket.socket`` objects created inside the namespace by
 :class:`nswatch.netns.NetnsEnterer`, so no helper process is forked per
-namespace. pyroute2 supplies the group and message constants here; its own
-decoder is the reference the tests hold :mod:`nswatch.decode` to.
+namespace. pyroute2's decoder and constants are the reference the tests
+hold :mod:`nswatch.decode` and this module to; the daemon never imports it.
 """
 
 from __future__ import annotations
@@ -21,16 +21,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-
-from pyroute2.netlink.rtnl import (
-    RTMGRP_IPV4_IFADDR,
-    RTMGRP_IPV4_ROUTE,
-    RTMGRP_IPV4_RULE,
-    RTMGRP_IPV6_IFADDR,
-    RTMGRP_IPV6_ROUTE,
-    RTMGRP_IPV6_RULE,
-    RTMGRP_LINK,
-)
 
 from nswatch.decode import (
     NLM_F_DUMP_INTR,
@@ -61,6 +51,20 @@ from nswatch.model import (
     Synced,
 )
 
+# The multicast groups subscribed to, as bits of nl_groups: group N is bit
+# N - 1 (<linux/rtnetlink.h>: RTNLGRP_LINK 1, RTNLGRP_IPV4_IFADDR 5,
+# RTNLGRP_IPV4_ROUTE 7, RTNLGRP_IPV4_RULE 8, RTNLGRP_IPV6_IFADDR 9,
+# RTNLGRP_IPV6_ROUTE 11, RTNLGRP_IPV6_RULE 19, which has no RTMGRP_ name
+# there). Written out rather than imported from pyroute2, whose package
+# imports all of itself (163 modules) for them: 10 MB of the daemon's RSS.
+# tests/test_netlink_session.py holds them to pyroute2's.
+RTMGRP_LINK = 0x1
+RTMGRP_IPV4_IFADDR = 0x10
+RTMGRP_IPV4_ROUTE = 0x40
+RTMGRP_IPV4_RULE = 0x80
+RTMGRP_IPV6_IFADDR = 0x100
+RTMGRP_IPV6_ROUTE = 0x400
+RTMGRP_IPV6_RULE = 0x40000
 GROUPS = (
     RTMGRP_LINK
     | RTMGRP_IPV4_IFADDR

@@ -5,10 +5,14 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 
 import pytest
+from pyroute2.netlink import rtnl
 
+from nswatch import netlink
 from nswatch.decode import (
     IFA_LOCAL,
     IFADDRMSG,
@@ -513,3 +517,40 @@ def test_sessions_read_real_sockets_with_recv_nowait_and_subclasses_with_their_r
         with pytest.raises(OSError) as e:
             receiver(kernel.sock)()
         assert e.value.errno == errno.ENOBUFS
+
+
+GROUP_NAMES = (
+    "RTMGRP_LINK",
+    "RTMGRP_IPV4_IFADDR",
+    "RTMGRP_IPV4_ROUTE",
+    "RTMGRP_IPV4_RULE",
+    "RTMGRP_IPV6_IFADDR",
+    "RTMGRP_IPV6_ROUTE",
+    "RTMGRP_IPV6_RULE",
+)
+
+
+def test_the_subscribed_groups_are_pyroute2s() -> None:
+    """The multicast group bits written out in netlink.py are pyroute2's, every one subscribed."""
+    for name in GROUP_NAMES:
+        assert getattr(netlink, name) == getattr(rtnl, name), name
+    want = 0
+    for name in GROUP_NAMES:
+        want |= getattr(rtnl, name)
+    assert want == netlink.GROUPS
+
+
+def test_no_module_of_the_daemon_imports_pyroute2() -> None:
+    """pyroute2's package imports all of itself (10 MB of the daemon's RSS); every nswatch
+    module loads without it."""
+    code = (
+        "import importlib, pkgutil, sys, nswatch\n"
+        "for m in pkgutil.walk_packages(nswatch.__path__, 'nswatch.'):\n"
+        "    if m.name != 'nswatch.__main__':  # runs the command line\n"
+        "        importlib.import_module(m.name)\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'pyroute2'))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert out.stdout.strip() == "[]", out.stdout
