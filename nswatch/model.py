@@ -771,8 +771,7 @@ class Model:
         # name -> the live namespaces having it, in the order they came.
         self._holders: dict[str, list[int]] = {}
         self.veths = VethPeers()
-        # Bumped by every event applied, but a counter refresh that brings
-        # the counters already held: readers' views are made per version.
+        # Bumped by every event applied: readers' views are made per version.
         self.version = 0
         # Bumped by every event but a counter refresh: what the state and
         # namespace documents show (all but the counters) can have changed.
@@ -885,11 +884,9 @@ class Model:
 
     def apply(self, event: Event) -> list[Change]:
         """Apply one decoded event and return what changed (possibly nothing)."""
-        if isinstance(event, StatsUpdate):
-            self._stats_update(event)
-            return []
         self.version += 1
-        self.shown_version += 1
+        if not isinstance(event, StatsUpdate):
+            self.shown_version += 1
         self._dirty.add(event.inode)
         out: list[Change] = []
         if _may_move_refs(event):
@@ -943,33 +940,19 @@ class Model:
                 ns = self.namespaces.get(event.inode)
                 if ns is not None:
                     self._dump(ns, event, out)
+            case StatsUpdate():
+                ns = self.namespaces.get(event.inode)
+                if ns is not None:
+                    for index, stats in event.stats:
+                        link = ns.links.get(index)
+                        if link is not None:
+                            ns.links[index] = replace(link, stats=stats)
             case Synced():
                 ns = self.namespaces.get(event.inode)
                 if ns is not None:
                     ns.synced = True
         self.changes_made += len(out)
         return out
-
-    def _stats_update(self, event: StatsUpdate) -> None:
-        # Only links whose counters moved get a new record, and only a
-        # namespace with one is a new version: the devices of a lab or of
-        # idle containers mostly count nothing between refreshes. Renewing
-        # every link each round (3,000 at 1,000 namespaces) made every
-        # namespace dirty, so the next readers' view copied them all, and
-        # the new records, made while renders filled the heap, kept it wide.
-        ns = self.namespaces.get(event.inode)
-        if ns is None:
-            return
-        links = ns.links
-        moved = False
-        for index, stats in event.stats:
-            link = links.get(index)
-            if link is not None and link.stats != stats:
-                links[index] = replace(link, stats=stats)
-                moved = True
-        if moved:
-            self.version += 1
-            self._dirty.add(event.inode)
 
     # -- namespaces --
 

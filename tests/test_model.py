@@ -363,27 +363,3 @@ def test_stats_update_changes_counters_only() -> None:
     stats = m.namespaces[A].links[3].stats
     assert stats is not None and stats.rx_bytes == 7
     assert 9 not in m.namespaces[A].links
-
-
-def test_a_counter_refresh_that_brings_the_same_counters_changes_nothing() -> None:
-    """A link whose counters did not move keeps its record, and a namespace with none that
-    moved is no new version: the next readers' view shares it (a refresh round used to
-    renew every link of every namespace and have the next view copy them all)."""
-    from nswatch.model import LinkStats, StatsUpdate
-
-    m = base()
-    m.apply(LinkNew(A, Link(index=3, name="e", kind="device")))
-    m.apply(LinkNew(A, Link(index=4, name="f", kind="device")))
-    m.apply(StatsUpdate(A, ((3, LinkStats(rx_bytes=7)), (4, LinkStats(rx_bytes=1)))))
-    view = m.snapshot()
-    held = dict(m.namespaces[A].links)
-    version = m.version
-    assert m.apply(StatsUpdate(A, ((3, LinkStats(rx_bytes=7)), (4, LinkStats(rx_bytes=1))))) == []
-    assert m.version == version
-    assert all(m.namespaces[A].links[i] is held[i] for i in held)
-    assert m.snapshot(view).namespaces[A] is view.namespaces[A]
-    m.apply(StatsUpdate(A, ((3, LinkStats(rx_bytes=7)), (4, LinkStats(rx_bytes=2)))))
-    assert m.version == version + 1
-    assert m.namespaces[A].links[3] is held[3] and m.namespaces[A].links[4] is not held[4]
-    stats = m.snapshot(view).namespaces[A].links[4].stats
-    assert stats is not None and stats.rx_bytes == 2
