@@ -145,7 +145,7 @@ class FastEncoder:
         family's lines at a time is a few hundred KB.
         """
         esc = self.escaping
-        # Whole label sets repeat (a device's netns and name label 28
+        # Whole label sets repeat (a device's netns and name label 31
         # families), and so do integer values (0, 1, an MTU, a counter of
         # idle devices): render each once. Only the label sets of label
         # names a second family uses are kept, and the ints memo is emptied
